@@ -1,0 +1,1 @@
+"""Triton kernels (installed as ``vllm_kvcomp.triton_kernels``)."""

@@ -1,0 +1,80 @@
+"""Which tokens of a request live where -- a pure function of token counts.
+
+The scheduler (which frees blocks) and every worker (which moves tokens) evaluate
+the same functions on the same counts, so block decisions agree on every rank
+without any extra channel; scores only decide *which* tokens fill the kept slots.
+
+A compressed request's logical positions look like this (bs = block size):
+
+    [0, kept)            compacted region: the kept tokens, in position order,
+                         packed into the request's first kept/bs blocks
+    [kept, live_start)   gap: those blocks were returned to vLLM's pool (null)
+    [live_start, T)      live region: recent tokens at their own positions;
+                         new tokens are appended here as usual
+
+``kept`` is a fixed, block-aligned capacity per request. A compression event
+happens when a step moves ``live_start`` forward: the step's attention still reads
+the old layout, then the candidates -- old compacted tokens + live tokens now below
+the new ``live_start`` -- compete for the ``kept`` slots (see backend.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm_kvcomp.spec import CompressionSpec
+
+
+@dataclass(frozen=True)
+class Layout:
+    kept: int = 0
+    live_start: int = 0
+
+    @property
+    def compressed(self) -> bool:
+        return self.live_start > 0
+
+    def blocks_freed(self, block_size: int) -> range:
+        """Logical block indices in the gap."""
+        return range(self.kept // block_size, self.live_start // block_size)
+
+
+PLAIN = Layout()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-request compression plan, fixed at admission."""
+
+    capacity: int  # tokens in the compacted region (multiple of block_size); 0 = never compress
+    block_size: int
+    num_prompt_tokens: int
+    recompress: bool
+
+    def layout(self, num_computed_tokens: int) -> Layout:
+        """Layout once ``num_computed_tokens`` tokens have been computed (and compressed)."""
+        bs, n = self.block_size, self.num_prompt_tokens
+        if self.capacity == 0 or num_computed_tokens < n:
+            return PLAIN  # prefill still running: nothing compressed yet
+        # Prompt-only policies fold the prompt once; recompressing ones follow decode.
+        end = num_computed_tokens if self.recompress else n
+        live_start = end // bs * bs
+        if live_start - self.capacity < bs:
+            return PLAIN  # would not free a single block
+        return Layout(kept=self.capacity, live_start=live_start)
+
+
+NO_PLAN = Plan(capacity=0, block_size=1, num_prompt_tokens=0, recompress=False)
+
+
+def make_plan(spec: CompressionSpec | None, num_prompt_tokens: int, block_size: int) -> Plan:
+    if spec is None or spec.keeps_all:
+        return NO_PLAN
+    budget = spec.budget.tokens(num_prompt_tokens)
+    # Whole blocks of the budget, less one for the live tail (< 1 block after each
+    # event), so compacted + tail never exceeds the budget...
+    capacity = (budget // block_size - 1) * block_size
+    # ...but never fewer slots than the tokens the policy always keeps.
+    floor = -(-spec.policy.min_tokens() // block_size) * block_size
+    capacity = max(capacity, floor, block_size)
+    return Plan(capacity=capacity, block_size=block_size,
+                num_prompt_tokens=num_prompt_tokens, recompress=spec.policy.recompress)

@@ -1,0 +1,143 @@
+"""PyTorch reference kernels: the CPU execution path and the oracle for the Triton ones.
+
+KV cache of one layer: ``kv_cache[num_blocks, H_kv, block_size, 2*D]`` (vLLM's LBHNC
+layout; K in ``[..., :D]``, V in ``[..., D:]``). A request's logical position ``p`` lives
+at block ``block_row[p // bs]``, offset ``p % bs``. Attention reads a request's
+compacted region ``[0, kept)`` and live region ``[live_start, seq_len)`` -- never the gap,
+whose block-table entries may be stale (see layout.py).
+
+Statistics use a per-slot float32 tensor ``mass[num_blocks, H_kv, block_size]``: the
+attention each cached token has received so far (summed over the query heads of its
+KV group). It moves with the token on compaction and is zeroed when a slot is written.
+"""
+from __future__ import annotations
+
+import torch
+
+# Queries are processed in tiles so a long prefill never materialises a huge score matrix.
+Q_TILE = 512
+
+
+def split_kv(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    d = kv_cache.shape[-1] // 2
+    return kv_cache[..., :d], kv_cache[..., d:]
+
+
+def slots_for(block_row: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Global slot ids (block * bs + offset) of logical positions of one request."""
+    return block_row[positions // block_size].long() * block_size + positions % block_size
+
+
+def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             slot_mapping: torch.Tensor, mass: torch.Tensor | None = None) -> None:
+    """Store new tokens' K/V ([T, H_kv, D]) at their slots; padding slots are < 0."""
+    n = slot_mapping.shape[0]
+    slots = slot_mapping.long()
+    valid = slots >= 0
+    if not bool(valid.all()):
+        slots, key, value = slots[valid], key[:n][valid], value[:n][valid]
+    else:
+        key, value = key[:n], value[:n]
+    bs = kv_cache.shape[2]
+    blk, off = slots // bs, slots % bs
+    d = key.shape[-1]
+    # Advanced indices around a slice put the token dim first: [T, H, D].
+    kv_cache[blk, :, off, :d] = key.to(kv_cache.dtype)
+    kv_cache[blk, :, off, d:] = value.to(kv_cache.dtype)
+    if mass is not None:
+        mass[blk, :, off] = 0.0
+
+
+def request_key_positions(kept: int, live_start: int, seq_len: int, device=None) -> torch.Tensor:
+    """Logical positions a request's attention reads, in order: compacted then live."""
+    return torch.cat([torch.arange(kept, device=device),
+                      torch.arange(live_start, seq_len, device=device)])
+
+
+def paged_attention(
+    q: torch.Tensor,  # [nq, H_q, D] queries of one request, positions seq_len-nq .. seq_len-1
+    kv_cache: torch.Tensor,
+    block_row: torch.Tensor,
+    kept: int,
+    live_start: int,
+    seq_len: int,
+    scale: float,
+    want_mass: bool = False,
+    obs_queries: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Causal attention of one request over its compacted + live tokens.
+
+    Returns ``(out [nq, H_q, D], mass [H_kv, n] | None, obs [H_kv, n] | None)`` where ``n``
+    indexes ``request_key_positions(...)``; ``mass`` sums probabilities over all queries
+    and the heads of each KV group (H2O); ``obs`` the same over the last ``obs_queries``
+    queries only (SnapKV's observation window).
+    """
+    nq, hq, d = q.shape
+    bs = kv_cache.shape[2]
+    hkv = kv_cache.shape[1]
+    g = hq // hkv
+    pos = request_key_positions(kept, live_start, seq_len, q.device)
+    slots = slots_for(block_row, pos, bs)
+    kv = kv_cache[slots // bs, :, slots % bs, :].float().transpose(0, 1)  # [H_kv, n, 2D]
+    k, v = kv[..., :d], kv[..., d:]
+    # Compacted tokens all precede every query; live ones are masked causally.
+    key_pos = torch.where(pos < kept, torch.full_like(pos, -1), pos) if kept else pos
+    q_pos0 = seq_len - nq
+    out = torch.empty(nq, hq, d, dtype=q.dtype, device=q.device)
+    mass = torch.zeros(hkv, pos.numel(), device=q.device) if want_mass else None
+    obs = torch.zeros(hkv, pos.numel(), device=q.device) if obs_queries else None
+    obs_from = nq - obs_queries
+    for s in range(0, nq, Q_TILE):
+        e = min(nq, s + Q_TILE)
+        qt = q[s:e].float().view(e - s, hkv, g, d)
+        scores = torch.einsum("qhgd,hnd->hgqn", qt, k) * scale
+        q_pos = torch.arange(q_pos0 + s, q_pos0 + e, device=q.device)
+        scores.masked_fill_(key_pos[None, :] > q_pos[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[s:e] = torch.einsum("hgqn,hnd->qhgd", probs, v).reshape(e - s, hq, d).to(q.dtype)
+        if mass is not None:
+            mass += probs.sum(dim=(1, 2))
+        if obs is not None and e > obs_from:
+            obs += probs[:, :, max(0, obs_from - s):].sum(dim=(1, 2))
+    return out, mass, obs
+
+
+def add_mass(mass_cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor,
+             mass: torch.Tensor) -> None:
+    """Accumulate ``mass[H_kv, n]`` into the per-slot statistics at ``positions``."""
+    bs = mass_cache.shape[2]
+    slots = slots_for(block_row, positions, bs)
+    mass_cache[slots // bs, :, slots % bs] += mass.t()
+
+
+def read_mass(mass_cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    bs = mass_cache.shape[2]
+    slots = slots_for(block_row, positions, bs)
+    return mass_cache[slots // bs, :, slots % bs].t()  # [H_kv, n]
+
+
+def gather_keys(kv_cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    bs, d = kv_cache.shape[2], kv_cache.shape[-1] // 2
+    slots = slots_for(block_row, positions, bs)
+    return kv_cache[slots // bs, :, slots % bs, :d].transpose(0, 1)  # [H_kv, n, D]
+
+
+def compact(kv_cache: torch.Tensor, mass_cache: torch.Tensor | None, block_row: torch.Tensor,
+            cand_positions: torch.Tensor, keep: torch.Tensor) -> None:
+    """Move the kept candidates into logical positions ``[0, capacity)``, per KV head.
+
+    ``keep[H_kv, capacity]``: sorted indices into ``cand_positions``. Heads keep different
+    tokens; that is fine because keys carry their position (RoPE) already.
+    """
+    bs = kv_cache.shape[2]
+    hkv, cap = keep.shape
+    src = slots_for(block_row, cand_positions, bs)
+    # Gather first (a copy), then scatter: sources and destinations overlap.
+    cand = kv_cache[src // bs, :, src % bs, :].transpose(0, 1)  # [H_kv, n, 2D]
+    sel = cand.gather(1, keep[..., None].expand(-1, -1, cand.shape[-1]))
+    dst = slots_for(block_row, torch.arange(cap, device=keep.device), bs)
+    heads = torch.arange(hkv, device=keep.device)[:, None]
+    kv_cache[(dst // bs)[None, :], heads, (dst % bs)[None, :]] = sel
+    if mass_cache is not None:
+        m = mass_cache[src // bs, :, src % bs].t().gather(1, keep)
+        mass_cache[(dst // bs)[None, :], heads, (dst % bs)[None, :]] = m

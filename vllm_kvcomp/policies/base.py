@@ -1,0 +1,76 @@
+"""The one extension point for a compression method: ``Policy.score()``.
+
+A policy is a small frozen pydantic model (its fields are the spec's keys) made of
+three parts, each overridable:
+  * scorer  -- ``score(ctx)``: importance of each candidate token, per KV head;
+  * budget  -- how many tokens a request keeps (``Budget`` in spec.py, turned into
+               block-aligned capacities by layout.py, identical on scheduler and workers);
+  * action  -- what happens to the losers (``action``: "evict" today).
+Selection itself (``select``) is shared: sinks and the recent window are always kept,
+the rest by top-k score, and kept tokens stay in position order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+POLICIES: dict[str, type["Policy"]] = {}
+
+
+def register_policy(cls: type["Policy"]) -> type["Policy"]:
+    POLICIES[cls.name] = cls
+    return cls
+
+
+@dataclass
+class ScoreContext:
+    """What a scorer may look at, for one request in one layer.
+
+    Candidates are the tokens competing for the compacted region, in position order:
+    first the already-compacted ones, then the live tokens being folded in.
+    """
+
+    layer_idx: int
+    num_candidates: int
+    keys: torch.Tensor  # [H_kv, n, D] post-RoPE keys of the candidates
+    attn_mass: torch.Tensor | None  # [H_kv, n] attention received so far (needs "attn_mass")
+    obs_attn: torch.Tensor | None  # [H_kv, n] attention from the last prompt queries (needs "obs_attn")
+
+
+class Policy(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: ClassVar[str] = ""
+    # Statistics the attention pass must produce for this policy.
+    needs: ClassVar[frozenset[str]] = frozenset()
+    # Re-compress during decode as new tokens arrive (keeps the request within budget).
+    recompress: ClassVar[bool] = False
+    action: ClassVar[str] = "evict"
+
+    sinks: int = Field(4, ge=0, le=4096, description="first tokens always kept")
+    window: int = Field(32, ge=0, le=65536, description="most recent tokens always kept")
+
+    def min_tokens(self) -> int:
+        return self.sinks + self.window
+
+    def params(self) -> dict:
+        return self.model_dump()
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        """[H_kv, n] float scores; higher is kept. Override this."""
+        raise NotImplementedError
+
+    def select(self, ctx: ScoreContext, capacity: int) -> torch.Tensor:
+        """[H_kv, capacity] indices into the candidates, sorted (position order kept)."""
+        n = ctx.num_candidates
+        assert capacity <= n, (capacity, n)
+        scores = self.score(ctx).float().clone()
+        # Sinks and window win regardless of score (clamped to what exists).
+        scores[:, : min(self.sinks, n)] = float("inf")
+        if self.window:
+            scores[:, max(0, n - self.window):] = float("inf")
+        idx = torch.topk(scores, capacity, dim=-1, sorted=False).indices
+        return idx.sort(dim=-1).values

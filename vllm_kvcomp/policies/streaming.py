@@ -1,0 +1,20 @@
+"""StreamingLLM (Xiao et al., 2023): attention sinks + a recent window."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from vllm_kvcomp.policies.base import Policy, ScoreContext, register_policy
+
+
+@register_policy
+class StreamingPolicy(Policy):
+    name: ClassVar[str] = "streaming"
+    # A sliding window: fold new tokens in as they arrive so memory stays flat.
+    recompress: ClassVar[bool] = True
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        # Newer is better: top-k of the position keeps the most recent tokens.
+        pos = torch.arange(ctx.num_candidates, dtype=torch.float32, device=ctx.keys.device)
+        return pos.expand(ctx.keys.shape[0], -1)
