@@ -155,3 +155,15 @@ def parse_spec(text: str | None) -> CompressionSpec | None:
             raise KVCompSpecError(f"option {key!r} given twice in {text!r}")
         params[key] = value.strip()
     return _from_fields(policy_name, budget, params, f"spec {text!r}")
+
+
+def resolve_request_spec(server_spec: str | None, extra_args: dict | None) -> CompressionSpec | None:
+    """The spec a request runs with: its ``vllm_xargs.kv_compression`` override, else the
+    server's. Compression off server-wide means the plugin's backend is not installed,
+    so overrides are rejected at the front end (plugin.py) and ignored here."""
+    server = parse_spec(server_spec)
+    if server is None:
+        return None
+    if extra_args and extra_args.get("kv_compression") is not None:
+        return parse_spec(str(extra_args["kv_compression"]))
+    return server

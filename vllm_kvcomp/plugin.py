@@ -1,0 +1,246 @@
+"""vLLM entry point (``vllm.general_plugins``). Loaded in every vLLM process.
+
+``register()`` is idempotent and inert: it adds the ``--kv-compression`` flag, registers
+our KV-cache spec, and installs hooks that act only when the running config asks for
+compression (``additional_config["kv_compression"]``). Hooks that need heavy modules
+(model runner, scheduler) are installed lazily by the processes that use them.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+
+from vllm_kvcomp.spec import KVCompSpecError, parse_spec
+
+CONFIG_KEY = "kv_compression"
+_registered = False
+
+
+def compression_text(vllm_config) -> str | None:
+    """The server's spec string, or None when compression is off."""
+    text = ((vllm_config.additional_config or {}) if vllm_config is not None else {}).get(CONFIG_KEY)
+    return text if parse_spec(text) is not None else None
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    _extend_engine_args()
+    from vllm_kvcomp.allocator import register_spec
+    register_spec()
+    _hook_backend_selection()
+    _hook_request_validation()
+
+
+# --- CLI and config ---------------------------------------------------------------
+
+def _spec_arg(text: str) -> str:
+    try:
+        spec = parse_spec(text)
+    except KVCompSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return "none" if spec is None else str(spec)
+
+
+def _extend_engine_args() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    add_cli_args = EngineArgs.add_cli_args
+
+    def add_cli_args_kvcomp(parser, *args, **kwargs):
+        parser = add_cli_args(parser, *args, **kwargs)
+        parser.add_argument(
+            "--kv-compression", type=_spec_arg, default=None, metavar="SPEC",
+            help="KV-cache compression (vllm-kvcomp): policy:budget[,key=value...], a YAML "
+                 "preset, or 'none'. budget < 1: fraction of the prompt kept; > 1: tokens "
+                 "kept; 1: keep all. E.g. h2o:0.25, snapkv:0.25,window=32,sinks=4.")
+        return parser
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args_kvcomp)
+
+    # from_cli_args keeps only dataclass fields: carry the flag into additional_config,
+    # which is pickled to the engine core and every worker.
+    from_cli_args = EngineArgs.from_cli_args.__func__
+
+    def from_cli_args_kvcomp(cls, args):
+        engine_args = from_cli_args(cls, args)
+        value = getattr(args, "kv_compression", None)
+        if value is not None:
+            engine_args.additional_config = {**(engine_args.additional_config or {}), CONFIG_KEY: value}
+        return engine_args
+
+    EngineArgs.from_cli_args = classmethod(from_cli_args_kvcomp)
+
+    create_engine_config = EngineArgs.create_engine_config
+
+    @functools.wraps(create_engine_config)
+    def create_engine_config_kvcomp(self, *args, **kwargs):
+        raw = (self.additional_config or {}).get(CONFIG_KEY)
+        spec = parse_spec(raw)  # fails before anything is loaded
+        config = create_engine_config(self, *args, **kwargs)
+        if raw is not None:
+            if spec is None:
+                config.additional_config.pop(CONFIG_KEY, None)
+            else:
+                reasons = unsupported_reasons(config)
+                if reasons:
+                    raise KVCompSpecError(f"--kv-compression {spec} cannot serve this setup: "
+                                          + "; ".join(reasons))
+                config.additional_config[CONFIG_KEY] = str(spec)  # canonical, no file paths
+        return config
+
+    EngineArgs.create_engine_config = create_engine_config_kvcomp
+
+
+def unsupported_reasons(config) -> list[str]:
+    """Why this model/setup cannot run with compression (empty = fine)."""
+    from vllm.platforms import current_platform
+
+    mc, reasons = config.model_config, []
+    if not (current_platform.is_cpu() or current_platform.is_cuda()):
+        reasons.append(f"platform {current_platform.device_name!r} (CPU and CUDA only)")
+    if getattr(mc, "use_mla", False):
+        reasons.append("MLA attention")
+    if mc.get_sliding_window() is not None:
+        reasons.append("sliding-window attention layers")
+    if getattr(mc, "is_hybrid", False) or getattr(mc, "is_attention_free", False):
+        reasons.append("hybrid / attention-free model")
+    if getattr(mc, "is_encoder_decoder", False):
+        reasons.append("encoder-decoder model")
+    if config.cache_config.cache_dtype not in ("auto", None):
+        reasons.append(f"--kv-cache-dtype {config.cache_config.cache_dtype} (use auto)")
+    if config.speculative_config is not None:
+        reasons.append("speculative decoding")
+    pc = config.parallel_config
+    if pc.pipeline_parallel_size > 1:
+        reasons.append("pipeline parallelism")
+    if pc.decode_context_parallel_size > 1 or getattr(pc, "prefill_context_parallel_size", 1) > 1:
+        reasons.append("context parallelism")
+    return reasons
+
+
+# --- Worker: attention backend and per-row request info -----------------------------
+
+def _hook_backend_selection() -> None:
+    import vllm.model_executor.layers.attention.attention as attention_mod
+
+    get_attn_backend = attention_mod.get_attn_backend
+    if getattr(get_attn_backend, "_kvcomp", False):
+        return
+
+    @functools.wraps(get_attn_backend)
+    def get_attn_backend_kvcomp(*args, **kwargs):
+        backend = get_attn_backend(*args, **kwargs)
+        from vllm.config import get_current_vllm_config_or_none
+
+        config = get_current_vllm_config_or_none()
+        if compression_text(config) is None:
+            return backend
+        if kwargs.get("use_mla") or kwargs.get("has_sink") or kwargs.get("has_sliding_window"):
+            raise KVCompSpecError("kv-compression supports plain causal attention layers only")
+        _hook_model_runner()
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            from vllm_kvcomp.backend import KVCompCPUBackend
+            return KVCompCPUBackend
+        raise KVCompSpecError(
+            f"kv-compression has no attention backend for {current_platform.device_name!r} yet")
+
+    get_attn_backend_kvcomp._kvcomp = True
+    attention_mod.get_attn_backend = get_attn_backend_kvcomp
+
+
+def _hook_model_runner() -> None:
+    """Publish each batch row's request (prompt length, per-request override) to the
+    metadata builder, which only gets CommonAttentionMetadata."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    build = GPUModelRunner._build_attention_metadata
+    if getattr(build, "_kvcomp", False):
+        return
+    from vllm_kvcomp.backend import RowInfo, publish_rows
+
+    @functools.wraps(build)
+    def build_kvcomp(self, *args, **kwargs):
+        batch = self.input_batch
+        rows = []
+        for i, req_id in enumerate(batch.req_ids):
+            state = self.requests.get(req_id)
+            params = getattr(state, "sampling_params", None)
+            rows.append(RowInfo(req_id, int(batch.num_prompt_tokens[i]),
+                                getattr(params, "extra_args", None)))
+        publish_rows(rows)
+        return build(self, *args, **kwargs)
+
+    build_kvcomp._kvcomp = True
+    GPUModelRunner._build_attention_metadata = build_kvcomp
+
+
+# --- Scheduler: which spec each request runs with -----------------------------------
+
+def hook_scheduler() -> None:
+    """Called by KVCompManager (so only where our manager exists)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from vllm_kvcomp.allocator import REQUEST_SPECS
+    from vllm_kvcomp.spec import resolve_request_spec
+
+    add_request = Scheduler.add_request
+    if getattr(add_request, "_kvcomp", False):
+        return
+
+    @functools.wraps(add_request)
+    def add_request_kvcomp(self, request):
+        params = request.sampling_params
+        spec = resolve_request_spec(compression_text(self.vllm_config),
+                                    getattr(params, "extra_args", None))
+        if spec is not None:
+            REQUEST_SPECS[request.request_id] = spec
+        return add_request(self, request)
+
+    free_request = Scheduler._free_request
+
+    @functools.wraps(free_request)
+    def free_request_kvcomp(self, request, *args, **kwargs):
+        try:
+            return free_request(self, request, *args, **kwargs)
+        finally:
+            REQUEST_SPECS.pop(request.request_id, None)
+
+    add_request_kvcomp._kvcomp = True
+    Scheduler.add_request = add_request_kvcomp
+    Scheduler._free_request = free_request_kvcomp
+
+
+# --- Front end: per-request override validation -------------------------------------
+
+def _hook_request_validation() -> None:
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    validate = InputProcessor._validate_params
+    if getattr(validate, "_kvcomp", False):
+        return
+
+    @functools.wraps(validate)
+    def validate_kvcomp(self, params, *args, **kwargs):
+        extra = getattr(params, "extra_args", None) or {}
+        if CONFIG_KEY in extra:
+            from vllm.exceptions import VLLMValidationError
+
+            value = extra[CONFIG_KEY]
+            if compression_text(self.vllm_config) is None:
+                raise VLLMValidationError(
+                    "per-request kv_compression needs a server started with --kv-compression "
+                    "(e.g. streaming:1.0 to keep the full cache by default)",
+                    parameter=CONFIG_KEY, value=value)
+            try:
+                parse_spec(str(value))
+            except KVCompSpecError as e:
+                raise VLLMValidationError(str(e), parameter=CONFIG_KEY, value=value) from None
+        return validate(self, params, *args, **kwargs)
+
+    validate_kvcomp._kvcomp = True
+    InputProcessor._validate_params = validate_kvcomp
