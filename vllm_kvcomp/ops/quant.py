@@ -1,0 +1,300 @@
+"""Quantized KV pages: the byte format, and its PyTorch reference (CPU path and oracle).
+
+A *page* is what one KV head of one block holds: ``kv_cache[b, h]``, ``block_size * 2 * D``
+elements of the model dtype (``P`` bytes). A page is either a *full* page (the model dtype,
+``block_size`` tokens, exactly vLLM's layout) or a *quantized* page that reinterprets the
+same ``P`` bytes to hold ``page_capacity(bits, ...)`` tokens at ``bits`` in {8, 4, 2}:
+
+    byte 0                                                                        P
+    | KQ: cap x D*bits/8 | VQ: cap x D*bits/8 | KS | KZ | VS | VZ |  (unused)  |
+      key codes, token-  value codes          fp16[D] fp16[cap]
+      major, packed      (same packing)       keys: per channel  values: per token
+
+* keys   (KIVI): per channel over the page's tokens  k = KQ[t, c] * KS[c] + KZ[c]
+* values: per token (one group = the head dim)        v = VQ[t, c] * VS[t] + VZ[t]
+* codes are unsigned (0 .. 2^bits - 1), asymmetric min/max, round half up;
+  packing: channel c sits in byte c // (8/bits) at bit (c % (8/bits)) * bits.
+
+The precision of each page is a per-block tag ``page_tag: int8[num_blocks]`` (0 = full,
+else the bits); all heads of a block share it. A request's *compacted region* is its
+block-table entries ``[0, nc)``, filled in order, every page to its capacity except the
+last: compacted token ``i`` (``0 <= i < kept``) lives in the page whose cumulative
+capacity first exceeds ``i``. With all tags 0 that is exactly ``reference.py``'s mapping
+(token ``i`` at position ``i``). The live region ``[live_start, seq_len)`` is always full
+precision; tags are read only inside a compacted region. See docs/page_format.md.
+"""
+from __future__ import annotations
+
+import torch
+
+from vllm_kvcomp.ops import reference as ref
+
+FULL = 0
+BITS = (8, 4, 2)
+META_DTYPE = torch.float16
+
+
+# ----------------------------------------------------------------------------- format
+def page_bytes(block_size: int, head_dim: int, elem_size: int) -> int:
+    return block_size * 2 * head_dim * elem_size
+
+
+def page_capacity(bits: int, block_size: int, head_dim: int, elem_size: int) -> int:
+    """Tokens a page holds at ``bits`` (0 = full precision: ``block_size``)."""
+    if bits == FULL:
+        return block_size
+    assert bits in BITS, bits
+    assert head_dim * bits % 8 == 0
+    row = head_dim * bits // 8
+    # 4*D bytes of per-channel key scale/zero; per token 2 code rows + value scale/zero.
+    return (page_bytes(block_size, head_dim, elem_size) - 4 * head_dim) // (2 * row + 4)
+
+
+def page_offsets(bits: int, block_size: int, head_dim: int, elem_size: int) -> dict[str, int]:
+    """Byte offsets of the parts of a quantized page (see the module docstring)."""
+    cap = page_capacity(bits, block_size, head_dim, elem_size)
+    row = head_dim * bits // 8
+    kq, vq = 0, cap * row
+    ks = 2 * cap * row
+    kz = ks + 2 * head_dim
+    vs = kz + 2 * head_dim
+    vz = vs + 2 * cap
+    end = vz + 2 * cap
+    assert end <= page_bytes(block_size, head_dim, elem_size)
+    return dict(cap=cap, row=row, kq=kq, vq=vq, ks=ks, kz=kz, vs=vs, vz=vz, end=end)
+
+
+def capacities(kv_cache: torch.Tensor) -> dict[int, int]:
+    """{tag: tokens per page} for this cache's geometry."""
+    bs, d2 = kv_cache.shape[2], kv_cache.shape[3]
+    es = kv_cache.element_size()
+    return {t: page_capacity(t, bs, d2 // 2, es) for t in (FULL,) + BITS}
+
+
+def _page_u8(kv_cache: torch.Tensor, block: int, head: int) -> torch.Tensor:
+    """The bytes of page (block, head) as a writable uint8 view."""
+    assert kv_cache.stride(3) == 1 and kv_cache.stride(2) == kv_cache.shape[3], "page must be contiguous"
+    return kv_cache[block, head].view(torch.uint8).view(-1)
+
+
+# ----------------------------------------------------------------------------- quantize
+def _round(x: torch.Tensor) -> torch.Tensor:
+    return torch.floor(x + 0.5)  # half up: the Triton kernels do the same
+
+
+def quantize_group(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max quantization of ``x`` (float) with statistics reduced over ``dim``.
+
+    Returns ``(codes uint8, scale fp16, zero fp16)``; codes are computed against the fp16
+    rounded scale/zero, so ``codes * scale + zero`` is what every reader reconstructs.
+    Error bound per group (tested): ``|x - x^| <= (max-min) / (2 (2^bits - 1)) + 2^-10 * max|x|``.
+    """
+    x = x.float()
+    qmax = (1 << bits) - 1
+    mn, mx = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    scale = ((mx - mn) / qmax).to(META_DTYPE)
+    zero = mn.to(META_DTYPE)
+    s, z = scale.float(), zero.float()
+    q = torch.where(s > 0, _round((x - z) / torch.where(s > 0, s, 1.0)), 0.0).clamp(0, qmax)
+    return q.to(torch.uint8), scale.squeeze(dim), zero.squeeze(dim)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[..., D] uint8 codes -> [..., D*bits/8] bytes (channel c in byte c // (8/bits))."""
+    per = 8 // bits
+    c = codes.to(torch.int32).unflatten(-1, (-1, per))
+    shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * bits
+    return (c << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
+    c = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
+    return c.flatten(-2).to(torch.uint8)
+
+
+def write_page(kv_cache: torch.Tensor, block: int, head: int, k: torch.Tensor, v: torch.Tensor, bits: int) -> None:
+    """Quantize ``k, v [n, D]`` (n <= capacity) into page (block, head) at ``bits``."""
+    bs, d = kv_cache.shape[2], kv_cache.shape[3] // 2
+    o = page_offsets(bits, bs, d, kv_cache.element_size())
+    n = k.shape[0]
+    assert 0 < n <= o["cap"], (n, o["cap"])
+    page = _page_u8(kv_cache, block, head)
+    kq, ks, kz = quantize_group(k, bits, dim=0)  # keys: per channel over the page's tokens
+    vq, vs, vz = quantize_group(v, bits, dim=1)  # values: per token
+    row = o["row"]
+    page[o["kq"]:o["kq"] + n * row] = pack(kq, bits).flatten()
+    page[o["vq"]:o["vq"] + n * row] = pack(vq, bits).flatten()
+    page[o["ks"]:o["ks"] + 2 * d] = ks.view(torch.uint8)
+    page[o["kz"]:o["kz"] + 2 * d] = kz.view(torch.uint8)
+    page[o["vs"]:o["vs"] + 2 * n] = vs.view(torch.uint8)
+    page[o["vz"]:o["vz"] + 2 * n] = vz.view(torch.uint8)
+
+
+def read_page(kv_cache: torch.Tensor, block: int, head: int, bits: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantize the first ``n`` tokens of a page: ``(k, v)`` float32 ``[n, D]``."""
+    bs, d = kv_cache.shape[2], kv_cache.shape[3] // 2
+    if bits == FULL:
+        kv = kv_cache[block, head, :n].float()
+        return kv[:, :d], kv[:, d:]
+    o = page_offsets(bits, bs, d, kv_cache.element_size())
+    page = _page_u8(kv_cache, block, head)
+    row = o["row"]
+
+    def meta(off: int, cnt: int) -> torch.Tensor:
+        return page[off:off + 2 * cnt].view(META_DTYPE).float()
+
+    kq = unpack(page[o["kq"]:o["kq"] + n * row].view(n, row), bits).float()
+    vq = unpack(page[o["vq"]:o["vq"] + n * row].view(n, row), bits).float()
+    k = kq * meta(o["ks"], d) + meta(o["kz"], d)
+    v = vq * meta(o["vs"], n)[:, None] + meta(o["vz"], n)[:, None]
+    return k, v
+
+
+# ----------------------------------------------------------------------------- mapping
+def compacted_pages(kv_cache: torch.Tensor, page_tag: torch.Tensor | None, block_row: torch.Tensor,
+                    kept: int) -> list[tuple[int, int, int, int]]:
+    """The compacted region's pages in order: ``(entry j, tag, first token, count)``."""
+    caps = capacities(kv_cache)
+    pages, off, j = [], 0, 0
+    while off < kept:
+        tag = 0 if page_tag is None else int(page_tag[int(block_row[j])])
+        n = min(caps[tag], kept - off)
+        pages.append((j, tag, off, n))
+        off, j = off + n, j + 1
+    return pages
+
+
+def num_compacted_pages(kv_cache: torch.Tensor, page_tag: torch.Tensor | None, block_row: torch.Tensor,
+                        kept: int) -> int:
+    """Block-table entries the compacted region occupies (``kept / block_size`` if no tags)."""
+    return len(compacted_pages(kv_cache, page_tag, block_row, kept))
+
+
+def key_slots(kv_cache: torch.Tensor, page_tag: torch.Tensor | None, block_row: torch.Tensor,
+              kept: int, live_start: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(block ids, slot in page)`` of each key a request's attention reads, in order
+    (compacted then live): the index space of ``mass``/``obs``. Statistics of quantized
+    pages use slots up to the page capacity, so ``mass_cache.shape[2]`` must cover it."""
+    pos = ref.request_key_positions(kept, live_start, seq_len, block_row.device)
+    return position_slots(kv_cache, page_tag, block_row, kept, pos)
+
+
+def position_slots(kv_cache: torch.Tensor, page_tag: torch.Tensor | None, block_row: torch.Tensor,
+                   kept: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block, slot) of positions: ``p < kept`` compacted tokens, else live positions."""
+    bs = kv_cache.shape[2]
+    pos = positions.long()
+    blk = torch.empty_like(pos)
+    slot = torch.empty_like(pos)
+    comp = pos < kept
+    for j, _, first, n in compacted_pages(kv_cache, page_tag, block_row, kept):
+        sel = comp & (pos >= first) & (pos < first + n)
+        blk[sel] = int(block_row[j])
+        slot[sel] = pos[sel] - first
+    live = ~comp
+    s = ref.slots_for(block_row, pos[live], bs)
+    blk[live], slot[live] = s // bs, s % bs
+    return blk, slot
+
+
+def gather_kv(kv_cache: torch.Tensor, page_tag: torch.Tensor | None, block_row: torch.Tensor,
+              kept: int, positions: torch.Tensor) -> torch.Tensor:
+    """float32 ``[H_kv, n, 2D]`` K|V of positions: ``p < kept`` compacted tokens (through the
+    tags), ``p >= kept`` live positions."""
+    hkv, bs = kv_cache.shape[1], kv_cache.shape[2]
+    d = kv_cache.shape[3] // 2
+    out = torch.empty(hkv, positions.numel(), 2 * d, device=kv_cache.device)
+    pos = positions.long()
+    comp = pos < kept
+    if bool(comp.any()):
+        for j, tag, first, n in compacted_pages(kv_cache, page_tag, block_row, kept):
+            sel = comp & (pos >= first) & (pos < first + n)
+            if not bool(sel.any()):
+                continue
+            idx = pos[sel] - first
+            for h in range(hkv):
+                k, v = read_page(kv_cache, int(block_row[j]), h, tag, n)
+                out[h, sel] = torch.cat([k[idx], v[idx]], -1)
+    live = ~comp
+    if bool(live.any()):
+        p = pos[live]
+        slots = ref.slots_for(block_row, p, bs)
+        out[:, live] = kv_cache[slots // bs, :, slots % bs].float().transpose(0, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------- attention
+def paged_attention_mixed(q: torch.Tensor, kv_cache: torch.Tensor, page_tag: torch.Tensor | None,
+                          block_row: torch.Tensor, kept: int, live_start: int, seq_len: int,
+                          scale: float, want_mass: bool = False, obs_queries: int = 0):
+    """``reference.paged_attention`` over a compacted region of mixed-precision pages.
+
+    Same outputs; ``mass``/``obs`` index the keys in ``key_slots`` order. Implemented by
+    dequantizing the compacted region into a float32 scratch cache and calling the reference.
+    """
+    hkv, bs, d2 = kv_cache.shape[1:]
+    nblk = -(-seq_len // bs)
+    scratch = torch.zeros(max(nblk, 1), hkv, bs, d2, device=kv_cache.device)
+    if kept:
+        kv = gather_kv(kv_cache, page_tag, block_row, kept, torch.arange(kept, device=kv_cache.device))
+        nk = -(-kept // bs) * bs
+        pad = torch.zeros(hkv, nk - kept, d2, device=kv.device)
+        scratch[: nk // bs] = torch.cat([kv, pad], 1).view(hkv, nk // bs, bs, d2).transpose(0, 1)
+    for j in range(live_start // bs, nblk):
+        scratch[j] = kv_cache[int(block_row[j])].float()
+    row = torch.arange(max(nblk, 1), device=kv_cache.device, dtype=torch.int32)
+    return ref.paged_attention(q, scratch, row, kept, live_start, seq_len, scale, want_mass, obs_queries)
+
+
+# ----------------------------------------------------------------------------- compaction
+def compact_mixed(kv_cache: torch.Tensor, mass_cache: torch.Tensor | None, page_tag: torch.Tensor,
+                  block_row: torch.Tensor, kept: int, cand_positions: torch.Tensor,
+                  keep_full: torch.Tensor, keep_quant: torch.Tensor, bits: int) -> int:
+    """Rewrite a request's compacted region from candidates, demoting some to ``bits``.
+
+    ``cand_positions``: ``p < kept`` old compacted tokens (read through their tags),
+    ``p >= kept`` live positions. ``keep_full [H_kv, n_full]`` (``n_full`` a multiple of
+    block_size) and ``keep_quant [H_kv, n_quant]`` index ``cand_positions``. Afterwards
+    entries ``[0, n_full/bs)`` are full pages (tag 0) and the next ``ceil(n_quant/cap)``
+    pages hold the demoted tokens at ``bits``; their tags are set. ``mass_cache`` moves with
+    the tokens. Returns the new ``kept`` (``n_full + n_quant``).
+    """
+    hkv, bs = kv_cache.shape[1], kv_cache.shape[2]
+    d = kv_cache.shape[3] // 2
+    n_full, n_quant = keep_full.shape[1], keep_quant.shape[1]
+    assert n_full % bs == 0, "full-precision part must fill whole pages"
+    assert bits in BITS or n_quant == 0
+    cand = gather_kv(kv_cache, page_tag, block_row, kept, cand_positions)  # copy: sources may be overwritten
+    m = None
+    if mass_cache is not None:
+        blk, slot = position_slots(kv_cache, page_tag, block_row, kept, cand_positions)
+        m = mass_cache[blk, :, slot].t()  # [H_kv, n_cand]
+    heads = torch.arange(hkv, device=kv_cache.device)[:, None]
+    # full part: positions [0, n_full) through the plain block mapping
+    if n_full:
+        sel = cand.gather(1, keep_full[..., None].expand(-1, -1, 2 * d))
+        dst = ref.slots_for(block_row, torch.arange(n_full, device=kv_cache.device), bs)
+        kv_cache[(dst // bs)[None, :], heads, (dst % bs)[None, :]] = sel.to(kv_cache.dtype)
+        page_tag[block_row[: n_full // bs].long()] = FULL
+        if m is not None:
+            mass_cache[(dst // bs)[None, :], heads, (dst % bs)[None, :]] = m.gather(1, keep_full)
+    if n_quant:
+        cap = page_capacity(bits, bs, d, kv_cache.element_size())
+        sel = cand.gather(1, keep_quant[..., None].expand(-1, -1, 2 * d))
+        mq = m.gather(1, keep_quant) if m is not None else None
+        if mq is not None:
+            assert mass_cache.shape[2] >= cap, "mass_cache must have a slot per quantized-page token"
+        j = n_full // bs
+        for first in range(0, n_quant, cap):
+            n = min(cap, n_quant - first)
+            b = int(block_row[j])
+            for h in range(hkv):
+                write_page(kv_cache, b, h, sel[h, first:first + n, :d], sel[h, first:first + n, d:], bits)
+            page_tag[b] = bits
+            if mq is not None:
+                mass_cache[b, :, :n] = mq[:, first:first + n]
+            j += 1
+    return n_full + n_quant
+
