@@ -1,0 +1,329 @@
+"""Triton kernels vs the PyTorch reference.
+
+Without CUDA every kernel runs under the Triton interpreter on small shapes (conftest.py);
+on a GPU the same tests run for real, plus the ``gpu_*`` tests with realistic shapes.
+Each GPU-only test names its CPU twin.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from kvbatch import Req, make_batch, rel_err
+
+from vllm_kvcomp.ops import quant, reference
+from vllm_kvcomp.triton_kernels import api
+from vllm_kvcomp.triton_kernels.compaction import compact_mixed as tri_compact_mixed
+from vllm_kvcomp.triton_kernels.paged_attention import paged_attention_batched
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+gpu_only = pytest.mark.skipif(not CUDA, reason="realistic shapes need a GPU; CPU twin named in the docstring")
+# bf16 operands: ~2^-8 relative per product; fp16 ~2^-11 (METHOD.md's ranges)
+TOL = {torch.bfloat16: 1.5e-2, torch.float16: 4e-3, torch.float32: 1e-4}
+
+
+def _check_batch(b, *, splits=None, stats=True, tol=None):
+    """Run the batched kernel with stats and compare request by request."""
+    nb, hkv = b.kv.shape[:2]
+    slots = max(quant.capacities(b.kv).values()) if b.page_tag is not None else b.kv.shape[2]
+    mass0 = torch.rand(nb, hkv, slots, device=DEV)
+    obs0 = torch.rand(nb, hkv, slots, device=DEV)
+    mass, obs = mass0.clone(), obs0.clone()
+    out = torch.full_like(b.q, float("nan"))
+    scale = b.q.shape[-1] ** -0.5
+    paged_attention_batched(*b.args(), scale, page_tag=b.page_tag, out=out,
+                            mass_cache=mass if stats else None, obs_cache=obs if stats else None,
+                            obs_queries=b.obs, num_splits=splits)
+    tol = tol or TOL[b.q.dtype]
+    qsl = b.qsl.tolist()
+    for i, r in enumerate(b.reqs):
+        row = b.block_table[i]
+        o, m, ob = quant.paged_attention_mixed(b.q[qsl[i]:qsl[i + 1]], b.kv, b.page_tag, row, r.kept,
+                                               r.live_start, r.seq_len, scale, True, r.obs)
+        got = out[qsl[i]:qsl[i + 1]]
+        assert not got.isnan().any(), f"request {i}: NaN (read outside compacted+live?)"
+        assert rel_err(got, o) < tol, (i, rel_err(got, o))
+        if stats:
+            blk, slot = quant.key_slots(b.kv, b.page_tag, row, r.kept, r.live_start, r.seq_len)
+            gm = (mass[blk, :, slot] - mass0[blk, :, slot]).t()
+            assert rel_err(gm, m) < tol, (i, rel_err(gm, m))
+            go = (obs[blk, :, slot] - obs0[blk, :, slot]).t()
+            if r.obs:
+                assert rel_err(go, ob) < tol, (i, rel_err(go, ob))
+            else:
+                assert go.abs().max() < 1e-6
+    if stats:
+        # nothing outside the requests' keys was touched
+        touched = torch.zeros_like(mass, dtype=torch.bool)
+        for i, r in enumerate(b.reqs):
+            blk, slot = quant.key_slots(b.kv, b.page_tag, b.block_table[i], r.kept, r.live_start, r.seq_len)
+            touched[blk, :, slot] = True
+        assert torch.equal(mass[~touched], mass0[~touched])
+
+
+# ----------------------------------------------------------------------------- quantization
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("dist", ["normal", "outliers"])
+def test_quant_error_bound(bits, dist):
+    """Round-trip error per group <= half a step + fp16 metadata rounding (stated in quant.py)."""
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(64, 128, generator=g)
+    if dist == "outliers":
+        x[:, 3] *= 30
+        x[7] *= 10
+    for dim in (0, 1):  # per channel (keys) and per token (values)
+        c, s, z = quant.quantize_group(x, bits, dim)
+        assert c.max() <= (1 << bits) - 1
+        xh = c.float() * s.float().unsqueeze(dim) + z.float().unsqueeze(dim)
+        rng = x.amax(dim, keepdim=True) - x.amin(dim, keepdim=True)
+        bound = rng / (2 * ((1 << bits) - 1)) * (1 + 2 ** -10) + 2 ** -10 * x.abs().amax(dim, keepdim=True)
+        assert ((x - xh).abs() <= bound + 1e-6).all()
+    codes = torch.randint(0, 1 << bits, (5, 64), dtype=torch.uint8)
+    assert torch.equal(quant.unpack(quant.pack(codes, bits), bits), codes)
+
+
+def test_page_capacity_fits():
+    for bs in (16, 32, 64, 128):
+        for d in (32, 64, 128, 256):
+            for es in (2, 4):
+                for bits in quant.BITS:
+                    o = quant.page_offsets(bits, bs, d, es)
+                    assert o["end"] <= quant.page_bytes(bs, d, es)
+                    assert o["cap"] >= bs * (16 // bits) * (0.7 if d == 32 else 0.8) * es / 2  # the point of the format
+
+
+# ----------------------------------------------------------------------------- attention
+DECODE = [
+    # d, bs, hkv, g, dtype, splits
+    (32, 16, 2, 4, torch.bfloat16, None),
+    (64, 32, 1, 1, torch.float16, 3),
+    (128, 16, 2, 3, torch.bfloat16, 2),
+    (256, 64, 1, 2, torch.bfloat16, None),
+    (32, 128, 1, 8, torch.float32, 2),
+]
+
+
+@pytest.mark.parametrize("d,bs,hkv,g,dtype,splits", DECODE)
+def test_decode(d, bs, hkv, g, dtype, splits):
+    reqs = [Req(1, 3 * bs + 5), Req(1, 9 * bs + 1, live_start=6 * bs, kept=2 * bs),
+            Req(1, 5 * bs, live_start=3 * bs + 3, kept=bs + 7), Req(1, 1), Req(1, 2 * bs, live_start=bs, kept=bs)]
+    b = make_batch(reqs, hkv=hkv, g=g, d=d, bs=bs, dtype=dtype, device=DEV, seed=d + bs)
+    _check_batch(b, splits=splits)
+
+
+PREFILL = [
+    (32, 16, 2, 2, torch.bfloat16),
+    (64, 32, 1, 4, torch.float16),
+]
+
+
+@pytest.mark.parametrize("d,bs,hkv,g,dtype", PREFILL)
+def test_prefill_varlen_chunked(d, bs, hkv, g, dtype):
+    """Varlen batch: fresh prompts, a chunk of a longer prompt, decode tokens, compacted requests."""
+    reqs = [Req(7, 40, obs=3), Req(1, 90, live_start=64, kept=32, obs=1), Req(70, 70, obs=5),
+            Req(5, 70, live_start=48, kept=16, obs=5), Req(33, 33 + 2 * bs)]
+    b = make_batch(reqs, hkv=hkv, g=g, d=d, bs=bs, dtype=dtype, device=DEV, seed=d)
+    _check_batch(b)
+
+
+MIXED = [
+    # d, bs, g, dtype, q_lens
+    (32, 16, 2, torch.bfloat16, (1, 1, 1, 1)),
+    (64, 16, 4, torch.float16, (1, 6, 1, 3)),
+    (128, 32, 2, torch.bfloat16, (1, 1, 2, 1)),
+]
+
+
+@pytest.mark.parametrize("d,bs,g,dtype,q_lens", MIXED)
+def test_mixed_precision_pages(d, bs, g, dtype, q_lens):
+    """Compacted regions of int8/int4/int2/full pages in any order, partial last page,
+    stale tags on live blocks and in the gap."""
+    plans = [[0, 4, 2, 8], [2, 2], [8], [4, 0, 0]]
+    reqs = []
+    for ql, plan in zip(q_lens, plans):
+        caps = sum(quant.page_capacity(t, bs, d, 2) for t in plan)
+        live = -(-caps // bs) * bs + bs
+        reqs.append(Req(ql, live + 2 * bs + 3, live_start=live, plan=plan, obs=min(ql, 2)))
+    b = make_batch(reqs, hkv=2, g=g, d=d, bs=bs, dtype=dtype, device=DEV, seed=d, tags=True)
+    _check_batch(b, splits=None if q_lens[1] > 1 else 3)
+
+
+def test_api_per_request_matches_reference():
+    """The reference-signature entry points return reference-shaped outputs."""
+    bs, d = 16, 32
+    b = make_batch([Req(3, 100, live_start=64, kept=40)], hkv=2, g=2, d=d, bs=bs, dtype=torch.bfloat16,
+                   device=DEV, seed=5)
+    row = b.block_table[0]
+    args = (b.q, b.kv, row, 40, 64, 100, 0.3, True, 2)
+    got = api.paged_attention(*args)
+    ref = reference.paged_attention(*args)
+    for x, y in zip(got, ref):
+        assert x.shape == y.shape and rel_err(x, y) < TOL[torch.bfloat16]
+    bt = make_batch([Req(2, 150, live_start=128, plan=[4, 2])], hkv=2, g=2, d=d, bs=bs, dtype=torch.bfloat16,
+                    device=DEV, seed=6, tags=True)
+    r = bt.reqs[0]
+    args = (bt.q, bt.kv, bt.page_tag, bt.block_table[0], r.kept, r.live_start, r.seq_len, 0.3, True, 1)
+    for x, y in zip(api.paged_attention_mixed(*args), quant.paged_attention_mixed(*args)):
+        assert x.shape == y.shape and rel_err(x, y) < TOL[torch.bfloat16]
+
+
+def test_batched_cpu_twin_matches_kernel():
+    """api's CPU fallback of the batched call (a loop over the reference) agrees with the kernel."""
+    b = make_batch([Req(1, 150, live_start=128, plan=[4]), Req(4, 20, obs=2)], hkv=1, g=2, d=32, bs=16,
+                   dtype=torch.float32, device=DEV, seed=9, tags=True)
+    slots = max(quant.capacities(b.kv).values())
+    outs = []
+    for fn in (paged_attention_batched, api._batched_reference):
+        mass = torch.zeros(b.kv.shape[0], 1, slots, device=DEV)
+        obs = torch.zeros_like(mass)
+        outs.append((fn(*b.args(), 0.25, page_tag=b.page_tag, mass_cache=mass, obs_cache=obs, obs_queries=b.obs),
+                     mass, obs))
+    for x, y in zip(*outs):
+        assert rel_err(x, y) < 1e-4
+
+
+# ----------------------------------------------------------------------------- compaction
+def _cands(kept, live_start, seq_len, device):
+    return reference.request_key_positions(kept, live_start, seq_len, device)
+
+
+def test_compact_full_matches_reference():
+    bs, d, hkv = 16, 32, 2
+    b = make_batch([Req(1, 120, live_start=80, kept=32)], hkv=hkv, g=1, d=d, bs=bs, dtype=torch.bfloat16,
+                   device=DEV, seed=3, spare_blocks=4)
+    row = b.block_table[0]
+    row[2] = b.spare.pop()
+    cand = _cands(32, 80, 120, DEV)
+    g = torch.Generator().manual_seed(0)
+    keep = torch.stack([torch.randperm(cand.numel(), generator=g)[:48].sort().values for _ in range(hkv)]).to(DEV)
+    mass = torch.rand(b.kv.shape[0], hkv, bs, device=DEV)
+    kv_ref, mass_ref = b.kv.clone(), mass.clone()
+    reference.compact(kv_ref, mass_ref, row, cand, keep)
+    tag = torch.full((b.kv.shape[0],), 4, dtype=torch.int8, device=DEV)
+    api.compact(b.kv, mass, row, cand, keep, page_tag=tag)
+    dst = row[:3].long()
+    assert torch.equal(b.kv[dst], kv_ref[dst]) and torch.equal(mass[dst], mass_ref[dst])
+    assert (tag[dst] == 0).all()
+
+
+@pytest.mark.parametrize("bits,old_plan", [(4, [0, 2]), (2, [4, 8]), (8, [])])
+def test_compact_mixed_matches_reference(bits, old_plan):
+    """Old compacted region (mixed) + live tokens -> full pages + pages at ``bits``: same bytes,
+    tags and mass as quant.compact_mixed, and the round trip within the stated bound."""
+    bs, d, hkv = 16, 32, 2
+    caps = quant.capacities(torch.empty(0, 1, bs, 2 * d, dtype=torch.bfloat16))
+    old = sum(caps[t] for t in old_plan)
+    live = -(-old // bs) * bs + bs if old_plan else 48
+    seq = live + 150
+    b = make_batch([Req(1, seq, live_start=live, plan=old_plan or None)], hkv=hkv, g=1, d=d, bs=bs,
+                   dtype=torch.bfloat16, device=DEV, seed=bits, tags=True)
+    r = b.reqs[0]
+    row = b.block_table[0]
+    for j in range(len(old_plan), live // bs):  # the allocator keeps real blocks for the new region
+        row[j] = b.spare.pop()
+    cand = _cands(r.kept, live, seq, DEV)
+    n = cand.numel()
+    g = torch.Generator().manual_seed(bits)
+    n_full, n_quant = bs, min(n - bs, caps[bits] + 5)
+    perm = [torch.randperm(n, generator=g) for _ in range(hkv)]
+    keep_full = torch.stack([p[:n_full].sort().values for p in perm]).to(DEV)
+    keep_quant = torch.stack([p[n_full:n_full + n_quant].sort().values for p in perm]).to(DEV)
+    mass = torch.rand(b.kv.shape[0], hkv, max(caps.values()), device=DEV)
+    want = quant.gather_kv(b.kv, b.page_tag, row, r.kept, cand)
+    kv_ref, tag_ref, mass_ref = b.kv.clone(), b.page_tag.clone(), mass.clone()
+    k_ref = quant.compact_mixed(kv_ref, mass_ref, tag_ref, row, r.kept, cand, keep_full, keep_quant, bits)
+    k_got = tri_compact_mixed(b.kv, mass, b.page_tag, row, r.kept, cand, keep_full, keep_quant, bits)
+    assert k_got == k_ref == n_full + n_quant
+    n_pages = 1 + -(-n_quant // caps[bits])
+    dst = row[:n_pages].long()
+    assert torch.equal(b.page_tag[dst], tag_ref[dst])
+    assert torch.equal(b.kv[dst].view(torch.uint8), kv_ref[dst].view(torch.uint8))
+    assert torch.equal(mass[dst], mass_ref[dst])
+    # round trip of the demoted tokens against the original values
+    got = quant.gather_kv(b.kv, b.page_tag, row, k_got, torch.arange(n_full, k_got, device=DEV))
+    src = want.gather(1, keep_quant[..., None].expand(-1, -1, 2 * d))
+    qmax = (1 << bits) - 1
+    for p0 in range(0, n_quant, caps[bits]):
+        sl = slice(p0, p0 + caps[bits])
+        ks, kg = src[:, sl, :d], got[:, sl, :d]
+        kr = ks.amax(1, keepdim=True) - ks.amin(1, keepdim=True)
+        assert ((ks - kg).abs() <= kr / (2 * qmax) * 1.001 + 2 ** -10 * ks.abs().amax(1, keepdim=True) + 1e-6).all()
+        vs, vg = src[:, sl, d:], got[:, sl, d:]
+        vr = vs.amax(2, keepdim=True) - vs.amin(2, keepdim=True)
+        assert ((vs - vg).abs() <= vr / (2 * qmax) * 1.001 + 2 ** -10 * vs.abs().amax(2, keepdim=True) + 1e-6).all()
+
+
+def test_compact_then_attend_mixed():
+    """End to end: demote with the kernel, then attend over the result with the kernel."""
+    bs, d, hkv = 16, 32, 2
+    b = make_batch([Req(1, 200, live_start=160, kept=64)], hkv=hkv, g=2, d=d, bs=bs, dtype=torch.float16,
+                   device=DEV, seed=11, tags=True)
+    row = b.block_table[0]
+    cand = _cands(64, 160, 200, DEV)[:-8]  # fold all but the last 8 tokens... of the old layout
+    keep_full = torch.arange(0, 32, device=DEV).expand(hkv, -1)
+    keep_quant = torch.arange(32, 96, device=DEV).expand(hkv, -1)
+    kept = tri_compact_mixed(b.kv, None, b.page_tag, row, 64, cand, keep_full, keep_quant, 4)
+    b.kept[0] = kept
+    b.reqs[0].kept = kept
+    _check_batch(b, stats=False)
+
+
+# ----------------------------------------------------------------------------- GPU, realistic
+@gpu_only
+@pytest.mark.parametrize("d,g,bs", [(128, 4, 16), (128, 8, 32), (64, 1, 16), (256, 2, 64)])
+def test_gpu_decode_realistic(d, g, bs):
+    """CPU twin: test_decode."""
+    gen = torch.Generator().manual_seed(d)
+    reqs = []
+    for i in range(24):
+        seq = int(torch.randint(100, 4000, (1,), generator=gen))
+        if i % 3 == 0:
+            live = seq // bs // 2 * bs
+            reqs.append(Req(1, seq, live_start=live, kept=min(live, 512 + i)))
+        else:
+            reqs.append(Req(1, seq))
+    b = make_batch(reqs, hkv=8 if g < 8 else 4, g=g, d=d, bs=bs, dtype=torch.bfloat16, device=DEV, seed=d)
+    _check_batch(b)
+
+
+@gpu_only
+def test_gpu_prefill_realistic():
+    """CPU twin: test_prefill_varlen_chunked."""
+    reqs = [Req(1024, 1024, obs=32), Req(512, 2048, obs=64), Req(1, 3000, live_start=2048, kept=512),
+            Req(300, 1900, live_start=1024, kept=256, obs=16)]
+    b = make_batch(reqs, hkv=8, g=4, d=128, bs=16, dtype=torch.bfloat16, device=DEV, seed=1)
+    _check_batch(b)
+
+
+@gpu_only
+def test_gpu_mixed_realistic():
+    """CPU twin: test_mixed_precision_pages."""
+    reqs = []
+    for i, plan in enumerate([[0] * 8 + [4] * 20, [2] * 30, [8] * 10 + [4] * 10, [0] * 4 + [2] * 10 + [4] * 3]):
+        caps = sum(quant.page_capacity(t, 16, 128, 2) for t in plan)
+        live = -(-caps // 16) * 16 + 64
+        reqs.append(Req(1 if i % 2 else 17, live + 500, live_start=live, plan=plan, obs=1))
+    b = make_batch(reqs, hkv=8, g=4, d=128, bs=16, dtype=torch.bfloat16, device=DEV, seed=2, tags=True)
+    _check_batch(b)
+
+
+@gpu_only
+def test_gpu_compaction_realistic():
+    """CPU twin: test_compact_mixed_matches_reference."""
+    bs, d, hkv = 16, 128, 8
+    b = make_batch([Req(1, 4096, live_start=2048, plan=[0] * 16 + [4] * 10)], hkv=hkv, g=1, d=d, bs=bs,
+                   dtype=torch.bfloat16, device=DEV, seed=4, tags=True)
+    r = b.reqs[0]
+    row = b.block_table[0]
+    cand = _cands(r.kept, r.live_start, 4000, DEV)
+    g = torch.Generator().manual_seed(0)
+    perm = [torch.randperm(cand.numel(), generator=g) for _ in range(hkv)]
+    keep_full = torch.stack([p[:512].sort().values for p in perm]).to(DEV)
+    keep_quant = torch.stack([p[512:1500].sort().values for p in perm]).to(DEV)
+    kv_ref, tag_ref = b.kv.clone(), b.page_tag.clone()
+    quant.compact_mixed(kv_ref, None, tag_ref, row, r.kept, cand, keep_full, keep_quant, 2)
+    tri_compact_mixed(b.kv, None, b.page_tag, row, r.kept, cand, keep_full, keep_quant, 2)
+    n_pages = 32 + -(-988 // quant.page_capacity(2, bs, d, 2))
+    dst = row[:n_pages].long()
+    assert torch.equal(b.page_tag[dst], tag_ref[dst])
+    assert torch.equal(b.kv[dst].view(torch.uint8), kv_ref[dst].view(torch.uint8))

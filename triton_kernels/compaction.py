@@ -1,0 +1,287 @@
+"""Compaction and quantization of KV pages, on the GPU.
+
+Semantics: ``vllm_kvcomp.ops.reference.compact`` and ``vllm_kvcomp.ops.quant.compact_mixed``.
+
+Compaction moves kept candidates into the request's first block-table entries, and the
+destination pages overlap the sources (old compacted tokens are candidates again), so it
+runs in two phases, like the reference (gather to a copy, then scatter):
+
+  _gather_kernel       one program per (KV head, kept token): reads the token from its
+                       source page (full or quantized, dequantized to fp32) into a dense
+                       scratch ``[H_kv, n, 2D]`` fp32 (+ its attention mass). fp32 keeps
+                       full-precision tokens bit exact through the round trip.
+  _store_full_kernel   one program per (KV head, destination token): scratch -> full page.
+  _store_quant_kernel  one program per (KV head, destination page): two passes over the
+                       page's tokens in tiles of QT -- per-channel key min/max, then codes;
+                       values are per token. Codes are packed with a reshape to
+                       [QT, D/(8/bits), 8/bits] and a shift-sum.
+
+Where a source lives is resolved on the host side with torch ops on the device (cumsum of
+page capacities + searchsorted): no host round trip beyond the request's ``kept``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .paged_attention import _pow2, _unpack
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _gather_kernel(kv_ptr, kvb_ptr, kvh_ptr, src_blk_ptr, src_slot_ptr, src_tag_ptr, tmp_ptr,
+                   mass_ptr, tmp_mass_ptr, n_sel, stride_kb, stride_kh, stride_mb, stride_mh,
+                   D: tl.constexpr, ELEM: tl.constexpr, CAP8: tl.constexpr, CAP4: tl.constexpr,
+                   CAP2: tl.constexpr, HAS_MASS: tl.constexpr):
+    h = tl.program_id(0)
+    i = tl.program_id(1)
+    idx = h * n_sel + i
+    b = tl.load(src_blk_ptr + idx).to(tl.int64)
+    t = tl.load(src_slot_ptr + idx)
+    tag = tl.load(src_tag_ptr + idx)
+    offs_d = tl.arange(0, D)
+    page = b * stride_kb + h * stride_kh
+    dst = tmp_ptr + idx.to(tl.int64) * (2 * D)
+    if tag == 0:
+        k = tl.load(kv_ptr + page + t * (2 * D) + offs_d).to(tl.float32)
+        v = tl.load(kv_ptr + page + t * (2 * D) + D + offs_d).to(tl.float32)
+    elif tag == 8:
+        k, v = _dequant_token(kvb_ptr, kvh_ptr, page * ELEM, t, 8, CAP8, D)
+    elif tag == 4:
+        k, v = _dequant_token(kvb_ptr, kvh_ptr, page * ELEM, t, 4, CAP4, D)
+    else:
+        k, v = _dequant_token(kvb_ptr, kvh_ptr, page * ELEM, t, 2, CAP2, D)
+    tl.store(dst + offs_d, k)
+    tl.store(dst + D + offs_d, v)
+    if HAS_MASS:
+        tl.store(tmp_mass_ptr + idx, tl.load(mass_ptr + b * stride_mb + h * stride_mh + t))
+
+
+@triton.jit
+def _dequant_token(kvb_ptr, kvh_ptr, page_byte, t, BITS: tl.constexpr, CAP: tl.constexpr, D: tl.constexpr):
+    ROW: tl.constexpr = D * BITS // 8
+    KS: tl.constexpr = 2 * CAP * ROW
+    VS: tl.constexpr = KS + 4 * D
+    offs_r = tl.arange(0, ROW)
+    offs_d = tl.arange(0, D)
+    half = page_byte // 2
+    kb = tl.load(kvb_ptr + page_byte + t * ROW + offs_r)[None, :].to(tl.int32)
+    vb = tl.load(kvb_ptr + page_byte + CAP * ROW + t * ROW + offs_r)[None, :].to(tl.int32)
+    kq = tl.reshape(_unpack(kb, BITS, 1, D), (D,)).to(tl.float32)
+    vq = tl.reshape(_unpack(vb, BITS, 1, D), (D,)).to(tl.float32)
+    ks = tl.load(kvh_ptr + half + KS // 2 + offs_d).to(tl.float32)
+    kz = tl.load(kvh_ptr + half + KS // 2 + D + offs_d).to(tl.float32)
+    vs = tl.load(kvh_ptr + half + VS // 2 + t).to(tl.float32)
+    vz = tl.load(kvh_ptr + half + VS // 2 + CAP + t).to(tl.float32)
+    return kq * ks + kz, vq * vs + vz
+
+
+@triton.jit
+def _round_to(x, dtype, INTERP: tl.constexpr):
+    """fp32 -> model dtype, round to nearest even. The interpreter truncates fp32->bf16, so
+    there the rounding is done on the bits (finite values)."""
+    if INTERP and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _store_full_kernel(kv_ptr, tmp_ptr, dst_blk_ptr, tmp_mass_ptr, mass_ptr, n_sel, first,
+                       stride_kb, stride_kh, stride_mb, stride_mh,
+                       D: tl.constexpr, BS: tl.constexpr, HAS_MASS: tl.constexpr, INTERP: tl.constexpr):
+    h = tl.program_id(0)
+    i = tl.program_id(1)
+    offs = tl.arange(0, 2 * D)
+    b = tl.load(dst_blk_ptr + i // BS).to(tl.int64)
+    x = tl.load(tmp_ptr + (h * n_sel + first + i).to(tl.int64) * (2 * D) + offs)
+    tl.store(kv_ptr + b * stride_kb + h * stride_kh + (i % BS) * (2 * D) + offs, _round_to(x, kv_ptr.dtype.element_ty, INTERP))
+    if HAS_MASS:
+        tl.store(mass_ptr + b * stride_mb + h * stride_mh + i % BS, tl.load(tmp_mass_ptr + h * n_sel + first + i))
+
+
+@triton.jit
+def _quantize(x, mn, mx, BITS: tl.constexpr):
+    """codes of x against the fp16-rounded scale/zero of [mn, mx] (broadcast shapes)."""
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    s = tl.math.div_rn(mx - mn, tl.full(mx.shape, QMAX, tl.float32)).to(tl.float16).to(tl.float32)
+    z = mn.to(tl.float16).to(tl.float32)
+    safe = tl.where(s > 0, s, 1.0)
+    c = tl.floor(tl.math.div_rn(x - z, safe) + 0.5)
+    c = tl.where(s > 0, c, 0.0)
+    c = tl.minimum(tl.maximum(c, 0.0), QMAX)
+    return c.to(tl.int32), s, z
+
+
+@triton.jit
+def _pack(c, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    PER: tl.constexpr = 8 // BITS
+    ROW: tl.constexpr = D // PER
+    if BITS == 8:
+        return c.to(tl.uint8)
+    c3 = tl.reshape(c, (N, ROW, PER))
+    shifts = tl.arange(0, PER) * BITS
+    return tl.sum(c3 << shifts[None, None, :], 2).to(tl.uint8)
+
+
+@triton.jit
+def _store_quant_kernel(kvb_ptr, kvh_ptr, tmp_ptr, dst_blk_ptr, tmp_mass_ptr, mass_ptr, n_sel, first, n_tok,
+                        stride_kb, stride_kh, stride_mb, stride_mh,
+                        D: tl.constexpr, ELEM: tl.constexpr, BITS: tl.constexpr, CAP: tl.constexpr,
+                        QT: tl.constexpr, HAS_MASS: tl.constexpr):
+    """Page p of a run of quantized pages: scratch tokens [first + p*CAP, ... + count)."""
+    h = tl.program_id(0)
+    p = tl.program_id(1)
+    ROW: tl.constexpr = D * BITS // 8
+    KS: tl.constexpr = 2 * CAP * ROW
+    VS: tl.constexpr = KS + 4 * D
+    b = tl.load(dst_blk_ptr + p).to(tl.int64)
+    page_byte = (b * stride_kb + h * stride_kh) * ELEM
+    half = page_byte // 2
+    t_first = p * CAP
+    count = tl.minimum(CAP, n_tok - t_first)
+    src = tmp_ptr + (h * n_sel + first + t_first).to(tl.int64) * (2 * D)
+    offs_d = tl.arange(0, D)
+    offs_r = tl.arange(0, ROW)
+    # pass 1: per-channel key range over the page's tokens
+    mn = tl.full([D], float("inf"), tl.float32)
+    mx = tl.full([D], float("-inf"), tl.float32)
+    for t0 in range(0, count, QT):
+        t = t0 + tl.arange(0, QT)
+        ok = t < count
+        k = tl.load(src + t[:, None] * (2 * D) + offs_d[None, :], mask=ok[:, None], other=0.0)
+        mn = tl.minimum(mn, tl.min(tl.where(ok[:, None], k, float("inf")), 0))
+        mx = tl.maximum(mx, tl.max(tl.where(ok[:, None], k, float("-inf")), 0))
+    # pass 2: codes (keys per channel, values per token) and value scales
+    for t0 in range(0, count, QT):
+        t = t0 + tl.arange(0, QT)
+        ok = t < count
+        k = tl.load(src + t[:, None] * (2 * D) + offs_d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(src + t[:, None] * (2 * D) + D + offs_d[None, :], mask=ok[:, None], other=0.0)
+        kc, ks, kz = _quantize(k, mn[None, :], mx[None, :], BITS)
+        vmn = tl.min(v, 1)
+        vmx = tl.max(v, 1)
+        vc, vs, vz = _quantize(v, vmn[:, None], vmx[:, None], BITS)
+        tl.store(kvb_ptr + page_byte + t[:, None] * ROW + offs_r[None, :], _pack(kc, QT, D, BITS), mask=ok[:, None])
+        tl.store(kvb_ptr + page_byte + CAP * ROW + t[:, None] * ROW + offs_r[None, :], _pack(vc, QT, D, BITS),
+                 mask=ok[:, None])
+        tl.store(kvh_ptr + half + VS // 2 + t, tl.reshape(vs, (QT,)).to(tl.float16), mask=ok)
+        tl.store(kvh_ptr + half + VS // 2 + CAP + t, tl.reshape(vz, (QT,)).to(tl.float16), mask=ok)
+        if HAS_MASS:
+            m = tl.load(tmp_mass_ptr + h * n_sel + first + t_first + t, mask=ok)
+            tl.store(mass_ptr + b * stride_mb + h * stride_mh + t, m, mask=ok)
+    s = tl.math.div_rn(mx - mn, tl.full([D], (1 << BITS) - 1, tl.float32))
+    tl.store(kvh_ptr + half + KS // 2 + offs_d, s.to(tl.float16))
+    tl.store(kvh_ptr + half + KS // 2 + D + offs_d, mn.to(tl.float16))
+
+
+# ----------------------------------------------------------------------------- launch
+def _check_cache(kv_cache: torch.Tensor) -> None:
+    assert kv_cache.dim() == 4 and kv_cache.shape[3] % 2 == 0
+    assert kv_cache.stride(3) == 1 and kv_cache.stride(2) == kv_cache.shape[3], "pages must be contiguous"
+    assert kv_cache.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    d = kv_cache.shape[3] // 2
+    assert d & (d - 1) == 0 and d >= 32, f"head dim {d} unsupported"
+
+
+def _sources(kv_cache, page_tag, block_row, kept, positions):
+    """(block, slot, tag) of positions: ``p < kept`` compacted tokens (through the tags),
+    else live positions at block_row[p // bs]. Torch ops on the device, no sync."""
+    from vllm_kvcomp.ops.quant import capacities
+
+    bs = kv_cache.shape[2]
+    pos = positions.long()
+    blk = block_row.long()[pos // bs]
+    slot = pos % bs
+    tag = torch.zeros_like(pos, dtype=torch.int8)
+    if page_tag is not None and kept > 0:
+        upper = -(-kept // bs)
+        caps_lut = torch.zeros(9, dtype=torch.long, device=pos.device)
+        for t, c in capacities(kv_cache).items():
+            caps_lut[t] = c
+        ptag = page_tag[block_row[:upper].long()]
+        caps = caps_lut[ptag.long()]
+        end = caps.cumsum(0)
+        comp = pos < kept
+        j = torch.searchsorted(end, pos, right=True).clamp(max=upper - 1)
+        blk = torch.where(comp, block_row.long()[j], blk)
+        slot = torch.where(comp, pos - (end[j] - caps[j]), slot)
+        tag = torch.where(comp, ptag[j], tag)
+    return blk, slot, tag
+
+
+def compact_mixed(kv_cache: torch.Tensor, mass_cache: torch.Tensor | None, page_tag: torch.Tensor | None,
+                  block_row: torch.Tensor, kept: int, cand_positions: torch.Tensor,
+                  keep_full: torch.Tensor, keep_quant: torch.Tensor | None = None, bits: int = 0) -> int:
+    """GPU ``quant.compact_mixed`` (see there); ``page_tag=None`` reads all sources as full
+    pages and writes no tags. Returns the new ``kept``."""
+    from vllm_kvcomp.ops.quant import BITS, page_capacity
+
+    _check_cache(kv_cache)
+    nb, hkv, bs, d2 = kv_cache.shape
+    d = d2 // 2
+    dev = kv_cache.device
+    if keep_quant is None:
+        keep_quant = torch.empty(hkv, 0, dtype=torch.long, device=dev)
+    n_full, n_quant = keep_full.shape[1], keep_quant.shape[1]
+    assert keep_full.shape[0] == hkv and keep_quant.shape[0] == hkv
+    if n_quant:
+        assert bits in BITS and page_tag is not None, "quantized pages need a tag tensor"
+        assert n_full % bs == 0, "full-precision part must fill whole pages"
+    n_sel = n_full + n_quant
+    if n_sel == 0:
+        return 0
+    has_mass = mass_cache is not None
+    if has_mass:
+        assert mass_cache.dtype == torch.float32 and mass_cache.stride(2) == 1 and mass_cache.shape[1] == hkv
+    blk, slot, tag = _sources(kv_cache, page_tag, block_row, kept, cand_positions)
+    sel = torch.cat([keep_full, keep_quant], 1).long()
+    src_blk = blk[sel].to(torch.int32).contiguous()
+    src_slot = slot[sel].to(torch.int32).contiguous()
+    src_tag = tag[sel].contiguous()
+    tmp = torch.empty(hkv, n_sel, d2, device=dev, dtype=torch.float32)
+    tmp_mass = torch.empty(hkv, n_sel, device=dev, dtype=torch.float32) if has_mass else tmp
+    es = kv_cache.element_size()
+    caps = {b: page_capacity(b, bs, d, es) for b in BITS}
+    kvb, kvh = kv_cache.view(torch.uint8), kv_cache.view(torch.float16)
+    mass = mass_cache if has_mass else tmp
+    ms = (mass.stride(0), mass.stride(1)) if has_mass else (0, 0)
+    _gather_kernel[(hkv, n_sel)](
+        kv_cache, kvb, kvh, src_blk, src_slot, src_tag, tmp, mass, tmp_mass, n_sel,
+        kv_cache.stride(0), kv_cache.stride(1), *ms,
+        D=d, ELEM=es, CAP8=caps[8], CAP4=caps[4], CAP2=caps[2], HAS_MASS=has_mass, num_warps=1)
+    row = block_row.to(torch.int32)
+    if n_full:
+        _store_full_kernel[(hkv, n_full)](
+            kv_cache, tmp, row, tmp_mass, mass, n_sel, 0, kv_cache.stride(0), kv_cache.stride(1), *ms,
+            D=d, BS=bs, HAS_MASS=has_mass, INTERP=_INTERPRET, num_warps=1)
+        if page_tag is not None:
+            page_tag[block_row[: -(-n_full // bs)].long()] = 0
+    if n_quant:
+        cap = caps[bits]
+        if has_mass:
+            assert mass_cache.shape[2] >= cap, "mass_cache must have a slot per quantized-page token"
+        n_pages = -(-n_quant // cap)
+        dst = row[n_full // bs: n_full // bs + n_pages].contiguous()
+        qt = min(_pow2(cap), 64 if d <= 128 else 32)
+        _store_quant_kernel[(hkv, n_pages)](
+            kvb, kvh, tmp, dst, tmp_mass, mass, n_sel, n_full, n_quant,
+            kv_cache.stride(0), kv_cache.stride(1), *ms,
+            D=d, ELEM=es, BITS=bits, CAP=cap, QT=qt, HAS_MASS=has_mass, num_warps=4)
+        page_tag[dst.long()] = bits
+    return n_sel
+
+
+def compact(kv_cache: torch.Tensor, mass_cache: torch.Tensor | None, block_row: torch.Tensor,
+            cand_positions: torch.Tensor, keep: torch.Tensor, page_tag: torch.Tensor | None = None) -> None:
+    """GPU ``reference.compact`` (full-precision pages). With ``page_tag``, the destination
+    pages are tagged full (tags of a compacted region must be right; see quant.py)."""
+    compact_mixed(kv_cache, mass_cache, None, block_row, 0, cand_positions, keep)
+    if page_tag is not None and keep.shape[1]:
+        page_tag[block_row[: -(-keep.shape[1] // kv_cache.shape[2])].long()] = 0
