@@ -47,7 +47,7 @@ def run(model: str, spec: str | None, a) -> dict:
         while eng.has_unfinished_requests():
             eng.step()
         # 2. The workload: all requests at once; vLLM admits what fits.
-        added, first, most, out_tokens = {}, {}, 0, 0
+        added, first, most, out_tokens, preempted = {}, {}, 0, 0, set()
         t0 = time.perf_counter()
         for i in range(a.requests):
             eng.add_request(f"r{i}", {"prompt_token_ids": prompt(a.prompt, i)}, params)
@@ -59,9 +59,10 @@ def run(model: str, spec: str | None, a) -> dict:
                 if out.finished:
                     out_tokens += len(out.outputs[0].token_ids)
             most = max(most, sched.make_stats().num_running_reqs)
+            preempted |= {r for r, q in sched.requests.items() if q.num_preemptions}
         wall = time.perf_counter() - t0
         assert pool.get_num_free_blocks() == free0, "blocks leaked"
-        return dict(spec=spec or "vanilla", blocks=held, running=most, tok_s=out_tokens / wall,
+        return dict(spec=spec or "vanilla", blocks=held, running=most, tok_s=out_tokens / wall, preempted=len(preempted),
                     ttft=statistics.median(first[r] - added[r] for r in added), wall=wall)
     finally:
         del llm, eng, sched, pool
@@ -89,11 +90,11 @@ def main() -> None:
     rows = [run(model, None, a)] + [run(model, s, a) for s in a.specs]
     base = rows[0]
     head = ("| spec | KV blocks / request | x less | max running | x more | output tok/s | x | "
-            "median TTFT s | x |\n|---|---|---|---|---|---|---|---|---|")
+            "median TTFT s | x | preempted requests |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head] + [
         f"| {r['spec']} | {r['blocks']} | {base['blocks'] / r['blocks']:.2f} | {r['running']} | "
         f"{r['running'] / base['running']:.2f} | {r['tok_s']:.0f} | {r['tok_s'] / base['tok_s']:.2f} | "
-        f"{r['ttft']:.2f} | {r['ttft'] / base['ttft']:.2f} |" for r in rows]
+        f"{r['ttft']:.2f} | {r['ttft'] / base['ttft']:.2f} | {r['preempted']} |" for r in rows]
     setup = (f"model={a.model or 'tiny random Llama (2 layers, 4/2 heads, head 32)'}, prompt={a.prompt}, "
              f"decode={a.decode}, requests={a.requests}, pool={a.blocks} blocks of {a.block_size} "
              f"(fits {a.fit} vanilla requests), machine={platform.machine()} {os.cpu_count()} cores")
