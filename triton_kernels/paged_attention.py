@@ -12,7 +12,10 @@ Kernels
                  *entries* of the block table: compacted pages [0, nc) then live blocks
                  [live_start//bs, ...); every entry is one page of the same byte size
                  whatever its precision, so splitting entries evenly (flash-decoding
-                 split-K) splits the bytes evenly.
+                 split-K) splits the bytes evenly. A compacted region shaped as
+                 compaction writes it -- full pages, then pages all at one precision --
+                 is read by two branch-free loops (pipelined loads); any other order by a
+                 loop that dispatches on each page's tag.
   _reduce_kernel combines the splits (log-sum-exp) when NUM_SPLITS > 1.
   _stats_kernel  attention mass (H2O) and observation-window mass (SnapKV) per key, summed
                  over queries and the heads of the KV group, accumulated into per-slot
@@ -63,23 +66,36 @@ def _cap_of(tag, BS: tl.constexpr, CAP8: tl.constexpr, CAP4: tl.constexpr, CAP2:
 
 
 @triton.jit
-def _num_compacted(bt_row, tag_ptr, kept, max_blocks, BS: tl.constexpr, CAP8: tl.constexpr,
-                   CAP4: tl.constexpr, CAP2: tl.constexpr, SCAN: tl.constexpr):
-    """Entries the compacted region spans: first n whose cumulative capacity reaches kept.
-    (Entries past nc but below kept/BS lie in the gap: stale but valid block ids.)"""
-    upper = tl.minimum(tl.cdiv(kept, BS), max_blocks)  # every page holds >= BS tokens
+def _scan_compacted(bt_row, tag_ptr, kept, max_blocks, BS: tl.constexpr, CAP8: tl.constexpr,
+                    CAP4: tl.constexpr, CAP2: tl.constexpr, SCAN: tl.constexpr):
+    """(nc, nf, qbits, sorted): entries of the compacted region, its leading full pages, the
+    largest tag in it, and whether it is [full pages][pages all at qbits] -- the shape
+    compaction writes, which the forward reads through branch-free loops."""
+    upper = tl.minimum(tl.cdiv(kept, BS), max_blocks)
     nc = 0
     done = 0
+    first_nz = 1 << 30
+    last_z = -1
+    min_nz = 127
+    max_t = 0
     for c0 in range(0, upper, SCAN):
         j = c0 + tl.arange(0, SCAN)
         valid = j < upper
         b = tl.load(bt_row + j, mask=valid, other=0).to(tl.int64)
-        tag = tl.load(tag_ptr + b, mask=valid, other=0)
+        tag = tl.load(tag_ptr + b, mask=valid, other=0).to(tl.int32)
         cap = tl.where(valid, _cap_of(tag, BS, CAP8, CAP4, CAP2), 0)
         before = done + tl.cumsum(cap, 0) - cap
-        nc += tl.sum(((before < kept) & valid).to(tl.int32), 0)
+        inreg = (before < kept) & valid
+        nc += tl.sum(inreg.to(tl.int32), 0)
+        nz = inreg & (tag != 0)
+        first_nz = tl.minimum(first_nz, tl.min(tl.where(nz, j, 1 << 30), 0))
+        last_z = tl.maximum(last_z, tl.max(tl.where(inreg & (tag == 0), j, -1), 0))
+        min_nz = tl.minimum(min_nz, tl.min(tl.where(nz, tag, 127), 0))
+        max_t = tl.maximum(max_t, tl.max(tl.where(inreg, tag, 0), 0))
         done += tl.sum(cap, 0)
-    return nc
+    nf = tl.minimum(first_nz, nc)
+    ok = (last_z < first_nz) & ((min_nz == max_t) | (max_t == 0))
+    return nc, nf, max_t, ok
 
 
 @triton.jit
@@ -144,38 +160,46 @@ def _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb, str
 
 
 @triton.jit
-def _attend_qpage(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, page_byte, count, scale2,
-                  BITS: tl.constexpr, CAP: tl.constexpr, QT: tl.constexpr, D: tl.constexpr,
-                  F32: tl.constexpr):
-    """The first ``count`` tokens of one quantized page (all visible: compacted region).
+def _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh, j0, j1, jbase, n_tok,
+                 scale2, ELEM: tl.constexpr, BITS: tl.constexpr, CAP: tl.constexpr, QT: tl.constexpr,
+                 D: tl.constexpr, F32: tl.constexpr):
+    """Entries [j0, j1) of a run of quantized pages that starts at entry jbase and holds n_tok
+    tokens (every page full but the last); all visible (compacted region).
 
-    Scales are folded instead of dequantizing: s = (q*KS).KQ + q.KZ and
-    o += (p*VS).VQ + sum(p*VZ); the codes go to the dot as exact small integers.
+    One flat loop over (page, tile of QT tokens) with no branch in it, so Triton can
+    software-pipeline the loads across pages. Scales are folded instead of dequantizing:
+    s = (q*KS).KQ + q.KZ and o += (p*VS).VQ + sum(p*VZ); the codes enter the dot as exact
+    small integers in the model dtype.
     """
     ROW: tl.constexpr = D * BITS // 8
     KS: tl.constexpr = 2 * CAP * ROW
     VS: tl.constexpr = KS + 4 * D
+    TPP: tl.constexpr = (CAP + QT - 1) // QT
     offs_d = tl.arange(0, D)
-    half = page_byte // 2
-    ks = tl.load(kvh_ptr + half + KS // 2 + offs_d).to(tl.float32)
-    kz = tl.load(kvh_ptr + half + KS // 2 + D + offs_d).to(tl.float32)
-    qf = q.to(tl.float32)
-    qs = _mm_in(qf * ks[None, :], q.dtype, F32)
-    bias = tl.sum(qf * kz[None, :], 1) * scale2
     offs_r = tl.arange(0, ROW)
-    for t0 in range(0, count, QT):
-        t = t0 + tl.arange(0, QT)
-        valid = t < count
+    qf = q.to(tl.float32)
+    for it in range(j0 * TPP, j1 * TPP):
+        j = it // TPP
+        b = tl.load(bt_row + j).to(tl.int64)
+        page_byte = (b * stride_kb + h * stride_kh) * ELEM
+        half = page_byte // 2
+        cnt = tl.minimum(CAP, n_tok - (j - jbase) * CAP)
+        t = (it % TPP) * QT + tl.arange(0, QT)
+        valid = t < cnt
+        ks = tl.load(kvh_ptr + half + KS // 2 + offs_d).to(tl.float32)
+        kz = tl.load(kvh_ptr + half + KS // 2 + D + offs_d).to(tl.float32)
         kb = tl.load(kvb_ptr + page_byte + t[:, None] * ROW + offs_r[None, :], mask=valid[:, None], other=0)
+        vb = tl.load(kvb_ptr + page_byte + CAP * ROW + t[:, None] * ROW + offs_r[None, :],
+                     mask=valid[:, None], other=0)
+        vs = tl.load(kvh_ptr + half + VS // 2 + t, mask=valid, other=0.0).to(tl.float32)
+        vz = tl.load(kvh_ptr + half + VS // 2 + CAP + t, mask=valid, other=0.0).to(tl.float32)
+        qs = _mm_in(qf * ks[None, :], q.dtype, F32)
+        bias = tl.sum(qf * kz[None, :], 1) * scale2
         kq = _mm_in(_unpack(kb.to(tl.int32), BITS, QT, D), q.dtype, F32)
         s = _dot(qs, tl.trans(kq), F32) * scale2 + bias[:, None]
         s = tl.where(valid[None, :], s, float("-inf"))
         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
-        vb = tl.load(kvb_ptr + page_byte + CAP * ROW + t[:, None] * ROW + offs_r[None, :],
-                     mask=valid[:, None], other=0)
         vq = _mm_in(_unpack(vb.to(tl.int32), BITS, QT, D), q.dtype, F32)
-        vs = tl.load(kvh_ptr + half + VS // 2 + t, mask=valid, other=0.0).to(tl.float32)
-        vz = tl.load(kvh_ptr + half + VS // 2 + CAP + t, mask=valid, other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + _dot(_mm_in(p * vs[None, :], q.dtype, F32), vq, F32)
         acc += tl.sum(p * vz[None, :], 1)[:, None]
     return acc, m_i, l_i
@@ -238,7 +262,8 @@ def _fwd_kernel(
 
     # entries: compacted pages [0, nc), then live blocks up to the tile's last query
     if HAS_TAGS:
-        nc = _num_compacted(bt_row, tag_ptr, kept, max_blocks, BS, CAP8, CAP4, CAP2, SCAN)
+        nc, nf, qbits, sorted_ok = _scan_compacted(bt_row, tag_ptr, kept, max_blocks, BS, CAP8, CAP4, CAP2,
+                                                   SCAN)
     else:
         nc = tl.cdiv(kept, BS)
     last_pos = seq_len - q_len + tl.minimum(q_len, (q_tile + 1) * BLOCK_Q) - 1
@@ -255,27 +280,44 @@ def _fwd_kernel(
 
     ce1 = tl.minimum(e1, nc)
     if HAS_TAGS:
-        off = _tokens_before(bt_row, tag_ptr, e0, BS, CAP8, CAP4, CAP2, SCAN)
-        for j in range(e0, ce1):
-            b = tl.load(bt_row + j).to(tl.int64)
-            tag = tl.load(tag_ptr + b)
-            page_byte = (b * stride_kb + h * stride_kh) * ELEM
-            cap = _cap_of(tag, BS, CAP8, CAP4, CAP2)
-            cnt = tl.minimum(cap, kept - off)
-            if tag == 4:
-                acc, m_i, l_i = _attend_qpage(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, page_byte, cnt, scale2,
-                                              4, CAP4, QT4, D, F32)
-            elif tag == 2:
-                acc, m_i, l_i = _attend_qpage(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, page_byte, cnt, scale2,
-                                              2, CAP2, QT2, D, F32)
-            elif tag == 8:
-                acc, m_i, l_i = _attend_qpage(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, page_byte, cnt, scale2,
-                                              8, CAP8, QT8, D, F32)
-            else:
-                acc, m_i, l_i = _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb,
-                                                  stride_kh, j * BS, j * BS + cnt, False, scale2, D, BS,
-                                                  TILE_P, F32)
-            off += cap
+        if sorted_ok:
+            # [full pages][quantized pages at qbits]: two branch-free loops
+            acc, m_i, l_i = _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb, stride_kh,
+                                              e0 * BS, tl.minimum(tl.minimum(ce1, nf) * BS, kept), False,
+                                              scale2, D, BS, TILE_N, F32)
+            j0 = tl.maximum(e0, nf)
+            n_q = kept - nf * BS
+            if qbits == 4:
+                acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh,
+                                             j0, ce1, nf, n_q, scale2, ELEM, 4, CAP4, QT4, D, F32)
+            elif qbits == 2:
+                acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh,
+                                             j0, ce1, nf, n_q, scale2, ELEM, 2, CAP2, QT2, D, F32)
+            elif qbits == 8:
+                acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh,
+                                             j0, ce1, nf, n_q, scale2, ELEM, 8, CAP8, QT8, D, F32)
+        else:
+            # any order: one page at a time, dispatching on its tag
+            off = _tokens_before(bt_row, tag_ptr, e0, BS, CAP8, CAP4, CAP2, SCAN)
+            for j in range(e0, ce1):
+                b = tl.load(bt_row + j).to(tl.int64)
+                tag = tl.load(tag_ptr + b)
+                cap = _cap_of(tag, BS, CAP8, CAP4, CAP2)
+                cnt = tl.minimum(cap, kept - off)
+                if tag == 4:
+                    acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb,
+                                                 stride_kh, j, j + 1, j, cnt, scale2, ELEM, 4, CAP4, QT4, D, F32)
+                elif tag == 2:
+                    acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb,
+                                                 stride_kh, j, j + 1, j, cnt, scale2, ELEM, 2, CAP2, QT2, D, F32)
+                elif tag == 8:
+                    acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb,
+                                                 stride_kh, j, j + 1, j, cnt, scale2, ELEM, 8, CAP8, QT8, D, F32)
+                else:
+                    acc, m_i, l_i = _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb,
+                                                      stride_kh, j * BS, j * BS + cnt, False, scale2, D, BS,
+                                                      TILE_P, F32)
+                off += cap
     else:
         acc, m_i, l_i = _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb, stride_kh,
                                           e0 * BS, tl.minimum(ce1 * BS, kept), False, scale2, D, BS,
@@ -385,7 +427,7 @@ def _stats_kernel(
     bt_row = bt_ptr + r.to(tl.int64) * stride_bt
     st_row = st_ptr + r.to(tl.int64) * stride_st
     if HAS_TAGS:
-        nc = _num_compacted(bt_row, tag_ptr, kept, max_blocks, BS, CAP8, CAP4, CAP2, SCAN)
+        nc, _, _, _ = _scan_compacted(bt_row, tag_ptr, kept, max_blocks, BS, CAP8, CAP4, CAP2, SCAN)
     else:
         nc = tl.cdiv(kept, BS)
     lb0 = live_start // BS
@@ -516,6 +558,7 @@ def paged_attention_batched(
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
+    config: dict | None = None,  # tile overrides for benchmarking: BLOCK_M, TILE_N, num_warps, num_stages
 ) -> torch.Tensor:
     """Batched causal attention over compacted + live KV; see the module docstring."""
     T, H_q, D = q.shape
@@ -566,8 +609,14 @@ def paged_attention_batched(
         BLOCK_M = max(16, _pow2(G))
     else:
         BLOCK_M = max(64 if D > 128 else 128, _pow2(G))
-    BLOCK_Q = BLOCK_M // G
     TILE_N = 64 if D <= 128 else 32
+    num_warps, num_stages = (4, 2) if decode else (8, 2)
+    if config:
+        BLOCK_M = config.get("BLOCK_M", BLOCK_M)
+        TILE_N = config.get("TILE_N", TILE_N)
+        num_warps = config.get("num_warps", num_warps)
+        num_stages = config.get("num_stages", num_stages)
+    BLOCK_Q = BLOCK_M // G
     n_qtiles = T // BLOCK_Q + B
     if num_splits is None:
         if decode:
@@ -593,7 +642,7 @@ def paged_attention_batched(
         out, lse, pacc, pml, scale2, B, block_table.shape[1],
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         out.stride(0), out.stride(1),
-        TILE_P=min(TILE_N, BS), NUM_SPLITS=num_splits, WRITE_LSE=write_lse, num_warps=4, num_stages=2,
+        TILE_P=min(TILE_N, BS), NUM_SPLITS=num_splits, WRITE_LSE=write_lse, num_warps=num_warps, num_stages=num_stages,
         **common)
     if num_splits > 1:
         _reduce_kernel[(T, H_q)](pacc, pml, out, lse, out.stride(0), out.stride(1), H_Q=H_q, D=D,

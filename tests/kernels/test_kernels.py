@@ -18,8 +18,12 @@ from vllm_kvcomp.triton_kernels.paged_attention import paged_attention_batched
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
 gpu_only = pytest.mark.skipif(not CUDA, reason="realistic shapes need a GPU; CPU twin named in the docstring")
-# bf16 operands: ~2^-8 relative per product; fp16 ~2^-11 (METHOD.md's ranges)
-TOL = {torch.bfloat16: 1.5e-2, torch.float16: 4e-3, torch.float32: 1e-4}
+# ||out - ref|| / ||ref||: probabilities go to the PV product in the model dtype (2^-9 for
+# bf16, 2^-12 for fp16) and the output is rounded to it.
+TOL = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-4}
+# Statistics are fp32 sums of exp(s - lse); on the GPU the forward's scores over quantized
+# pages use q*scale rounded to the model dtype, so its LSE is ~2^-9 |s| off there.
+STAT_TOL = {False: 2e-3, True: 1.5e-2 if CUDA else 2e-3}
 
 
 def _check_batch(b, *, splits=None, stats=True, tol=None):
@@ -35,6 +39,7 @@ def _check_batch(b, *, splits=None, stats=True, tol=None):
                             mass_cache=mass if stats else None, obs_cache=obs if stats else None,
                             obs_queries=b.obs, num_splits=splits)
     tol = tol or TOL[b.q.dtype]
+    stol = STAT_TOL[b.page_tag is not None]
     qsl = b.qsl.tolist()
     for i, r in enumerate(b.reqs):
         row = b.block_table[i]
@@ -46,10 +51,10 @@ def _check_batch(b, *, splits=None, stats=True, tol=None):
         if stats:
             blk, slot = quant.key_slots(b.kv, b.page_tag, row, r.kept, r.live_start, r.seq_len)
             gm = (mass[blk, :, slot] - mass0[blk, :, slot]).t()
-            assert rel_err(gm, m) < tol, (i, rel_err(gm, m))
+            assert rel_err(gm, m) < stol, (i, rel_err(gm, m))
             go = (obs[blk, :, slot] - obs0[blk, :, slot]).t()
             if r.obs:
-                assert rel_err(go, ob) < tol, (i, rel_err(go, ob))
+                assert rel_err(go, ob) < stol, (i, rel_err(go, ob))
             else:
                 assert go.abs().max() < 1e-6
     if stats:
@@ -128,17 +133,17 @@ def test_prefill_varlen_chunked(d, bs, hkv, g, dtype):
 
 MIXED = [
     # d, bs, g, dtype, q_lens
-    (32, 16, 2, torch.bfloat16, (1, 1, 1, 1)),
-    (64, 16, 4, torch.float16, (1, 6, 1, 3)),
-    (128, 32, 2, torch.bfloat16, (1, 1, 2, 1)),
+    (32, 16, 2, torch.bfloat16, (1, 1, 1, 1, 1)),
+    (64, 16, 4, torch.float16, (1, 6, 1, 3, 2)),
+    (128, 32, 2, torch.bfloat16, (1, 1, 2, 1, 1)),
 ]
 
 
 @pytest.mark.parametrize("d,bs,g,dtype,q_lens", MIXED)
 def test_mixed_precision_pages(d, bs, g, dtype, q_lens):
-    """Compacted regions of int8/int4/int2/full pages in any order, partial last page,
-    stale tags on live blocks and in the gap."""
-    plans = [[0, 4, 2, 8], [2, 2], [8], [4, 0, 0]]
+    """Compacted regions of int8/int4/int2/full pages in any order (and in compaction's
+    order: full then one precision), partial last page, stale tags on live blocks and in the gap."""
+    plans = [[0, 4, 2, 8], [2, 2], [8], [4, 0, 0], [0, 0, 4, 4]]
     reqs = []
     for ql, plan in zip(q_lens, plans):
         caps = sum(quant.page_capacity(t, bs, d, 2) for t in plan)

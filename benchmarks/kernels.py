@@ -1,0 +1,327 @@
+#!/usr/bin/env python3
+"""Kernel benchmarks on one GPU (docs/kernels.md has the results and the command).
+
+  copy      device-to-device copy bandwidth, the ceiling (bytes read + written / time)
+  decode    bf16 paged decode: bytes of K/V read / time, vs copy; tile sweep first
+  quant     int8/int4/int2 pages vs bf16 pages at equal token count
+  sdpa      our bf16 decode and prefill vs torch SDPA (flash) on the same tokens, dense
+  stats     decode with the H2O mass output vs without
+  compact   compaction + int4 quantization of one request vs one prefill of it (one layer)
+
+Timing: triton.testing.do_bench (CUDA events), warm-up, median. Every tensor is random
+(no zeros), every K/V set is larger than L2. Prints a table; --json writes every number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from vllm_kvcomp.ops import quant
+from vllm_kvcomp.triton_kernels import compaction
+from vllm_kvcomp.triton_kernels.paged_attention import paged_attention_batched
+
+DEV = "cuda"
+DT = torch.bfloat16
+RESULTS: dict = {}
+ROWS: list[str] = []
+SMOKE = False  # --smoke: tiny shapes on the CPU through the Triton interpreter (checks the script)
+
+
+def ms(fn, rep=200) -> float:
+    if SMOKE:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    return do_bench(fn, warmup=50, rep=rep, return_mode="median")
+
+
+def S(n: int) -> int:
+    """A size, shrunk in smoke mode."""
+    return max(1, n // 64) if SMOKE else n
+
+
+def row(name: str, **kv) -> None:
+    RESULTS[name] = kv
+    ROWS.append(f"{name:44s} " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in kv.items()))
+    print(ROWS[-1], flush=True)
+
+
+# ----------------------------------------------------------------------------- caches
+class Decode:
+    """B requests, one query token each, ctx keys each; K/V scattered over random blocks.
+
+    ``bits=None``: plain live layout (kept=0). Otherwise the ctx keys form the compacted
+    region, as ``bits`` pages (0 = full pages read through the tag path), followed by
+    the gap and a live block of ``live`` tokens.
+    """
+
+    def __init__(self, B, ctx, hkv=8, g=4, d=128, bs=16, bits=None, live=16):
+        es = 2
+        self.B, self.ctx, self.hkv, self.g, self.d, self.bs = B, ctx, hkv, g, d, bs
+        gen = torch.Generator(device=DEV).manual_seed(0)
+        if bits is None:
+            n_ent = -(-ctx // bs)
+            nb = B * n_ent + 1
+            self.kv = torch.randn(nb, hkv, bs, 2 * d, device=DEV, dtype=DT, generator=gen)
+            perm = torch.randperm(nb - 1, device=DEV, generator=gen).int() + 1
+            self.bt = perm[: B * n_ent].view(B, n_ent).contiguous()
+            self.kept = torch.zeros(B, dtype=torch.int32, device=DEV)
+            self.live = torch.zeros(B, dtype=torch.int32, device=DEV)
+            self.seq = torch.full((B,), ctx, dtype=torch.int32, device=DEV)
+            self.tag = None
+            self.bytes = B * ctx * hkv * 2 * d * es
+        else:
+            cap = quant.page_capacity(bits, bs, d, es)
+            npg = -(-ctx // cap)
+            live_start = -(-ctx // bs) * bs
+            n_live = -(-live // bs)
+            width = live_start // bs + n_live
+            nb = B * (npg + n_live) + 1
+            self.kv = torch.randn(nb, hkv, bs, 2 * d, device=DEV, dtype=DT, generator=gen)
+            self.tag = torch.zeros(nb, dtype=torch.int8, device=DEV)
+            perm = torch.randperm(nb - 1, device=DEV, generator=gen).int() + 1
+            blocks = perm[: B * (npg + n_live)].view(B, npg + n_live)
+            self.bt = torch.zeros(B, width, dtype=torch.int32, device=DEV)
+            self.bt[:, :npg] = blocks[:, :npg]
+            self.bt[:, live_start // bs:] = blocks[:, npg:]
+            if bits:
+                self.tag[blocks[:, :npg].reshape(-1).long()] = bits
+                self._fill_meta(blocks[:, :npg].reshape(-1).long(), bits, cap)
+                o = quant.page_offsets(bits, bs, d, es)
+                self.bytes = B * npg * hkv * o["end"] + B * live * hkv * 2 * d * es
+            else:
+                self.bytes = B * (ctx + live) * hkv * 2 * d * es
+            self.kept = torch.full((B,), ctx, dtype=torch.int32, device=DEV)
+            self.live = torch.full((B,), live_start, dtype=torch.int32, device=DEV)
+            self.seq = torch.full((B,), live_start + live, dtype=torch.int32, device=DEV)
+        self.q = torch.randn(B, hkv * g, d, device=DEV, dtype=DT, generator=gen)
+        self.qsl = torch.arange(B + 1, dtype=torch.int32, device=DEV)
+        self.out = torch.empty_like(self.q)
+
+    def _fill_meta(self, blocks, bits, cap):
+        """Random codes are already there (random bytes); give every page sane fp16 scales."""
+        o = quant.page_offsets(bits, self.bs, self.d, 2)
+        pages = self.kv.view(torch.uint8).view(self.kv.shape[0], self.hkv, -1)[blocks]  # copy
+        h = pages[..., o["ks"]: o["end"]].contiguous().view(torch.float16)  # KS KZ VS VZ
+        d = self.d
+        qmax = (1 << bits) - 1
+        h[..., :d] = 2.0 / qmax
+        h[..., d: 2 * d] = -1.0
+        h[..., 2 * d: 2 * d + cap] = 2.0 / qmax
+        h[..., 2 * d + cap:] = -1.0
+        pages[..., o["ks"]: o["end"]] = h.view(torch.uint8)
+        self.kv.view(torch.uint8).view(self.kv.shape[0], self.hkv, -1)[blocks] = pages
+
+    def run(self, **kw):
+        return paged_attention_batched(self.q, self.kv, self.bt, self.qsl, self.seq, self.kept, self.live,
+                                       self.d ** -0.5, page_tag=self.tag, out=self.out, max_query_len=1,
+                                       max_seq_len=int(self.seq.max()), **kw)
+
+
+# ----------------------------------------------------------------------------- sections
+def bench_copy():
+    n = S(1 << 31)  # 2 GiB
+    x = torch.randn(n // 2, device=DEV, dtype=DT)
+    y = torch.empty_like(x)
+    t = ms(lambda: y.copy_(x))
+    bw = 2 * n / (t * 1e-3)
+    row("copy 2GiB d2d", ms=t, GBps=bw / 1e9)
+    del x, y
+    return bw
+
+
+def bench_decode(copy_bw, sweep=True):
+    best = None
+    if sweep:
+        c = Decode(S(64), S(8192))
+        for tile in (32, 64, 128):
+            for warps in (2, 4, 8):
+                for stages in (2, 3):
+                    cfg = dict(TILE_N=tile, num_warps=warps, num_stages=stages)
+                    try:
+                        t = ms(lambda: c.run(config=cfg), rep=50)
+                    except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+                        print("config failed", cfg, type(e).__name__, flush=True)
+                        continue
+                    RESULTS.setdefault("decode_sweep", []).append(dict(cfg, ms=t, GBps=c.bytes / t / 1e6))
+                    if best is None or t < best[1]:
+                        best = (cfg, t)
+        row("decode sweep best (B64 ctx8192)", **best[0], ms=best[1])
+        del c
+    cfg = best[0] if best else None
+    for B, ctx in ((64, 8192), (32, 16384), (128, 4096), (256, 2048), (8, 65536), (16, 8192)):
+        B, ctx = S(B), S(ctx)
+        c = Decode(B, ctx)
+        for splits in (None, 1):
+            t = ms(lambda: c.run(config=cfg, num_splits=splits))
+            bw = c.bytes / (t * 1e-3)
+            row(f"decode bf16 B{B} ctx{ctx} splits={splits or 'auto'}", ms=t, GBps=bw / 1e9,
+                pct_copy=100 * bw / copy_bw)
+        del c
+    return cfg
+
+
+def bench_quant(cfg):
+    B, ctx = S(64), S(8192)
+    base = None
+    for bits in (None, 0, 8, 4, 2):
+        c = Decode(B, ctx, bits=bits)
+        t = ms(lambda: c.run(config=cfg))
+        name = {None: "bf16 live", 0: "bf16 pages (tag path)", 8: "int8", 4: "int4", 2: "int2"}[bits]
+        if bits is None:
+            base = t
+        row(f"quant {name} B{B} ctx{ctx}", ms=t, speedup_vs_bf16=base / t, GBps=c.bytes / t / 1e6)
+        del c
+
+
+def bench_sdpa(cfg):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    F = torch.nn.functional
+    # decode: same tokens, dense [B, H, ctx, D]
+    for B, ctx in ((64, 8192), (8, 65536)):
+        B, ctx = S(B), S(ctx)
+        c = Decode(B, ctx)
+        t_ours = ms(lambda: c.run(config=cfg))
+        q = c.q.view(B, c.hkv * c.g, 1, c.d)
+        k = torch.randn(B, c.hkv, ctx, c.d, device=DEV, dtype=DT)
+        v = torch.randn_like(k)
+        res = {}
+        for label, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                               ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+            try:
+                with sdpa_kernel(backend):
+                    res[label] = ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            except Exception as e:  # noqa: BLE001
+                print(f"sdpa {label} decode failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        row(f"sdpa decode B{B} ctx{ctx}", ours_ms=t_ours, **{f"{k}_ms": v for k, v in res.items()},
+            ours_vs_flash=res.get("flash", math.nan) / t_ours)
+        del c, k, v
+    # prefill: B prompts of L tokens, causal
+    best = None
+    for B, L in ((4, 4096), (1, 16384)):
+        B, L = S(B), S(L)
+        hkv, g, d, bs = 8, 4, 128, 16
+        n_ent = L // bs
+        nb = B * n_ent + 1
+        kv = torch.randn(nb, hkv, bs, 2 * d, device=DEV, dtype=DT)
+        bt = (torch.randperm(nb - 1, device=DEV).int() + 1)[: B * n_ent].view(B, n_ent).contiguous()
+        qq = torch.randn(B * L, hkv * g, d, device=DEV, dtype=DT)
+        qsl = torch.arange(B + 1, dtype=torch.int32, device=DEV) * L
+        seq = torch.full((B,), L, dtype=torch.int32, device=DEV)
+        z = torch.zeros(B, dtype=torch.int32, device=DEV)
+        out = torch.empty_like(qq)
+        flops = 4 * B * hkv * g * L * L * d / 2
+        sweep = [dict(BLOCK_M=bm, TILE_N=tile, num_warps=w, num_stages=st)
+                 for bm in (64, 128) for tile in (64, 128) for w in (4, 8) for st in (2, 3)]
+        # tile sweep on the first shape; its best tiles for the next
+        configs = sweep if best is None else [best[0]]
+        best = None
+        for pcfg in configs:
+            try:
+                t = ms(lambda: paged_attention_batched(qq, kv, bt, qsl, seq, z, z, d ** -0.5, out=out,
+                                                       max_query_len=L, max_seq_len=L, config=pcfg), rep=30)
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+                print("prefill config failed", pcfg, type(e).__name__, flush=True)
+                continue
+            RESULTS.setdefault(f"prefill_sweep_B{B}_L{L}", []).append(dict(pcfg, ms=t))
+            if best is None or t < best[1]:
+                best = (pcfg, t)
+        t_ours = best[1]
+        q4 = qq.view(B, L, hkv * g, d).transpose(1, 2)
+        k4 = torch.randn(B, hkv, L, d, device=DEV, dtype=DT)
+        v4 = torch.randn_like(k4)
+        res = {}
+        for label, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            try:
+                with sdpa_kernel(backend):
+                    res[label] = ms(lambda: F.scaled_dot_product_attention(q4, k4, v4, is_causal=True,
+                                                                            enable_gqa=True))
+            except Exception as e:  # noqa: BLE001
+                print(f"sdpa {label} prefill failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        row(f"sdpa prefill B{B} L{L}", **best[0], ours_ms=t_ours, ours_TFLOPs=flops / t_ours / 1e9,
+            **{f"{k}_ms": v for k, v in res.items()}, ours_vs_flash=res.get("flash", math.nan) / t_ours)
+        RESULTS[f"prefill_best_B{B}_L{L}"] = best
+        del kv, k4, v4
+
+
+def bench_stats(cfg):
+    c = Decode(S(64), S(8192))
+    t0 = ms(lambda: c.run(config=cfg))
+    mass = torch.zeros(c.kv.shape[0], c.hkv, c.bs, device=DEV)
+    t1 = ms(lambda: c.run(config=cfg, mass_cache=mass))
+    row("decode + H2O mass B64 ctx8192", plain_ms=t0, with_mass_ms=t1, overhead=t1 / t0 - 1)
+    del c
+
+
+def bench_compact(prefill_cfg=None):
+    L, hkv, g, d, bs = S(8192) * (8 if SMOKE else 1), 8, 4, 128, 16
+    n_ent = L // bs
+    nb = n_ent + 8
+    kv = torch.randn(nb, hkv, bs, 2 * d, device=DEV, dtype=DT)
+    tag = torch.zeros(nb, dtype=torch.int8, device=DEV)
+    row_ = (torch.randperm(nb - 1, device=DEV).int() + 1)[:n_ent].contiguous()
+    qq = torch.randn(L, hkv * g, d, device=DEV, dtype=DT)
+    qsl = torch.tensor([0, L], dtype=torch.int32, device=DEV)
+    seq = torch.tensor([L], dtype=torch.int32, device=DEV)
+    z = torch.zeros(1, dtype=torch.int32, device=DEV)
+    t_prefill = ms(lambda: paged_attention_batched(qq, kv, row_[None], qsl, seq, z, z, d ** -0.5, max_query_len=L,
+                                                   max_seq_len=L, config=prefill_cfg))
+    cand = torch.arange(L - 64, device=DEV)
+    perm = torch.stack([torch.randperm(cand.numel(), device=DEV) for _ in range(hkv)])
+    keep_full = perm[:, :S(512) * (4 if SMOKE else 1)].sort(1).values
+    keep_q = perm[:, keep_full.shape[1]:L // 4].sort(1).values
+    mass = torch.rand(nb, hkv, max(quant.capacities(kv).values()), device=DEV)
+    for bits in (4, 2):
+        t = ms(lambda: compaction.compact_mixed(kv, mass, tag, row_, 0, cand, keep_full, keep_q, bits))
+        row(f"compact 8192->512 bf16+1536 int{bits} (1 layer)", ms=t, prefill_attn_ms=t_prefill,
+            frac_of_prefill_attn=t / t_prefill)
+    t = ms(lambda: compaction.compact(kv, mass, row_, cand, perm[:, :L // 4].sort(1).values))
+    row("compact 8192->2048 bf16 (1 layer)", ms=t, prefill_attn_ms=t_prefill, frac_of_prefill_attn=t / t_prefill)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--only", default="copy,decode,quant,sdpa,stats,compact")
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
+    args = ap.parse_args()
+    only = args.only.split(",")
+    global SMOKE, DEV
+    if args.smoke:
+        SMOKE, DEV = True, "cpu"
+        RESULTS["env"] = dict(device="cpu (interpreter smoke run)")
+    else:
+        p = torch.cuda.get_device_properties(0)
+        RESULTS["env"] = dict(device=p.name, sms=p.multi_processor_count, torch=torch.__version__,
+                              triton=triton.__version__, cuda=torch.version.cuda, argv=sys.argv)
+    print(RESULTS["env"], flush=True)
+    t0 = time.time()
+    copy_bw = bench_copy()
+    cfg = bench_decode(copy_bw, sweep=not args.no_sweep) if "decode" in only else None
+    if "quant" in only:
+        bench_quant(cfg)
+    if "stats" in only:
+        bench_stats(cfg)
+    if "sdpa" in only:
+        bench_sdpa(cfg)
+    if "compact" in only:
+        best = [v for k, v in RESULTS.items() if k.startswith("prefill_best")]
+        bench_compact(best[0][0] if best else None)
+    RESULTS["wall_s"] = time.time() - t0
+    print("\n".join(["", "== summary =="] + ROWS))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(RESULTS, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
