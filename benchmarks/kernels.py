@@ -169,20 +169,54 @@ def bench_decode(copy_bw, sweep=True):
     return cfg
 
 
-def bench_quant(cfg):
+def bench_quant(cfg, sweep=False):
+    """Equal token count: ctx keys per request as bf16 pages or as int8/int4/int2 pages."""
     B, ctx = S(64), S(8192)
     base = None
-    for bits in (None, 0, 8, 4, 2):
+    for bits in (None, 0, 4, 8, 2):
         c = Decode(B, ctx, bits=bits)
-        t = ms(lambda: c.run(config=cfg))
         name = {None: "bf16 live", 0: "bf16 pages (tag path)", 8: "int8", 4: "int4", 2: "int2"}[bits]
+        kw = dict(config=cfg) if not bits else {}
+        if bits and not sweep:
+            kw = RESULTS.get("quant_best_int4", {})
+        if bits == 4 and sweep:  # the others reuse int4's best tiles
+            best = None
+            for splits in (1, 2, 4):
+                for warps in (4, 8):
+                    for stages in (2, 3):
+                        qcfg = dict(num_warps=warps, num_stages=stages)
+                        try:
+                            t = ms(lambda: c.run(config=qcfg, num_splits=splits, page_bits=(bits,)), rep=50)
+                        except Exception as e:  # noqa: BLE001
+                            print("quant config failed", qcfg, splits, type(e).__name__, flush=True)
+                            continue
+                        RESULTS.setdefault(f"quant_sweep_int{bits}", []).append(dict(qcfg, splits=splits, ms=t))
+                        if best is None or t < best[1]:
+                            best = (dict(config=qcfg, num_splits=splits), t)
+            kw = best[0]
+            RESULTS["quant_best_int4"] = kw
+        t = ms(lambda: c.run(**kw))
+        t_one = ms(lambda: c.run(page_bits=(bits,), **kw)) if bits else t
         if bits is None:
             base = t
-        row(f"quant {name} B{B} ctx{ctx}", ms=t, speedup_vs_bf16=base / t, GBps=c.bytes / t / 1e6)
+        row(f"quant {name} B{B} ctx{ctx}", ms=t, ms_one_format=t_one, speedup_vs_bf16=base / t,
+            GBps=c.bytes / t / 1e6, cfg=str(kw))
         del c
+    # bigger pages -> bigger quantized tiles (is the small-page path latency-bound?)
+    for bs in (32, 64):
+        base = None
+        for bits in (None, 4, 2):
+            c = Decode(B, ctx, bs=bs, bits=bits)
+            kw = RESULTS.get("quant_best_int4", {}) if bits else dict(config=cfg)
+            t = ms(lambda: c.run(**kw))
+            base = t if bits is None else base
+            row(f"quant bs{bs} {'bf16' if bits is None else f'int{bits}'} B{B} ctx{ctx}", ms=t,
+                speedup_vs_bf16=base / t, GBps=c.bytes / t / 1e6)
+            del c
 
 
-def bench_sdpa(cfg):
+def bench_sdpa(cfg, sweep=False):
+    do_sweep = sweep
     from torch.nn.attention import SDPBackend, sdpa_kernel
     F = torch.nn.functional
     # decode: same tokens, dense [B, H, ctx, D]
@@ -219,10 +253,10 @@ def bench_sdpa(cfg):
         z = torch.zeros(B, dtype=torch.int32, device=DEV)
         out = torch.empty_like(qq)
         flops = 4 * B * hkv * g * L * L * d / 2
-        sweep = [dict(BLOCK_M=bm, TILE_N=tile, num_warps=w, num_stages=st)
+        configs_all = [dict(BLOCK_M=bm, TILE_N=tile, num_warps=w, num_stages=st)
                  for bm in (64, 128) for tile in (64, 128) for w in (4, 8) for st in (2, 3)]
         # tile sweep on the first shape; its best tiles for the next
-        configs = sweep if best is None else [best[0]]
+        configs = (configs_all if best is None else [best[0]]) if do_sweep else [None]
         best = None
         for pcfg in configs:
             try:
@@ -231,7 +265,7 @@ def bench_sdpa(cfg):
             except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
                 print("prefill config failed", pcfg, type(e).__name__, flush=True)
                 continue
-            RESULTS.setdefault(f"prefill_sweep_B{B}_L{L}", []).append(dict(pcfg, ms=t))
+            RESULTS.setdefault(f"prefill_sweep_B{B}_L{L}", []).append(dict(pcfg or {}, ms=t))
             if best is None or t < best[1]:
                 best = (pcfg, t)
         t_ours = best[1]
@@ -246,7 +280,7 @@ def bench_sdpa(cfg):
                                                                             enable_gqa=True))
             except Exception as e:  # noqa: BLE001
                 print(f"sdpa {label} prefill failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
-        row(f"sdpa prefill B{B} L{L}", **best[0], ours_ms=t_ours, ours_TFLOPs=flops / t_ours / 1e9,
+        row(f"sdpa prefill B{B} L{L}", **(best[0] or {}), ours_ms=t_ours, ours_TFLOPs=flops / t_ours / 1e9,
             **{f"{k}_ms": v for k, v in res.items()}, ours_vs_flash=res.get("flash", math.nan) / t_ours)
         RESULTS[f"prefill_best_B{B}_L{L}"] = best
         del kv, k4, v4
@@ -291,7 +325,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", default="copy,decode,quant,sdpa,stats,compact")
-    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--sweep", default="", help="comma list of: decode,quant,prefill (tile sweeps)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     args = ap.parse_args()
     only = args.only.split(",")
@@ -306,13 +340,14 @@ def main():
     print(RESULTS["env"], flush=True)
     t0 = time.time()
     copy_bw = bench_copy()
-    cfg = bench_decode(copy_bw, sweep=not args.no_sweep) if "decode" in only else None
+    sweeps = args.sweep.split(",")
+    cfg = bench_decode(copy_bw, sweep="decode" in sweeps) if "decode" in only else None
     if "quant" in only:
-        bench_quant(cfg)
+        bench_quant(cfg, sweep="quant" in sweeps)
     if "stats" in only:
         bench_stats(cfg)
     if "sdpa" in only:
-        bench_sdpa(cfg)
+        bench_sdpa(cfg, sweep="prefill" in sweeps)
     if "compact" in only:
         best = [v for k, v in RESULTS.items() if k.startswith("prefill_best")]
         bench_compact(best[0][0] if best else None)

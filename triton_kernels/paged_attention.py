@@ -68,10 +68,11 @@ def _cap_of(tag, BS: tl.constexpr, CAP8: tl.constexpr, CAP4: tl.constexpr, CAP2:
 @triton.jit
 def _scan_compacted(bt_row, tag_ptr, kept, max_blocks, BS: tl.constexpr, CAP8: tl.constexpr,
                     CAP4: tl.constexpr, CAP2: tl.constexpr, SCAN: tl.constexpr):
-    """(nc, nf, qbits, sorted): entries of the compacted region, its leading full pages, the
-    largest tag in it, and whether it is [full pages][pages all at qbits] -- the shape
-    compaction writes, which the forward reads through branch-free loops."""
-    upper = tl.minimum(tl.cdiv(kept, BS), max_blocks)
+    """(nc, nf, qbits, sorted): entries of the compacted region (first n whose cumulative
+    capacity reaches kept), its leading full pages, the largest tag in it, and whether it is
+    [full pages][pages all at qbits] -- the shape compaction writes, read by branch-free
+    loops. Entries past nc but below kept/BS lie in the gap: stale but valid block ids."""
+    upper = tl.minimum(tl.cdiv(kept, BS), max_blocks)  # every page holds >= BS tokens
     nc = 0
     done = 0
     first_nz = 1 << 30
@@ -118,11 +119,87 @@ def _unpack(x, BITS: tl.constexpr, N: tl.constexpr, D: tl.constexpr):
     if BITS == 8:
         return x
     elif BITS == 4:
-        return tl.reshape(tl.join(x & 15, (x >> 4) & 15), (N, D))
+        return tl.reshape(tl.join(x & 15, x >> 4), (N, D))
     else:
         c02 = tl.join(x & 3, (x >> 4) & 3)
-        c13 = tl.join((x >> 2) & 3, (x >> 6) & 3)
+        c13 = tl.join((x >> 2) & 3, x >> 6)
         return tl.reshape(tl.join(c02, c13), (N, D))
+
+
+@triton.jit
+def _codes(x, MAG: tl.constexpr, F32: tl.constexpr):
+    """int32 codes -> MAG + code in the model dtype with no int->float conversion (a
+    quarter-rate instruction): OR the code into the mantissa of MAG (bf16 128.0 = 0x4300,
+    fp16 1024.0 = 0x6400). MAG = 0: plain conversion (fp32 caches, and int8 codes in bf16,
+    whose 7-bit mantissa holds only 128 consecutive integers)."""
+    if MAG == 128:
+        y = (x | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    elif MAG == 1024:
+        y = (x | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    else:
+        y = x.to(tl.float32)
+    if F32:
+        y = y.to(tl.float32)
+    return y
+
+
+@triton.jit
+def _qpage_at(bt_row, h, stride_kb, stride_kh, it, jbase, n_tok, ELEM: tl.constexpr, CAP: tl.constexpr,
+              QT: tl.constexpr):
+    """Tile ``it`` of a run of quantized pages starting at entry jbase with n_tok tokens
+    (each page full but the last): (page byte offset, token slots, valid, page entry)."""
+    TPP: tl.constexpr = (CAP + QT - 1) // QT
+    j = it // TPP
+    b = tl.load(bt_row + j).to(tl.int64)
+    page_byte = (b * stride_kb + h * stride_kh) * ELEM
+    t = (it % TPP) * QT + tl.arange(0, QT)
+    valid = t < tl.minimum(CAP, n_tok - (j - jbase) * CAP)
+    return page_byte, t, valid, j
+
+
+@triton.jit
+def _qkeys(kvb_ptr, kvh_ptr, page_byte, t, valid, BITS: tl.constexpr, CAP: tl.constexpr, QT: tl.constexpr,
+           D: tl.constexpr, MAG: tl.constexpr, F32: tl.constexpr):
+    """Key codes (as MAG + code) and the page's per-channel scale/zero (fp32)."""
+    ROW: tl.constexpr = D * BITS // 8
+    KS: tl.constexpr = 2 * CAP * ROW  # byte offset of KS; KZ follows, then VS, VZ
+    offs_d = tl.arange(0, D)
+    kb = tl.load(kvb_ptr + page_byte + t[:, None] * ROW + tl.arange(0, ROW)[None, :], mask=valid[:, None],
+                 other=0)
+    ks = tl.load(kvh_ptr + page_byte // 2 + KS // 2 + offs_d).to(tl.float32)
+    kz = tl.load(kvh_ptr + page_byte // 2 + KS // 2 + D + offs_d).to(tl.float32)
+    return _codes(_unpack(kb.to(tl.int32), BITS, QT, D), MAG, F32), ks, kz
+
+
+@triton.jit
+def _qvalues(kvb_ptr, kvh_ptr, page_byte, t, valid, BITS: tl.constexpr, CAP: tl.constexpr, QT: tl.constexpr,
+             D: tl.constexpr, MAG: tl.constexpr, F32: tl.constexpr):
+    """Value codes (as MAG + code) and per-token scale/zero (fp32)."""
+    ROW: tl.constexpr = D * BITS // 8
+    VS: tl.constexpr = 2 * CAP * ROW + 4 * D
+    vb = tl.load(kvb_ptr + page_byte + CAP * ROW + t[:, None] * ROW + tl.arange(0, ROW)[None, :],
+                 mask=valid[:, None], other=0)
+    vs = tl.load(kvh_ptr + page_byte // 2 + VS // 2 + t, mask=valid, other=0.0).to(tl.float32)
+    vz = tl.load(kvh_ptr + page_byte // 2 + VS // 2 + CAP + t, mask=valid, other=0.0).to(tl.float32)
+    return _codes(_unpack(vb.to(tl.int32), BITS, QT, D), MAG, F32), vs, vz
+
+
+@triton.jit
+def _qk_quant(qf, kq, ks, kz, scale2, dtype, MAG: tl.constexpr, F32: tl.constexpr):
+    """log2-domain scores of fp32 query rows against a quantized key tile, scales folded:
+    s = (q*KS).(MAG+KQ) + q.KZ - MAG*sum(q*KS). q*KS goes to the dot as hi + lo parts in the
+    model dtype (~2^-16 relative, as accurate as the full-precision path); the MAG term is
+    subtracted with the very values the dot saw, so it cancels exactly."""
+    qs = qf * ks[None, :]
+    hi = _mm_in(qs, dtype, F32)
+    s = _dot(hi, tl.trans(kq), F32)
+    used = hi.to(tl.float32)
+    if not F32:
+        lo = _mm_in(qs - used, dtype, F32)
+        s += _dot(lo, tl.trans(kq), F32)
+        used += lo.to(tl.float32)
+    corr = tl.sum(qf * kz[None, :], 1) - MAG * tl.sum(used, 1)
+    return (s + corr[:, None]) * scale2
 
 
 @triton.jit
@@ -137,16 +214,23 @@ def _online_softmax(s, m_i, l_i):
 
 
 @triton.jit
+def _pos_base(bt_row, h, stride_kb, stride_kh, pos, valid, D: tl.constexpr, BS: tl.constexpr):
+    """Element offset of K of logical position pos (block_row[pos // BS], slot pos % BS)."""
+    blk = tl.load(bt_row + pos // BS, mask=valid, other=0).to(tl.int64)
+    return blk * stride_kb + h * stride_kh + (pos % BS) * (2 * D)
+
+
+@triton.jit
 def _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb, stride_kh, p0, p1,
                       CAUSAL: tl.constexpr, scale2, D: tl.constexpr, BS: tl.constexpr,
                       TILE_N: tl.constexpr, F32: tl.constexpr):
-    """Full-precision keys at logical positions [p0, p1) (position p at block_row[p//BS])."""
+    """Full-precision keys at logical positions [p0, p1), TILE_N per step (any number of
+    blocks per tile: the block is looked up per token)."""
     offs_d = tl.arange(0, D)
     for t0 in range(p0, p1, TILE_N):
         pos = t0 + tl.arange(0, TILE_N)
         valid = pos < p1
-        blk = tl.load(bt_row + pos // BS, mask=valid, other=0).to(tl.int64)
-        base = blk * stride_kb + h * stride_kh + (pos % BS) * (2 * D)
+        base = _pos_base(bt_row, h, stride_kb, stride_kh, pos, valid, D, BS)
         k = tl.load(kv_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(kv_ptr + base[:, None] + D + offs_d[None, :], mask=valid[:, None], other=0.0)
         s = _dot(q, tl.trans(k), F32) * scale2
@@ -162,46 +246,25 @@ def _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb, str
 @triton.jit
 def _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh, j0, j1, jbase, n_tok,
                  scale2, ELEM: tl.constexpr, BITS: tl.constexpr, CAP: tl.constexpr, QT: tl.constexpr,
-                 D: tl.constexpr, F32: tl.constexpr):
-    """Entries [j0, j1) of a run of quantized pages that starts at entry jbase and holds n_tok
-    tokens (every page full but the last); all visible (compacted region).
+                 D: tl.constexpr, MAG: tl.constexpr, F32: tl.constexpr):
+    """Entries [j0, j1) of a run of quantized pages (all visible: compacted region).
 
     One flat loop over (page, tile of QT tokens) with no branch in it, so Triton can
-    software-pipeline the loads across pages. Scales are folded instead of dequantizing:
-    s = (q*KS).KQ + q.KZ and o += (p*VS).VQ + sum(p*VZ); the codes enter the dot as exact
-    small integers in the model dtype.
+    software-pipeline the loads across pages. Scales are folded instead of dequantizing
+    (_qk_quant; o += (p*VS).(MAG+VQ) + sum(p*(VZ - MAG*VS))).
     """
-    ROW: tl.constexpr = D * BITS // 8
-    KS: tl.constexpr = 2 * CAP * ROW
-    VS: tl.constexpr = KS + 4 * D
     TPP: tl.constexpr = (CAP + QT - 1) // QT
-    offs_d = tl.arange(0, D)
-    offs_r = tl.arange(0, ROW)
     qf = q.to(tl.float32)
     for it in range(j0 * TPP, j1 * TPP):
-        j = it // TPP
-        b = tl.load(bt_row + j).to(tl.int64)
-        page_byte = (b * stride_kb + h * stride_kh) * ELEM
-        half = page_byte // 2
-        cnt = tl.minimum(CAP, n_tok - (j - jbase) * CAP)
-        t = (it % TPP) * QT + tl.arange(0, QT)
-        valid = t < cnt
-        ks = tl.load(kvh_ptr + half + KS // 2 + offs_d).to(tl.float32)
-        kz = tl.load(kvh_ptr + half + KS // 2 + D + offs_d).to(tl.float32)
-        kb = tl.load(kvb_ptr + page_byte + t[:, None] * ROW + offs_r[None, :], mask=valid[:, None], other=0)
-        vb = tl.load(kvb_ptr + page_byte + CAP * ROW + t[:, None] * ROW + offs_r[None, :],
-                     mask=valid[:, None], other=0)
-        vs = tl.load(kvh_ptr + half + VS // 2 + t, mask=valid, other=0.0).to(tl.float32)
-        vz = tl.load(kvh_ptr + half + VS // 2 + CAP + t, mask=valid, other=0.0).to(tl.float32)
-        qs = _mm_in(qf * ks[None, :], q.dtype, F32)
-        bias = tl.sum(qf * kz[None, :], 1) * scale2
-        kq = _mm_in(_unpack(kb.to(tl.int32), BITS, QT, D), q.dtype, F32)
-        s = _dot(qs, tl.trans(kq), F32) * scale2 + bias[:, None]
+        page_byte, t, valid, _ = _qpage_at(bt_row, h, stride_kb, stride_kh, it, jbase, n_tok, ELEM, CAP, QT)
+        kq, ks, kz = _qkeys(kvb_ptr, kvh_ptr, page_byte, t, valid, BITS, CAP, QT, D, MAG, F32)
+        vq, vs, vz = _qvalues(kvb_ptr, kvh_ptr, page_byte, t, valid, BITS, CAP, QT, D, MAG, F32)
+        s = _qk_quant(qf, kq, ks, kz, scale2, q.dtype, MAG, F32)
         s = tl.where(valid[None, :], s, float("-inf"))
         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
-        vq = _mm_in(_unpack(vb.to(tl.int32), BITS, QT, D), q.dtype, F32)
-        acc = acc * alpha[:, None] + _dot(_mm_in(p * vs[None, :], q.dtype, F32), vq, F32)
-        acc += tl.sum(p * vz[None, :], 1)[:, None]
+        pv = _mm_in(p * vs[None, :], q.dtype, F32)
+        corr = tl.sum(p * vz[None, :], 1) - MAG * tl.sum(pv.to(tl.float32), 1)
+        acc = acc * alpha[:, None] + _dot(pv, vq, F32) + corr[:, None]
     return acc, m_i, l_i
 
 
@@ -231,8 +294,8 @@ def _fwd_kernel(
     stride_qt, stride_qh, stride_kb, stride_kh, stride_bt, stride_ot, stride_oh,
     H_Q: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, TILE_P: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    HAS_TAGS: tl.constexpr, ELEM: tl.constexpr, CAP8: tl.constexpr, CAP4: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, HAS_TAGS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
+    HAS2: tl.constexpr, ELEM: tl.constexpr, MAG: tl.constexpr, MAG8: tl.constexpr, CAP8: tl.constexpr, CAP4: tl.constexpr,
     CAP2: tl.constexpr, QT8: tl.constexpr, QT4: tl.constexpr, QT2: tl.constexpr,
     SCAN: tl.constexpr, WRITE_LSE: tl.constexpr, F32: tl.constexpr,
 ):
@@ -266,73 +329,76 @@ def _fwd_kernel(
                                                    SCAN)
     else:
         nc = tl.cdiv(kept, BS)
+        nf = nc
     last_pos = seq_len - q_len + tl.minimum(q_len, (q_tile + 1) * BLOCK_Q) - 1
     lb0 = live_start // BS
-    n_live = tl.maximum(tl.cdiv(last_pos + 1, BS) - lb0, 0)
-    n_ent = nc + n_live
+    n_ent = nc + tl.maximum(tl.cdiv(last_pos + 1, BS) - lb0, 0)
     per = tl.cdiv(n_ent, NUM_SPLITS)
     e0 = split * per
     e1 = tl.minimum(n_ent, e0 + per)
+    ce1 = tl.minimum(e1, nc)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
 
-    ce1 = tl.minimum(e1, nc)
+    run_sorted = True
     if HAS_TAGS:
-        if sorted_ok:
-            # [full pages][quantized pages at qbits]: two branch-free loops
-            acc, m_i, l_i = _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb, stride_kh,
-                                              e0 * BS, tl.minimum(tl.minimum(ce1, nf) * BS, kept), False,
-                                              scale2, D, BS, TILE_N, F32)
+        run_sorted = sorted_ok
+    if run_sorted:
+        # full compacted pages (all of them without tags), then one run of quantized pages
+        acc, m_i, l_i = _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb, stride_kh,
+                                          e0 * BS, tl.minimum(tl.minimum(ce1, nf) * BS, kept), False,
+                                          scale2, D, BS, TILE_N, F32)
+        if HAS_TAGS:
             j0 = tl.maximum(e0, nf)
             n_q = kept - nf * BS
-            if qbits == 4:
-                acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh,
-                                             j0, ce1, nf, n_q, scale2, ELEM, 4, CAP4, QT4, D, F32)
-            elif qbits == 2:
-                acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh,
-                                             j0, ce1, nf, n_q, scale2, ELEM, 2, CAP2, QT2, D, F32)
-            elif qbits == 8:
-                acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh,
-                                             j0, ce1, nf, n_q, scale2, ELEM, 8, CAP8, QT8, D, F32)
-        else:
-            # any order: one page at a time, dispatching on its tag
-            off = _tokens_before(bt_row, tag_ptr, e0, BS, CAP8, CAP4, CAP2, SCAN)
-            for j in range(e0, ce1):
-                b = tl.load(bt_row + j).to(tl.int64)
-                tag = tl.load(tag_ptr + b)
-                cap = _cap_of(tag, BS, CAP8, CAP4, CAP2)
-                cnt = tl.minimum(cap, kept - off)
+            if HAS4:
+                if qbits == 4:
+                    acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh,
+                                                 j0, ce1, nf, n_q, scale2, ELEM, 4, CAP4, QT4, D, MAG, F32)
+            if HAS2:
+                if qbits == 2:
+                    acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh,
+                                                 j0, ce1, nf, n_q, scale2, ELEM, 2, CAP2, QT2, D, MAG, F32)
+            if HAS8:
+                if qbits == 8:
+                    acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh,
+                                                 j0, ce1, nf, n_q, scale2, ELEM, 8, CAP8, QT8, D, MAG8, F32)
+    else:
+        # any order: one page at a time, dispatching on its tag
+        off = _tokens_before(bt_row, tag_ptr, e0, BS, CAP8, CAP4, CAP2, SCAN)
+        for j in range(e0, ce1):
+            tag = tl.load(tag_ptr + tl.load(bt_row + j).to(tl.int64))
+            cap = _cap_of(tag, BS, CAP8, CAP4, CAP2)
+            cnt = tl.minimum(cap, kept - off)
+            if tag == 0:
+                acc, m_i, l_i = _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb,
+                                                  stride_kh, j * BS, j * BS + cnt, False, scale2, D, BS,
+                                                  TILE_P, F32)
+            if HAS4:
                 if tag == 4:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb,
-                                                 stride_kh, j, j + 1, j, cnt, scale2, ELEM, 4, CAP4, QT4, D, F32)
-                elif tag == 2:
+                                                 stride_kh, j, j + 1, j, cnt, scale2, ELEM, 4, CAP4, QT4, D, MAG, F32)
+            if HAS2:
+                if tag == 2:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb,
-                                                 stride_kh, j, j + 1, j, cnt, scale2, ELEM, 2, CAP2, QT2, D, F32)
-                elif tag == 8:
+                                                 stride_kh, j, j + 1, j, cnt, scale2, ELEM, 2, CAP2, QT2, D, MAG, F32)
+            if HAS8:
+                if tag == 8:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb,
-                                                 stride_kh, j, j + 1, j, cnt, scale2, ELEM, 8, CAP8, QT8, D, F32)
-                else:
-                    acc, m_i, l_i = _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb,
-                                                      stride_kh, j * BS, j * BS + cnt, False, scale2, D, BS,
-                                                      TILE_P, F32)
-                off += cap
-    else:
-        acc, m_i, l_i = _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb, stride_kh,
-                                          e0 * BS, tl.minimum(ce1 * BS, kept), False, scale2, D, BS,
-                                          TILE_N, F32)
+                                                 stride_kh, j, j + 1, j, cnt, scale2, ELEM, 8, CAP8, QT8, D, MAG8, F32)
+            off += cap
     le0 = tl.maximum(e0, nc) - nc + lb0
     le1 = tl.maximum(e1, nc) - nc + lb0
     acc, m_i, l_i = _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb, stride_kh,
                                       tl.maximum(le0 * BS, live_start), tl.minimum(le1 * BS, last_pos + 1),
                                       True, scale2, D, BS, TILE_N, F32)
 
-    o_row = (q_start + tok).to(tl.int64) * stride_ot + hq * stride_oh
     if NUM_SPLITS == 1:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        tl.store(out_ptr + o_row[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+        o_row = (q_start + tok).to(tl.int64) * stride_ot + hq * stride_oh
+        tl.store(out_ptr + o_row[:, None] + offs_d[None, :], (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None])
         if WRITE_LSE:
             tl.store(lse_ptr + (q_start + tok).to(tl.int64) * H_Q + hq, m_i + tl.log2(l_safe), mask=row_ok)
@@ -370,30 +436,84 @@ def _reduce_kernel(pacc_ptr, pml_ptr, out_ptr, lse_ptr, stride_ot, stride_oh,
 
 # ----------------------------------------------------------------------------- statistics
 @triton.jit
-def _stats_tile(mass, obs, s_keys_ok, kpos, CAUSAL: tl.constexpr, k, q_ptr, lse_ptr, q_start, q_len,
-                seq_len, obs_len, h, scale2, stride_qt, stride_qh, H_Q: tl.constexpr, D: tl.constexpr,
-                G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_OBS: tl.constexpr,
-                F32: tl.constexpr):
-    """Sum exp(s - lse) over all query rows of the request for one key tile k [N, D]."""
+def _stats_rows(k, ks, kz, QUANT: tl.constexpr, keys_ok, kpos, CAUSAL: tl.constexpr, q_ptr, lse_ptr, q_start,
+                q_len, seq_len, obs_len, h, scale2, stride_qt, stride_qh, N: tl.constexpr, H_Q: tl.constexpr,
+                D: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+                MAG: tl.constexpr, HAS_OBS: tl.constexpr, F32: tl.constexpr):
+    """Per-key sums of exp2(s - lse) over all query rows of the request for one key tile,
+    with the very score arithmetic of the forward (so the LSE matches)."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     hq = h * G + offs_m % G
+    mass = tl.zeros([N], tl.float32)
+    obs = tl.zeros([N], tl.float32)
     for q0 in range(0, q_len, BLOCK_Q):
         tok = q0 + offs_m // G
         row_ok = (offs_m // G < BLOCK_Q) & (tok < q_len)
         q_off = (q_start + tok).to(tl.int64) * stride_qt + hq * stride_qh
         q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         lse = tl.load(lse_ptr + (q_start + tok).to(tl.int64) * H_Q + hq, mask=row_ok, other=0.0)
-        s = _dot(q, tl.trans(k), F32) * scale2
-        keep = row_ok[:, None] & s_keys_ok[None, :]
+        if QUANT:
+            s = _qk_quant(q.to(tl.float32), k, ks, kz, scale2, q.dtype, MAG, F32)
+        else:
+            s = _dot(q, tl.trans(k), F32) * scale2
+        keep = row_ok[:, None] & keys_ok[None, :]
         if CAUSAL:
             keep = keep & (kpos[None, :] <= (seq_len - q_len + tok)[:, None])
         p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
         mass += tl.sum(p, 0)
         if HAS_OBS:
-            in_obs = tok >= q_len - obs_len
-            obs += tl.sum(tl.where(in_obs[:, None], p, 0.0), 0)
+            obs += tl.sum(tl.where((tok >= q_len - obs_len)[:, None], p, 0.0), 0)
     return mass, obs
+
+
+@triton.jit
+def _stats_add(mass_ptr, obsout_ptr, slot_off, ok, mass, obs, WANT_MASS: tl.constexpr, HAS_OBS: tl.constexpr):
+    # one program owns each slot: plain read-modify-write, no atomics
+    if WANT_MASS:
+        tl.store(mass_ptr + slot_off, tl.load(mass_ptr + slot_off, mask=ok, other=0.0) + mass, mask=ok)
+    if HAS_OBS:
+        tl.store(obsout_ptr + slot_off, tl.load(obsout_ptr + slot_off, mask=ok, other=0.0) + obs, mask=ok)
+
+
+@triton.jit
+def _stats_positions(mass_ptr, obsout_ptr, kv_ptr, bt_row, st_row, h, stride_kb, stride_kh, stride_mb, stride_mh,
+                     p0, p1, CAUSAL: tl.constexpr, q_ptr, lse_ptr, q_start, q_len, seq_len, obs_len, scale2,
+                     stride_qt, stride_qh, TILE_N: tl.constexpr, BS: tl.constexpr, H_Q: tl.constexpr,
+                     D: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+                     MAG: tl.constexpr, WANT_MASS: tl.constexpr, HAS_OBS: tl.constexpr, F32: tl.constexpr):
+    """Full-precision keys at positions [p0, p1) (compacted ones: CAUSAL=False)."""
+    offs_d = tl.arange(0, D)
+    for t0 in range(p0, p1, TILE_N):
+        pos = t0 + tl.arange(0, TILE_N)
+        valid = pos < p1
+        base = _pos_base(bt_row, h, stride_kb, stride_kh, pos, valid, D, BS)
+        k = tl.load(kv_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        mass, obs = _stats_rows(k, offs_d, offs_d, False, valid, pos, CAUSAL, q_ptr, lse_ptr, q_start, q_len,
+                                seq_len, obs_len, h, scale2, stride_qt, stride_qh, TILE_N, H_Q, D, G, BLOCK_M,
+                                BLOCK_Q, MAG, HAS_OBS, F32)
+        sb = tl.load(st_row + pos // BS, mask=valid, other=0).to(tl.int64)
+        _stats_add(mass_ptr, obsout_ptr, sb * stride_mb + h * stride_mh + pos % BS, valid, mass, obs,
+                   WANT_MASS, HAS_OBS)
+
+
+@triton.jit
+def _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh, stride_mb,
+                stride_mh, j0, j1, jbase, n_tok, q_ptr, lse_ptr, q_start, q_len, seq_len, obs_len, scale2,
+                stride_qt, stride_qh, ELEM: tl.constexpr, BITS: tl.constexpr, CAP: tl.constexpr, QT: tl.constexpr,
+                H_Q: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_Q: tl.constexpr, MAG: tl.constexpr, WANT_MASS: tl.constexpr, HAS_OBS: tl.constexpr,
+                F32: tl.constexpr):
+    """Entries [j0, j1) of a run of quantized pages (see _attend_qrun)."""
+    TPP: tl.constexpr = (CAP + QT - 1) // QT
+    for it in range(j0 * TPP, j1 * TPP):
+        page_byte, t, valid, j = _qpage_at(bt_row, h, stride_kb, stride_kh, it, jbase, n_tok, ELEM, CAP, QT)
+        kq, ks, kz = _qkeys(kvb_ptr, kvh_ptr, page_byte, t, valid, BITS, CAP, QT, D, MAG, F32)
+        mass, obs = _stats_rows(kq, ks, kz, True, valid, t, False, q_ptr, lse_ptr, q_start, q_len, seq_len,
+                                obs_len, h, scale2, stride_qt, stride_qh, QT, H_Q, D, G, BLOCK_M, BLOCK_Q, MAG,
+                                HAS_OBS, F32)
+        sb = tl.load(st_row + j).to(tl.int64)
+        _stats_add(mass_ptr, obsout_ptr, sb * stride_mb + h * stride_mh + t, valid, mass, obs, WANT_MASS, HAS_OBS)
 
 
 @triton.jit
@@ -405,12 +525,14 @@ def _stats_kernel(
     stride_qt, stride_qh, stride_kb, stride_kh, stride_bt, stride_st,
     stride_mb, stride_mh,
     H_Q: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, G: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, ENT: tl.constexpr,
-    HAS_TAGS: tl.constexpr, ELEM: tl.constexpr, CAP8: tl.constexpr, CAP4: tl.constexpr,
-    CAP2: tl.constexpr, QT8: tl.constexpr, QT4: tl.constexpr, QT2: tl.constexpr,
-    SCAN: tl.constexpr, WANT_MASS: tl.constexpr, HAS_OBS: tl.constexpr, F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, TILE_P: tl.constexpr, ENT: tl.constexpr,
+    HAS_TAGS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, HAS2: tl.constexpr, ELEM: tl.constexpr,
+    MAG: tl.constexpr, MAG8: tl.constexpr, CAP8: tl.constexpr, CAP4: tl.constexpr, CAP2: tl.constexpr,
+    QT8: tl.constexpr,
+    QT4: tl.constexpr, QT2: tl.constexpr, SCAN: tl.constexpr, WANT_MASS: tl.constexpr, HAS_OBS: tl.constexpr,
+    F32: tl.constexpr,
 ):
-    """Program (request, KV head, chunk of ENT entries): per-key sums over all query rows."""
+    """Program (request, KV head, chunk of ENT entries); the entry walk mirrors _fwd_kernel."""
     r = tl.program_id(0)
     h = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -427,105 +549,83 @@ def _stats_kernel(
     bt_row = bt_ptr + r.to(tl.int64) * stride_bt
     st_row = st_ptr + r.to(tl.int64) * stride_st
     if HAS_TAGS:
-        nc, _, _, _ = _scan_compacted(bt_row, tag_ptr, kept, max_blocks, BS, CAP8, CAP4, CAP2, SCAN)
+        nc, nf, qbits, sorted_ok = _scan_compacted(bt_row, tag_ptr, kept, max_blocks, BS, CAP8, CAP4, CAP2,
+                                                   SCAN)
     else:
         nc = tl.cdiv(kept, BS)
+        nf = nc
     lb0 = live_start // BS
     n_ent = nc + tl.maximum(tl.cdiv(seq_len, BS) - lb0, 0)
     e0 = chunk * ENT
     if e0 >= n_ent:
         return
     e1 = tl.minimum(n_ent, e0 + ENT)
-    off = e0 * BS
+    ce1 = tl.minimum(e1, nc)
+    run_sorted = True
     if HAS_TAGS:
-        off = _tokens_before(bt_row, tag_ptr, e0, BS, CAP8, CAP4, CAP2, SCAN)
-    offs_d = tl.arange(0, D)
-    for j in range(e0, e1):
-        compacted = j < nc
-        lj = j - nc + lb0
-        ent = tl.where(compacted, j, lj)
-        b = tl.load(bt_row + ent).to(tl.int64)
-        sb = tl.load(st_row + ent).to(tl.int64)
-        page_byte = (b * stride_kb + h * stride_kh) * ELEM
-        tag = 0
+        run_sorted = sorted_ok
+    if run_sorted:
+        _stats_positions(mass_ptr, obsout_ptr, kv_ptr, bt_row, st_row, h, stride_kb, stride_kh, stride_mb,
+                         stride_mh, e0 * BS, tl.minimum(tl.minimum(ce1, nf) * BS, kept), False, q_ptr, lse_ptr,
+                         q_start, q_len, seq_len, obs_len, scale2, stride_qt, stride_qh, TILE_N, BS, H_Q, D, G,
+                         BLOCK_M, BLOCK_Q, MAG, WANT_MASS, HAS_OBS, F32)
         if HAS_TAGS:
-            tag = tl.where(compacted, tl.load(tag_ptr + b), 0)
-        cap = _cap_of(tag, BS, CAP8, CAP4, CAP2)
-        if tag == 4:
-            _stats_qpage(mass_ptr, obsout_ptr, sb, h, stride_mb, stride_mh, tl.minimum(cap, kept - off),
-                         q_ptr, kvb_ptr, kvh_ptr, lse_ptr, page_byte, q_start, q_len, seq_len, obs_len,
-                         scale2, stride_qt, stride_qh, 4, CAP4, QT4, H_Q, D, G, BLOCK_M, BLOCK_Q,
-                         WANT_MASS, HAS_OBS, F32)
-        elif tag == 2:
-            _stats_qpage(mass_ptr, obsout_ptr, sb, h, stride_mb, stride_mh, tl.minimum(cap, kept - off),
-                         q_ptr, kvb_ptr, kvh_ptr, lse_ptr, page_byte, q_start, q_len, seq_len, obs_len,
-                         scale2, stride_qt, stride_qh, 2, CAP2, QT2, H_Q, D, G, BLOCK_M, BLOCK_Q,
-                         WANT_MASS, HAS_OBS, F32)
-        elif tag == 8:
-            _stats_qpage(mass_ptr, obsout_ptr, sb, h, stride_mb, stride_mh, tl.minimum(cap, kept - off),
-                         q_ptr, kvb_ptr, kvh_ptr, lse_ptr, page_byte, q_start, q_len, seq_len, obs_len,
-                         scale2, stride_qt, stride_qh, 8, CAP8, QT8, H_Q, D, G, BLOCK_M, BLOCK_Q,
-                         WANT_MASS, HAS_OBS, F32)
-        else:
-            # a full page: compacted (tokens [0, cnt), all visible) or live (positions, causal)
-            slot = tl.arange(0, BS)
-            if compacted:
-                s_ok = slot < kept - off
-                kpos = tl.full([BS], -1, tl.int32)
-            else:
-                kpos = lj * BS + slot
-                s_ok = (kpos >= live_start) & (kpos < seq_len)
-            k = tl.load(kv_ptr + b * stride_kb + h * stride_kh + slot[:, None] * (2 * D) + offs_d[None, :],
-                        mask=s_ok[:, None], other=0.0)
-            mass = tl.zeros([BS], tl.float32)
-            obs = tl.zeros([BS], tl.float32)
-            mass, obs = _stats_tile(mass, obs, s_ok, kpos, True, k, q_ptr, lse_ptr, q_start, q_len,
-                                    seq_len, obs_len, h, scale2, stride_qt, stride_qh, H_Q, D, G, BLOCK_M,
-                                    BLOCK_Q, HAS_OBS, F32)
-            _stats_store(mass_ptr, obsout_ptr, sb, h, stride_mb, stride_mh, slot, s_ok, mass, obs,
-                         WANT_MASS, HAS_OBS)
-        off += tl.where(compacted, cap, 0)
-
-
-@triton.jit
-def _stats_store(mass_ptr, obsout_ptr, sb, h, stride_mb, stride_mh, slot, ok, mass, obs,
-                 WANT_MASS: tl.constexpr, HAS_OBS: tl.constexpr):
-    ptr = sb * stride_mb + h * stride_mh + slot
-    if WANT_MASS:
-        old = tl.load(mass_ptr + ptr, mask=ok, other=0.0)
-        tl.store(mass_ptr + ptr, old + mass, mask=ok)
-    if HAS_OBS:
-        old = tl.load(obsout_ptr + ptr, mask=ok, other=0.0)
-        tl.store(obsout_ptr + ptr, old + obs, mask=ok)
-
-
-@triton.jit
-def _stats_qpage(mass_ptr, obsout_ptr, sb, h, stride_mb, stride_mh, count, q_ptr, kvb_ptr, kvh_ptr, lse_ptr,
-                 page_byte, q_start, q_len, seq_len, obs_len, scale2, stride_qt, stride_qh,
-                 BITS: tl.constexpr, CAP: tl.constexpr, QT: tl.constexpr, H_Q: tl.constexpr, D: tl.constexpr,
-                 G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, WANT_MASS: tl.constexpr,
-                 HAS_OBS: tl.constexpr, F32: tl.constexpr):
-    ROW: tl.constexpr = D * BITS // 8
-    KS: tl.constexpr = 2 * CAP * ROW
-    offs_d = tl.arange(0, D)
-    offs_r = tl.arange(0, ROW)
-    half = page_byte // 2
-    ks = tl.load(kvh_ptr + half + KS // 2 + offs_d).to(tl.float32)
-    kz = tl.load(kvh_ptr + half + KS // 2 + D + offs_d).to(tl.float32)
-    for t0 in range(0, count, QT):
-        t = t0 + tl.arange(0, QT)
-        valid = t < count
-        kb = tl.load(kvb_ptr + page_byte + t[:, None] * ROW + offs_r[None, :], mask=valid[:, None], other=0)
-        # dequantized keys in fp32 (statistics need no speed records here)
-        k = _unpack(kb.to(tl.int32), BITS, QT, D).to(tl.float32) * ks[None, :] + kz[None, :]
-        mass = tl.zeros([QT], tl.float32)
-        obs = tl.zeros([QT], tl.float32)
-        kpos = tl.full([QT], -1, tl.int32)
-        mass, obs = _stats_tile(mass, obs, valid, kpos, False, k, q_ptr, lse_ptr, q_start, q_len,
-                                seq_len, obs_len, h, scale2, stride_qt, stride_qh, H_Q, D, G, BLOCK_M,
-                                BLOCK_Q, HAS_OBS, True)
-        _stats_store(mass_ptr, obsout_ptr, sb, h, stride_mb, stride_mh, t, valid, mass, obs,
-                     WANT_MASS, HAS_OBS)
+            j0 = tl.maximum(e0, nf)
+            n_q = kept - nf * BS
+            if HAS4:
+                if qbits == 4:
+                    _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
+                                stride_mb, stride_mh, j0, ce1, nf, n_q, q_ptr, lse_ptr, q_start, q_len, seq_len,
+                                obs_len, scale2, stride_qt, stride_qh, ELEM, 4, CAP4, QT4, H_Q, D, G, BLOCK_M, BLOCK_Q,
+                                MAG, WANT_MASS, HAS_OBS, F32)
+            if HAS2:
+                if qbits == 2:
+                    _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
+                                stride_mb, stride_mh, j0, ce1, nf, n_q, q_ptr, lse_ptr, q_start, q_len, seq_len,
+                                obs_len, scale2, stride_qt, stride_qh, ELEM, 2, CAP2, QT2, H_Q, D, G, BLOCK_M, BLOCK_Q,
+                                MAG, WANT_MASS, HAS_OBS, F32)
+            if HAS8:
+                if qbits == 8:
+                    _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
+                                stride_mb, stride_mh, j0, ce1, nf, n_q, q_ptr, lse_ptr, q_start, q_len, seq_len,
+                                obs_len, scale2, stride_qt, stride_qh, ELEM, 8, CAP8, QT8, H_Q, D, G, BLOCK_M, BLOCK_Q,
+                                MAG8, WANT_MASS, HAS_OBS, F32)
+    else:
+        off = _tokens_before(bt_row, tag_ptr, e0, BS, CAP8, CAP4, CAP2, SCAN)
+        for j in range(e0, ce1):
+            tag = tl.load(tag_ptr + tl.load(bt_row + j).to(tl.int64))
+            cap = _cap_of(tag, BS, CAP8, CAP4, CAP2)
+            cnt = tl.minimum(cap, kept - off)
+            if tag == 0:
+                _stats_positions(mass_ptr, obsout_ptr, kv_ptr, bt_row, st_row, h, stride_kb, stride_kh, stride_mb,
+                                 stride_mh, j * BS, j * BS + cnt, False, q_ptr, lse_ptr, q_start, q_len, seq_len,
+                                 obs_len, scale2, stride_qt, stride_qh, TILE_P, BS, H_Q, D, G, BLOCK_M, BLOCK_Q,
+                                 MAG, WANT_MASS, HAS_OBS, F32)
+            if HAS4:
+                if tag == 4:
+                    _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
+                                stride_mb, stride_mh, j, j + 1, j, cnt, q_ptr, lse_ptr, q_start, q_len, seq_len,
+                                obs_len, scale2, stride_qt, stride_qh, ELEM, 4, CAP4, QT4, H_Q, D, G, BLOCK_M, BLOCK_Q,
+                                MAG, WANT_MASS, HAS_OBS, F32)
+            if HAS2:
+                if tag == 2:
+                    _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
+                                stride_mb, stride_mh, j, j + 1, j, cnt, q_ptr, lse_ptr, q_start, q_len, seq_len,
+                                obs_len, scale2, stride_qt, stride_qh, ELEM, 2, CAP2, QT2, H_Q, D, G, BLOCK_M, BLOCK_Q,
+                                MAG, WANT_MASS, HAS_OBS, F32)
+            if HAS8:
+                if tag == 8:
+                    _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
+                                stride_mb, stride_mh, j, j + 1, j, cnt, q_ptr, lse_ptr, q_start, q_len, seq_len,
+                                obs_len, scale2, stride_qt, stride_qh, ELEM, 8, CAP8, QT8, H_Q, D, G, BLOCK_M, BLOCK_Q,
+                                MAG8, WANT_MASS, HAS_OBS, F32)
+            off += cap
+    le0 = tl.maximum(e0, nc) - nc + lb0
+    le1 = tl.maximum(e1, nc) - nc + lb0
+    _stats_positions(mass_ptr, obsout_ptr, kv_ptr, bt_row, st_row, h, stride_kb, stride_kh, stride_mb, stride_mh,
+                     tl.maximum(le0 * BS, live_start), tl.minimum(le1 * BS, seq_len), True, q_ptr, lse_ptr,
+                     q_start, q_len, seq_len, obs_len, scale2, stride_qt, stride_qh, TILE_N, BS, H_Q, D, G,
+                     BLOCK_M, BLOCK_Q, MAG, WANT_MASS, HAS_OBS, F32)
 
 
 # ----------------------------------------------------------------------------- launch
@@ -558,6 +658,7 @@ def paged_attention_batched(
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
+    page_bits: tuple[int, ...] = (8, 4, 2),  # formats that may appear in compacted regions
     config: dict | None = None,  # tile overrides for benchmarking: BLOCK_M, TILE_N, num_warps, num_stages
 ) -> torch.Tensor:
     """Batched causal attention over compacted + live KV; see the module docstring."""
@@ -600,17 +701,21 @@ def paged_attention_batched(
     kvh = kv_cache.view(torch.float16)
     tags = page_tag if page_tag is not None else seq_lens  # dummy pointer when unused
     f32 = _INTERPRET or kv_cache.dtype == torch.float32
+    mag = {torch.bfloat16: 128, torch.float16: 1024, torch.float32: 0}[kv_cache.dtype]
+    assert set(page_bits) <= {8, 4, 2}
 
     # Tiling: a decode tile is one token x the G heads of a KV group (>= 16 rows for
-    # tl.dot); prefill tiles pack 64-128 rows. Key tiles of 64 tokens (32 at D=256) keep
-    # K+V of one tile at 32 KB in bf16 so two pipeline stages fit.
+    # tl.dot); prefill tiles pack 64-128 rows. Key tiles of 64 tokens (32 at D=256): K+V of
+    # one tile is 32 KB in bf16, so 3 pipeline stages fit in shared memory. These were the
+    # best of a sweep on an H100 (docs/kernels.md): decode 4 warps x 3 stages, 85-90% of
+    # copy bandwidth; prefill 128 x 64 tiles, 4 warps x 2 stages.
     decode = max_query_len <= 1
     if decode:
         BLOCK_M = max(16, _pow2(G))
     else:
         BLOCK_M = max(64 if D > 128 else 128, _pow2(G))
     TILE_N = 64 if D <= 128 else 32
-    num_warps, num_stages = (4, 2) if decode else (8, 2)
+    num_warps, num_stages = (4, 3) if decode else (4, 2)
     if config:
         BLOCK_M = config.get("BLOCK_M", BLOCK_M)
         TILE_N = config.get("TILE_N", TILE_N)
@@ -634,16 +739,18 @@ def paged_attention_batched(
     else:
         pacc = pml = out
     scale2 = float(scale) * LOG2E
+    has_tags = page_tag is not None
     common = dict(H_Q=H_q, D=D, BS=BS, G=G, BLOCK_M=BLOCK_M, BLOCK_Q=BLOCK_Q, TILE_N=TILE_N,
-                  HAS_TAGS=page_tag is not None, ELEM=es, CAP8=caps[8], CAP4=caps[4], CAP2=caps[2],
-                  QT8=qts[8], QT4=qts[4], QT2=qts[2], SCAN=64, F32=f32)
+                  TILE_P=min(TILE_N, BS), HAS_TAGS=has_tags, HAS8=has_tags and 8 in page_bits,
+                  HAS4=has_tags and 4 in page_bits, HAS2=has_tags and 2 in page_bits, ELEM=es, MAG=mag,
+                  MAG8=0 if mag == 128 else mag,
+                  CAP8=caps[8], CAP4=caps[4], CAP2=caps[2], QT8=qts[8], QT4=qts[4], QT2=qts[2], SCAN=64, F32=f32)
     _fwd_kernel[(n_qtiles, H_kv, num_splits)](
         q, kv_cache, kvb, kvh, tags, block_table, query_start_loc, seq_lens, kept, live_start,
         out, lse, pacc, pml, scale2, B, block_table.shape[1],
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         out.stride(0), out.stride(1),
-        TILE_P=min(TILE_N, BS), NUM_SPLITS=num_splits, WRITE_LSE=write_lse, num_warps=num_warps, num_stages=num_stages,
-        **common)
+        NUM_SPLITS=num_splits, WRITE_LSE=write_lse, num_warps=num_warps, num_stages=num_stages, **common)
     if num_splits > 1:
         _reduce_kernel[(T, H_q)](pacc, pml, out, lse, out.stride(0), out.stride(1), H_Q=H_q, D=D,
                                  NUM_SPLITS=num_splits, SPLITS_P2=_pow2(num_splits), WRITE_LSE=write_lse)
@@ -656,7 +763,7 @@ def paged_attention_batched(
         assert stat.shape[2] >= need, f"stat tensors need {need} slots per page"
         st = stat_table if stat_table is not None else block_table
         assert st.dtype == torch.int32 and st.stride(1) == 1
-        ENT = 8
+        ENT = 16
         n_chunks = -(-(-(-max_seq_len // BS) + 1) // ENT)
         _stats_kernel[(B, H_kv, n_chunks)](
             q, kv_cache, kvb, kvh, tags, block_table, st, query_start_loc, seq_lens, kept, live_start,
