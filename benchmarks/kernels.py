@@ -180,19 +180,30 @@ def bench_quant(cfg, sweep=False):
         if bits and not sweep:
             kw = RESULTS.get("quant_best_int4", {})
         if bits == 4 and sweep:  # the others reuse int4's best tiles
+            def trial(qcfg, splits):
+                try:
+                    t = ms(lambda: c.run(config=qcfg, num_splits=splits, page_bits=(4,)), rep=50)
+                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+                    print("quant config failed", qcfg, splits, type(e).__name__, str(e)[:200], flush=True)
+                    return None
+                RESULTS.setdefault("quant_sweep_int4", []).append(dict(qcfg, splits=splits, ms=t))
+                print("  int4", qcfg, "splits", splits, f"{t:.4f} ms", flush=True)
+                return t
+            # stage 1: pages per tile x warps; stage 2: splits x pipeline depth
             best = None
-            for splits in (1, 2, 4):
+            for ppt in (1, 2, 4):
                 for warps in (4, 8):
-                    for stages in (2, 3):
-                        qcfg = dict(num_warps=warps, num_stages=stages)
-                        try:
-                            t = ms(lambda: c.run(config=qcfg, num_splits=splits, page_bits=(bits,)), rep=50)
-                        except Exception as e:  # noqa: BLE001
-                            print("quant config failed", qcfg, splits, type(e).__name__, flush=True)
-                            continue
-                        RESULTS.setdefault(f"quant_sweep_int{bits}", []).append(dict(qcfg, splits=splits, ms=t))
-                        if best is None or t < best[1]:
-                            best = (dict(config=qcfg, num_splits=splits), t)
+                    qcfg = dict(PPT=ppt, num_warps=warps, num_stages=2)
+                    t = trial(qcfg, 1)
+                    if t is not None and (best is None or t < best[1]):
+                        best = (dict(config=qcfg, num_splits=1), t)
+            base_cfg = dict(best[0]["config"])
+            for splits in (1, 2, 4):
+                for stages in (2, 3, 4):
+                    qcfg = dict(base_cfg, num_stages=stages)
+                    t = trial(qcfg, splits)
+                    if t is not None and t < best[1]:
+                        best = (dict(config=qcfg, num_splits=splits), t)
             kw = best[0]
             RESULTS["quant_best_int4"] = kw
         t = ms(lambda: c.run(**kw))
@@ -341,16 +352,25 @@ def main():
     t0 = time.time()
     copy_bw = bench_copy()
     sweeps = args.sweep.split(",")
-    cfg = bench_decode(copy_bw, sweep="decode" in sweeps) if "decode" in only else None
-    if "quant" in only:
-        bench_quant(cfg, sweep="quant" in sweeps)
-    if "stats" in only:
-        bench_stats(cfg)
-    if "sdpa" in only:
-        bench_sdpa(cfg, sweep="prefill" in sweeps)
-    if "compact" in only:
-        best = [v for k, v in RESULTS.items() if k.startswith("prefill_best")]
-        bench_compact(best[0][0] if best else None)
+
+    def section(name, fn, *a, **k):
+        if name not in only:
+            return None
+        try:
+            return fn(*a, **k)
+        except Exception as e:  # noqa: BLE001 - one broken section must not hide the others
+            import traceback
+            traceback.print_exc()
+            row(f"{name} FAILED", error=f"{type(e).__name__}: {str(e)[:300]}")
+            torch.cuda.empty_cache() if not SMOKE else None
+            return None
+
+    cfg = section("decode", bench_decode, copy_bw, sweep="decode" in sweeps)
+    section("quant", bench_quant, cfg, sweep="quant" in sweeps)
+    section("stats", bench_stats, cfg)
+    section("sdpa", bench_sdpa, cfg, sweep="prefill" in sweeps)
+    best = [v for k, v in RESULTS.items() if k.startswith("prefill_best")]
+    section("compact", bench_compact, best[0][0] if best else None)
     RESULTS["wall_s"] = time.time() - t0
     print("\n".join(["", "== summary =="] + ROWS))
     if args.json:

@@ -114,92 +114,109 @@ def _tokens_before(bt_row, tag_ptr, e0, BS: tl.constexpr, CAP8: tl.constexpr, CA
 
 
 @triton.jit
-def _unpack(x, BITS: tl.constexpr, N: tl.constexpr, D: tl.constexpr):
-    """[N, D*BITS/8] int32 bytes -> [N, D] codes; channel c sits in byte c // (8/BITS)."""
+def _unpack(x, BITS: tl.constexpr, P: tl.constexpr, N: tl.constexpr, D: tl.constexpr):
+    """[P, N, D*BITS/8] int32 bytes -> [P, N, D] codes; channel c sits in byte c // (8/BITS)
+    at bit (c % (8/BITS)) * BITS. A join makes the pair dimension minor, so the reshape keeps
+    channel order (int2: bytes -> nibbles -> pairs)."""
     if BITS == 8:
         return x
     elif BITS == 4:
-        return tl.reshape(tl.join(x & 15, x >> 4), (N, D))
+        return tl.reshape(tl.join(x & 15, x >> 4), (P, N, D))
     else:
-        c02 = tl.join(x & 3, (x >> 4) & 3)
-        c13 = tl.join((x >> 2) & 3, x >> 6)
-        return tl.reshape(tl.join(c02, c13), (N, D))
+        nib = tl.reshape(tl.join(x & 15, x >> 4), (P, N, D // 2))
+        return tl.reshape(tl.join(nib & 3, nib >> 2), (P, N, D))
 
 
 @triton.jit
-def _codes(x, MAG: tl.constexpr, F32: tl.constexpr):
-    """int32 codes -> MAG + code in the model dtype with no int->float conversion (a
-    quarter-rate instruction): OR the code into the mantissa of MAG (bf16 128.0 = 0x4300,
-    fp16 1024.0 = 0x6400). MAG = 0: plain conversion (fp32 caches, and int8 codes in bf16,
-    whose 7-bit mantissa holds only 128 consecutive integers)."""
+def _bdot(a, b, F32: tl.constexpr):
+    """Batched [P, M, K] x [P, K, N]; P == 1 goes through a plain 2-D dot."""
+    if a.shape[0] == 1:
+        r = _dot(tl.reshape(a, (a.shape[1], a.shape[2])), tl.reshape(b, (b.shape[1], b.shape[2])), F32)
+        return tl.reshape(r, (1, a.shape[1], b.shape[2]))
+    else:
+        return _dot(a, b, F32)
+
+
+@triton.jit
+def _codes(x, dtype, MAG: tl.constexpr, F32: tl.constexpr):
+    """int32 codes -> the same small integers in the model dtype, exactly, without an
+    int->float conversion (a quarter-rate instruction): OR the code into the mantissa of
+    MAG (bf16 128.0 = 0x4300, fp16 1024.0 = 0x6400), reinterpret, subtract MAG (exact).
+    MAG = 0: plain conversion (fp32 caches, and int8 codes in bf16, whose 7-bit mantissa
+    holds only 128 consecutive integers)."""
     if MAG == 128:
         y = (x | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
     elif MAG == 1024:
         y = (x | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
     else:
-        y = x.to(tl.float32)
-    if F32:
-        y = y.to(tl.float32)
-    return y
+        y = x.to(tl.float32).to(dtype)
+    tl.static_assert(y.dtype == dtype, "codes must reach the dot in the model dtype")
+    if F32:  # the interpreter has no bf16 arithmetic
+        return y.to(tl.float32) - MAG
+    else:
+        return (y - MAG).to(dtype)
 
 
 @triton.jit
-def _qpage_at(bt_row, h, stride_kb, stride_kh, it, jbase, n_tok, ELEM: tl.constexpr, CAP: tl.constexpr,
-              QT: tl.constexpr):
-    """Tile ``it`` of a run of quantized pages starting at entry jbase with n_tok tokens
-    (each page full but the last): (page byte offset, token slots, valid, page entry)."""
+def _qpages_at(bt_row, h, stride_kb, stride_kh, it, j1, jbase, n_tok, ELEM: tl.constexpr, CAP: tl.constexpr,
+               QT: tl.constexpr, PPT: tl.constexpr):
+    """Tile ``it`` of a run of quantized pages that starts at entry jbase with n_tok tokens
+    (each page full but the last), ending before entry j1. A tile is PPT pages x QT slots
+    (PPT > 1 needs QT >= CAP) or, when a page is larger than QT, one QT slice of a page.
+    Returns (page byte offsets [PPT], slots [QT], valid [PPT, QT], entries [PPT])."""
     TPP: tl.constexpr = (CAP + QT - 1) // QT
-    j = it // TPP
-    b = tl.load(bt_row + j).to(tl.int64)
+    j = jbase + (it // TPP) * PPT + tl.arange(0, PPT)
+    ok = j < j1
+    b = tl.load(bt_row + j, mask=ok, other=0).to(tl.int64)
     page_byte = (b * stride_kb + h * stride_kh) * ELEM
     t = (it % TPP) * QT + tl.arange(0, QT)
-    valid = t < tl.minimum(CAP, n_tok - (j - jbase) * CAP)
+    cnt = tl.minimum(CAP, n_tok - (j - jbase) * CAP)
+    valid = ok[:, None] & (t[None, :] < cnt[:, None])
     return page_byte, t, valid, j
 
 
 @triton.jit
-def _qkeys(kvb_ptr, kvh_ptr, page_byte, t, valid, BITS: tl.constexpr, CAP: tl.constexpr, QT: tl.constexpr,
+def _qkeys(kvb_ptr, kvh_ptr, page_byte, t, valid, dtype, BITS: tl.constexpr, CAP: tl.constexpr,
            D: tl.constexpr, MAG: tl.constexpr, F32: tl.constexpr):
-    """Key codes (as MAG + code) and the page's per-channel scale/zero (fp32)."""
+    """Key codes [PPT, QT, D] (model dtype) and the pages' per-channel scale/zero [PPT, D]."""
     ROW: tl.constexpr = D * BITS // 8
     KS: tl.constexpr = 2 * CAP * ROW  # byte offset of KS; KZ follows, then VS, VZ
     offs_d = tl.arange(0, D)
-    kb = tl.load(kvb_ptr + page_byte + t[:, None] * ROW + tl.arange(0, ROW)[None, :], mask=valid[:, None],
-                 other=0)
-    ks = tl.load(kvh_ptr + page_byte // 2 + KS // 2 + offs_d).to(tl.float32)
-    kz = tl.load(kvh_ptr + page_byte // 2 + KS // 2 + D + offs_d).to(tl.float32)
-    return _codes(_unpack(kb.to(tl.int32), BITS, QT, D), MAG, F32), ks, kz
+    kb = tl.load(kvb_ptr + page_byte[:, None, None] + t[None, :, None] * ROW + tl.arange(0, ROW)[None, None, :],
+                 mask=valid[:, :, None], other=0)
+    half = page_byte[:, None] // 2 + KS // 2
+    ks = tl.load(kvh_ptr + half + offs_d[None, :]).to(tl.float32)
+    kz = tl.load(kvh_ptr + half + D + offs_d[None, :]).to(tl.float32)
+    return _codes(_unpack(kb.to(tl.int32), BITS, kb.shape[0], kb.shape[1], D), dtype, MAG, F32), ks, kz
 
 
 @triton.jit
-def _qvalues(kvb_ptr, kvh_ptr, page_byte, t, valid, BITS: tl.constexpr, CAP: tl.constexpr, QT: tl.constexpr,
+def _qvalues(kvb_ptr, kvh_ptr, page_byte, t, valid, dtype, BITS: tl.constexpr, CAP: tl.constexpr,
              D: tl.constexpr, MAG: tl.constexpr, F32: tl.constexpr):
-    """Value codes (as MAG + code) and per-token scale/zero (fp32)."""
+    """Value codes [PPT, QT, D] (model dtype) and per-token scale/zero [PPT, QT]."""
     ROW: tl.constexpr = D * BITS // 8
     VS: tl.constexpr = 2 * CAP * ROW + 4 * D
-    vb = tl.load(kvb_ptr + page_byte + CAP * ROW + t[:, None] * ROW + tl.arange(0, ROW)[None, :],
-                 mask=valid[:, None], other=0)
-    vs = tl.load(kvh_ptr + page_byte // 2 + VS // 2 + t, mask=valid, other=0.0).to(tl.float32)
-    vz = tl.load(kvh_ptr + page_byte // 2 + VS // 2 + CAP + t, mask=valid, other=0.0).to(tl.float32)
-    return _codes(_unpack(vb.to(tl.int32), BITS, QT, D), MAG, F32), vs, vz
+    vb = tl.load(kvb_ptr + page_byte[:, None, None] + CAP * ROW + t[None, :, None] * ROW
+                 + tl.arange(0, ROW)[None, None, :], mask=valid[:, :, None], other=0)
+    half = page_byte[:, None] // 2 + VS // 2 + t[None, :]
+    vs = tl.load(kvh_ptr + half, mask=valid, other=0.0).to(tl.float32)
+    vz = tl.load(kvh_ptr + half + CAP, mask=valid, other=0.0).to(tl.float32)
+    return _codes(_unpack(vb.to(tl.int32), BITS, vb.shape[0], vb.shape[1], D), dtype, MAG, F32), vs, vz
 
 
 @triton.jit
-def _qk_quant(qf, kq, ks, kz, scale2, dtype, MAG: tl.constexpr, F32: tl.constexpr):
-    """log2-domain scores of fp32 query rows against a quantized key tile, scales folded:
-    s = (q*KS).(MAG+KQ) + q.KZ - MAG*sum(q*KS). q*KS goes to the dot as hi + lo parts in the
-    model dtype (~2^-16 relative, as accurate as the full-precision path); the MAG term is
-    subtracted with the very values the dot saw, so it cancels exactly."""
-    qs = qf * ks[None, :]
+def _qk_quant(qf, kq, ks, kz, scale2, dtype, F32: tl.constexpr):
+    """log2-domain scores [PPT, M, QT] of fp32 query rows [M, D] against quantized keys
+    [PPT, QT, D], scales folded: s = (q*KS).KQ + q.KZ per page. q*KS goes to the dot as
+    hi + lo parts in the model dtype (~2^-16 relative: as accurate as the full path)."""
+    qs = qf[None, :, :] * ks[:, None, :]
     hi = _mm_in(qs, dtype, F32)
-    s = _dot(hi, tl.trans(kq), F32)
-    used = hi.to(tl.float32)
+    kt = tl.trans(kq, 0, 2, 1)
+    s = _bdot(hi, kt, F32)
     if not F32:
-        lo = _mm_in(qs - used, dtype, F32)
-        s += _dot(lo, tl.trans(kq), F32)
-        used += lo.to(tl.float32)
-    corr = tl.sum(qf * kz[None, :], 1) - MAG * tl.sum(used, 1)
-    return (s + corr[:, None]) * scale2
+        s += _bdot(_mm_in(qs - hi.to(tl.float32), dtype, F32), kt, F32)
+    corr = tl.sum(qf[None, :, :] * kz[:, None, :], 2)
+    return (s + corr[:, :, None]) * scale2
 
 
 @triton.jit
@@ -246,25 +263,32 @@ def _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb, str
 @triton.jit
 def _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh, j0, j1, jbase, n_tok,
                  scale2, ELEM: tl.constexpr, BITS: tl.constexpr, CAP: tl.constexpr, QT: tl.constexpr,
-                 D: tl.constexpr, MAG: tl.constexpr, F32: tl.constexpr):
+                 PPT: tl.constexpr, D: tl.constexpr, MAG: tl.constexpr, F32: tl.constexpr):
     """Entries [j0, j1) of a run of quantized pages (all visible: compacted region).
 
-    One flat loop over (page, tile of QT tokens) with no branch in it, so Triton can
-    software-pipeline the loads across pages. Scales are folded instead of dequantizing
-    (_qk_quant; o += (p*VS).(MAG+VQ) + sum(p*(VZ - MAG*VS))).
+    One flat loop over tiles of PPT pages x QT slots, no branch in it, so Triton can
+    software-pipeline the loads across pages; batched (3-D) dots keep each page's
+    per-channel key scales folded into q (_qk_quant) and its value scales into p:
+    o += sum_pages (p*VS).VQ + sum(p*VZ).
     """
     TPP: tl.constexpr = (CAP + QT - 1) // QT
     qf = q.to(tl.float32)
-    for it in range(j0 * TPP, j1 * TPP):
-        page_byte, t, valid, _ = _qpage_at(bt_row, h, stride_kb, stride_kh, it, jbase, n_tok, ELEM, CAP, QT)
-        kq, ks, kz = _qkeys(kvb_ptr, kvh_ptr, page_byte, t, valid, BITS, CAP, QT, D, MAG, F32)
-        vq, vs, vz = _qvalues(kvb_ptr, kvh_ptr, page_byte, t, valid, BITS, CAP, QT, D, MAG, F32)
-        s = _qk_quant(qf, kq, ks, kz, scale2, q.dtype, MAG, F32)
-        s = tl.where(valid[None, :], s, float("-inf"))
-        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
-        pv = _mm_in(p * vs[None, :], q.dtype, F32)
-        corr = tl.sum(p * vz[None, :], 1) - MAG * tl.sum(pv.to(tl.float32), 1)
-        acc = acc * alpha[:, None] + _dot(pv, vq, F32) + corr[:, None]
+    for it in range((j0 - jbase) // PPT * TPP, tl.cdiv(j1 - jbase, PPT) * TPP):
+        page_byte, t, valid, j = _qpages_at(bt_row, h, stride_kb, stride_kh, it, j1, jbase, n_tok, ELEM, CAP, QT,
+                                            PPT)
+        valid = valid & (j >= j0)[:, None]
+        kq, ks, kz = _qkeys(kvb_ptr, kvh_ptr, page_byte, t, valid, q.dtype, BITS, CAP, D, MAG, F32)
+        vq, vs, vz = _qvalues(kvb_ptr, kvh_ptr, page_byte, t, valid, q.dtype, BITS, CAP, D, MAG, F32)
+        s = _qk_quant(qf, kq, ks, kz, scale2, q.dtype, F32)
+        s = tl.where(valid[:, None, :], s, float("-inf"))  # [PPT, M, QT]
+        m_new = tl.maximum(m_i, tl.max(tl.max(s, 2), 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[None, :, None])
+        l_i = l_i * alpha + tl.sum(tl.sum(p, 2), 0)
+        m_i = m_new
+        o = tl.sum(_bdot(_mm_in(p * vs[:, None, :], q.dtype, F32), vq, F32), 0)
+        acc = acc * alpha[:, None] + o + tl.sum(tl.sum(p * vz[:, None, :], 2), 0)[:, None]
     return acc, m_i, l_i
 
 
@@ -296,8 +320,8 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, TILE_P: tl.constexpr,
     NUM_SPLITS: tl.constexpr, HAS_TAGS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
     HAS2: tl.constexpr, ELEM: tl.constexpr, MAG: tl.constexpr, MAG8: tl.constexpr, CAP8: tl.constexpr, CAP4: tl.constexpr,
-    CAP2: tl.constexpr, QT8: tl.constexpr, QT4: tl.constexpr, QT2: tl.constexpr,
-    SCAN: tl.constexpr, WRITE_LSE: tl.constexpr, F32: tl.constexpr,
+    CAP2: tl.constexpr, QT8: tl.constexpr, QT4: tl.constexpr, QT2: tl.constexpr, PPT8: tl.constexpr,
+    PPT4: tl.constexpr, PPT2: tl.constexpr, SCAN: tl.constexpr, WRITE_LSE: tl.constexpr, F32: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -356,15 +380,15 @@ def _fwd_kernel(
             if HAS4:
                 if qbits == 4:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh,
-                                                 j0, ce1, nf, n_q, scale2, ELEM, 4, CAP4, QT4, D, MAG, F32)
+                                                 j0, ce1, nf, n_q, scale2, ELEM, 4, CAP4, QT4, PPT4, D, MAG, F32)
             if HAS2:
                 if qbits == 2:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh,
-                                                 j0, ce1, nf, n_q, scale2, ELEM, 2, CAP2, QT2, D, MAG, F32)
+                                                 j0, ce1, nf, n_q, scale2, ELEM, 2, CAP2, QT2, PPT2, D, MAG, F32)
             if HAS8:
                 if qbits == 8:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh,
-                                                 j0, ce1, nf, n_q, scale2, ELEM, 8, CAP8, QT8, D, MAG8, F32)
+                                                 j0, ce1, nf, n_q, scale2, ELEM, 8, CAP8, QT8, PPT8, D, MAG8, F32)
     else:
         # any order: one page at a time, dispatching on its tag
         off = _tokens_before(bt_row, tag_ptr, e0, BS, CAP8, CAP4, CAP2, SCAN)
@@ -379,15 +403,15 @@ def _fwd_kernel(
             if HAS4:
                 if tag == 4:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb,
-                                                 stride_kh, j, j + 1, j, cnt, scale2, ELEM, 4, CAP4, QT4, D, MAG, F32)
+                                                 stride_kh, j, j + 1, j, cnt, scale2, ELEM, 4, CAP4, QT4, 1, D, MAG, F32)
             if HAS2:
                 if tag == 2:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb,
-                                                 stride_kh, j, j + 1, j, cnt, scale2, ELEM, 2, CAP2, QT2, D, MAG, F32)
+                                                 stride_kh, j, j + 1, j, cnt, scale2, ELEM, 2, CAP2, QT2, 1, D, MAG, F32)
             if HAS8:
                 if tag == 8:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb,
-                                                 stride_kh, j, j + 1, j, cnt, scale2, ELEM, 8, CAP8, QT8, D, MAG8, F32)
+                                                 stride_kh, j, j + 1, j, cnt, scale2, ELEM, 8, CAP8, QT8, 1, D, MAG8, F32)
             off += cap
     le0 = tl.maximum(e0, nc) - nc + lb0
     le1 = tl.maximum(e1, nc) - nc + lb0
@@ -454,7 +478,7 @@ def _stats_rows(k, ks, kz, QUANT: tl.constexpr, keys_ok, kpos, CAUSAL: tl.conste
         q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         lse = tl.load(lse_ptr + (q_start + tok).to(tl.int64) * H_Q + hq, mask=row_ok, other=0.0)
         if QUANT:
-            s = _qk_quant(q.to(tl.float32), k, ks, kz, scale2, q.dtype, MAG, F32)
+            s = tl.reshape(_qk_quant(q.to(tl.float32), k, ks, kz, scale2, q.dtype, F32), (BLOCK_M, N))
         else:
             s = _dot(q, tl.trans(k), F32) * scale2
         keep = row_ok[:, None] & keys_ok[None, :]
@@ -504,16 +528,17 @@ def _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, strid
                 H_Q: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_Q: tl.constexpr, MAG: tl.constexpr, WANT_MASS: tl.constexpr, HAS_OBS: tl.constexpr,
                 F32: tl.constexpr):
-    """Entries [j0, j1) of a run of quantized pages (see _attend_qrun)."""
+    """Entries [j0, j1) of a run of quantized pages (see _attend_qrun), one page per tile."""
     TPP: tl.constexpr = (CAP + QT - 1) // QT
-    for it in range(j0 * TPP, j1 * TPP):
-        page_byte, t, valid, j = _qpage_at(bt_row, h, stride_kb, stride_kh, it, jbase, n_tok, ELEM, CAP, QT)
-        kq, ks, kz = _qkeys(kvb_ptr, kvh_ptr, page_byte, t, valid, BITS, CAP, QT, D, MAG, F32)
-        mass, obs = _stats_rows(kq, ks, kz, True, valid, t, False, q_ptr, lse_ptr, q_start, q_len, seq_len,
+    for it in range((j0 - jbase) * TPP, (j1 - jbase) * TPP):
+        page_byte, t, valid, j = _qpages_at(bt_row, h, stride_kb, stride_kh, it, j1, jbase, n_tok, ELEM, CAP, QT, 1)
+        kq, ks, kz = _qkeys(kvb_ptr, kvh_ptr, page_byte, t, valid, q_ptr.dtype.element_ty, BITS, CAP, D, MAG, F32)
+        ok = tl.reshape(valid, (QT,))
+        mass, obs = _stats_rows(kq, ks, kz, True, ok, t, False, q_ptr, lse_ptr, q_start, q_len, seq_len,
                                 obs_len, h, scale2, stride_qt, stride_qh, QT, H_Q, D, G, BLOCK_M, BLOCK_Q, MAG,
                                 HAS_OBS, F32)
-        sb = tl.load(st_row + j).to(tl.int64)
-        _stats_add(mass_ptr, obsout_ptr, sb * stride_mb + h * stride_mh + t, valid, mass, obs, WANT_MASS, HAS_OBS)
+        sb = tl.load(st_row + j).to(tl.int64)  # [1]
+        _stats_add(mass_ptr, obsout_ptr, sb * stride_mb + h * stride_mh + t, ok, mass, obs, WANT_MASS, HAS_OBS)
 
 
 @triton.jit
@@ -668,7 +693,7 @@ def paged_attention_batched(
     assert D2 == 2 * D and D in (32, 64, 128, 256), f"head dim {D} unsupported"
     assert H_q % H_kv == 0
     assert kv_cache.stride(3) == 1 and kv_cache.stride(2) == D2, "pages must be contiguous [bs, 2D]"
-    assert q.stride(2) == 1
+    assert q.stride(2) == 1 and q.dtype == kv_cache.dtype
     assert kv_cache.dtype in (torch.float16, torch.bfloat16, torch.float32)
     assert BS & (BS - 1) == 0 and BS >= 16, "block size must be a power of two >= 16"
     for t in (block_table, query_start_loc, seq_lens, kept, live_start):
@@ -697,6 +722,10 @@ def paged_attention_batched(
     es = kv_cache.element_size()
     caps = {b: page_capacity(b, BS, D, es) for b in (8, 4, 2)}
     qts = {b: min(_pow2(c), 128 if D <= 128 else 64) for b, c in caps.items()}
+    # Quantized tiles: pages per tile (a page smaller than QT pads to QT slots). Measured
+    # on the H100 at bs=16 (docs/kernels.md); config["PPT"] overrides.
+    ppt = (config or {}).get("PPT", 1)
+    ppts = {b: ppt if qts[b] >= caps[b] else 1 for b in caps}
     kvb = kv_cache.view(torch.uint8)
     kvh = kv_cache.view(torch.float16)
     tags = page_tag if page_tag is not None else seq_lens  # dummy pointer when unused
@@ -745,12 +774,14 @@ def paged_attention_batched(
                   HAS4=has_tags and 4 in page_bits, HAS2=has_tags and 2 in page_bits, ELEM=es, MAG=mag,
                   MAG8=0 if mag == 128 else mag,
                   CAP8=caps[8], CAP4=caps[4], CAP2=caps[2], QT8=qts[8], QT4=qts[4], QT2=qts[2], SCAN=64, F32=f32)
+    ppt_args = dict(PPT8=ppts[8], PPT4=ppts[4], PPT2=ppts[2])
     _fwd_kernel[(n_qtiles, H_kv, num_splits)](
         q, kv_cache, kvb, kvh, tags, block_table, query_start_loc, seq_lens, kept, live_start,
         out, lse, pacc, pml, scale2, B, block_table.shape[1],
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         out.stride(0), out.stride(1),
-        NUM_SPLITS=num_splits, WRITE_LSE=write_lse, num_warps=num_warps, num_stages=num_stages, **common)
+        NUM_SPLITS=num_splits, WRITE_LSE=write_lse, num_warps=num_warps, num_stages=num_stages, **common,
+        **ppt_args)
     if num_splits > 1:
         _reduce_kernel[(T, H_q)](pacc, pml, out, lse, out.stride(0), out.stride(1), H_Q=H_q, D=D,
                                  NUM_SPLITS=num_splits, SPLITS_P2=_pow2(num_splits), WRITE_LSE=write_lse)

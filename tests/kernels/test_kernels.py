@@ -20,13 +20,13 @@ DEV = torch.device("cuda" if CUDA else "cpu")
 gpu_only = pytest.mark.skipif(not CUDA, reason="realistic shapes need a GPU; CPU twin named in the docstring")
 # ||out - ref|| / ||ref||: probabilities go to the PV product in the model dtype (2^-9 for
 # bf16, 2^-12 for fp16) and the output is rounded to it.
-TOL = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-4}
+TOL = {torch.bfloat16: 8e-3, torch.float16: 2e-3, torch.float32: 1e-4}
 # Statistics are fp32 sums of exp(s - lse); on the GPU the forward's scores over quantized
 # pages use q*scale rounded to the model dtype, so its LSE is ~2^-9 |s| off there.
 STAT_TOL = {False: 2e-3, True: 1.5e-2 if CUDA else 2e-3}
 
 
-def _check_batch(b, *, splits=None, stats=True, tol=None):
+def _check_batch(b, *, splits=None, stats=True, tol=None, config=None):
     """Run the batched kernel with stats and compare request by request."""
     nb, hkv = b.kv.shape[:2]
     slots = max(quant.capacities(b.kv).values()) if b.page_tag is not None else b.kv.shape[2]
@@ -37,7 +37,7 @@ def _check_batch(b, *, splits=None, stats=True, tol=None):
     scale = b.q.shape[-1] ** -0.5
     paged_attention_batched(*b.args(), scale, page_tag=b.page_tag, out=out,
                             mass_cache=mass if stats else None, obs_cache=obs if stats else None,
-                            obs_queries=b.obs, num_splits=splits)
+                            obs_queries=b.obs, num_splits=splits, config=config)
     tol = tol or TOL[b.q.dtype]
     stol = STAT_TOL[b.page_tag is not None]
     qsl = b.qsl.tolist()
@@ -151,6 +151,20 @@ def test_mixed_precision_pages(d, bs, g, dtype, q_lens):
         reqs.append(Req(ql, live + 2 * bs + 3, live_start=live, plan=plan, obs=min(ql, 2)))
     b = make_batch(reqs, hkv=2, g=g, d=d, bs=bs, dtype=dtype, device=DEV, seed=d, tags=True)
     _check_batch(b, splits=None if q_lens[1] > 1 else 3)
+
+
+@pytest.mark.parametrize("ppt,splits", [(2, 3), (4, None)])
+def test_mixed_multi_page_tiles(ppt, splits):
+    """Quantized tiles of several pages (batched dots), split boundaries inside a tile."""
+    bs, d = 16, 64
+    plans = [[0, 4, 4, 4, 4, 4], [2, 2, 2], [8] * 5, [4, 2]]
+    reqs = []
+    for i, plan in enumerate(plans):
+        caps = sum(quant.page_capacity(t, bs, d, 2) for t in plan)
+        live = -(-caps // bs) * bs + bs
+        reqs.append(Req(1 + i % 2, live + 20, live_start=live, plan=plan, obs=1))
+    b = make_batch(reqs, hkv=2, g=2, d=d, bs=bs, dtype=torch.bfloat16, device=DEV, seed=ppt, tags=True)
+    _check_batch(b, splits=splits, config={"PPT": ppt})
 
 
 def test_api_per_request_matches_reference():
@@ -320,6 +334,9 @@ def test_gpu_compaction_realistic():
                    dtype=torch.bfloat16, device=DEV, seed=4, tags=True)
     r = b.reqs[0]
     row = b.block_table[0]
+    n_pages = 32 + -(-988 // quant.page_capacity(2, bs, d, 2))
+    for j in range(len(r.plan), n_pages):  # the allocator keeps real blocks for the new region
+        row[j] = b.spare.pop()
     cand = _cands(r.kept, r.live_start, 4000, DEV)
     g = torch.Generator().manual_seed(0)
     perm = [torch.randperm(cand.numel(), generator=g) for _ in range(hkv)]
@@ -328,7 +345,6 @@ def test_gpu_compaction_realistic():
     kv_ref, tag_ref = b.kv.clone(), b.page_tag.clone()
     quant.compact_mixed(kv_ref, None, tag_ref, row, r.kept, cand, keep_full, keep_quant, 2)
     tri_compact_mixed(b.kv, None, b.page_tag, row, r.kept, cand, keep_full, keep_quant, 2)
-    n_pages = 32 + -(-988 // quant.page_capacity(2, bs, d, 2))
     dst = row[:n_pages].long()
     assert torch.equal(b.page_tag[dst], tag_ref[dst])
     assert torch.equal(b.kv[dst].view(torch.uint8), kv_ref[dst].view(torch.uint8))
