@@ -26,6 +26,10 @@ Kernels
                  deterministic.
 
 Scores are kept in the log2 domain (scale pre-multiplied by log2(e), exp2).
+
+Measured on an H100 (docs/kernels.md): bf16 decode reads K/V at 75-90% of the copy
+bandwidth; the quantized-page path is instruction-bound, not memory-bound (int4 pages are
+not yet faster than bf16 pages at equal tokens).
 """
 from __future__ import annotations
 
@@ -686,7 +690,24 @@ def paged_attention_batched(
     page_bits: tuple[int, ...] = (8, 4, 2),  # formats that may appear in compacted regions
     config: dict | None = None,  # tile overrides for benchmarking: BLOCK_M, TILE_N, num_warps, num_stages
 ) -> torch.Tensor:
-    """Batched causal attention over compacted + live KV; see the module docstring."""
+    """Causal attention of a varlen batch over each request's compacted + live keys.
+
+    Request r owns queries ``q[query_start_loc[r]:query_start_loc[r+1]]`` at positions
+    ``seq_lens[r] - q_len .. seq_lens[r] - 1`` and reads compacted tokens ``[0, kept[r])``
+    (all visible; through ``page_tag`` if given, see docs/page_format.md) and live positions
+    ``[live_start[r], seq_len)`` (causal) -- ``reference.paged_attention`` per request.
+    Returns ``out`` (written in place if given).
+
+    Statistics are *accumulated per slot*: ``mass_cache[blk, h, slot] +=`` the probability
+    each key got, summed over all queries of the request and the G query heads of KV head h
+    (H2O); ``obs_cache`` the same over the last ``obs_queries[r]`` queries (SnapKV). ``blk``
+    is ``stat_table[r, entry]`` (default: the block itself). Costs a second pass over K.
+
+    ``max_query_len``/``max_seq_len`` avoid a device sync (vLLM has both on the host);
+    under CUDA graphs pass a fixed ``num_splits`` (and ``max_seq_len`` for statistics) so the
+    grids do not change. ``page_bits`` lists the formats that may occur (fewer = smaller
+    kernel); a page of a format not listed would be skipped.
+    """
     T, H_q, D = q.shape
     nb, H_kv, BS, D2 = kv_cache.shape
     B = seq_lens.shape[0]
@@ -722,8 +743,8 @@ def paged_attention_batched(
     es = kv_cache.element_size()
     caps = {b: page_capacity(b, BS, D, es) for b in (8, 4, 2)}
     qts = {b: min(_pow2(c), 128 if D <= 128 else 64) for b, c in caps.items()}
-    # Quantized tiles: pages per tile (a page smaller than QT pads to QT slots). Measured
-    # on the H100 at bs=16 (docs/kernels.md); config["PPT"] overrides.
+    # Quantized tiles: one page (padded to QT slots) per step. Several pages per step
+    # (batched 3-D dots, config["PPT"]) measured 2-4x slower on the H100 (docs/kernels.md).
     ppt = (config or {}).get("PPT", 1)
     ppts = {b: ppt if qts[b] >= caps[b] else 1 for b in caps}
     kvb = kv_cache.view(torch.uint8)
