@@ -33,7 +33,6 @@ not yet faster than bf16 pages at equal tokens).
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -467,7 +466,7 @@ def _reduce_kernel(pacc_ptr, pml_ptr, out_ptr, lse_ptr, stride_ot, stride_oh,
 def _stats_rows(k, ks, kz, QUANT: tl.constexpr, keys_ok, kpos, CAUSAL: tl.constexpr, q_ptr, lse_ptr, q_start,
                 q_len, seq_len, obs_len, h, scale2, stride_qt, stride_qh, N: tl.constexpr, H_Q: tl.constexpr,
                 D: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-                MAG: tl.constexpr, HAS_OBS: tl.constexpr, F32: tl.constexpr):
+                HAS_OBS: tl.constexpr, F32: tl.constexpr):
     """Per-key sums of exp2(s - lse) over all query rows of the request for one key tile,
     with the very score arithmetic of the forward (so the LSE matches)."""
     offs_m = tl.arange(0, BLOCK_M)
@@ -509,7 +508,7 @@ def _stats_positions(mass_ptr, obsout_ptr, kv_ptr, bt_row, st_row, h, stride_kb,
                      p0, p1, CAUSAL: tl.constexpr, q_ptr, lse_ptr, q_start, q_len, seq_len, obs_len, scale2,
                      stride_qt, stride_qh, TILE_N: tl.constexpr, BS: tl.constexpr, H_Q: tl.constexpr,
                      D: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-                     MAG: tl.constexpr, WANT_MASS: tl.constexpr, HAS_OBS: tl.constexpr, F32: tl.constexpr):
+                     WANT_MASS: tl.constexpr, HAS_OBS: tl.constexpr, F32: tl.constexpr):
     """Full-precision keys at positions [p0, p1) (compacted ones: CAUSAL=False)."""
     offs_d = tl.arange(0, D)
     for t0 in range(p0, p1, TILE_N):
@@ -519,7 +518,7 @@ def _stats_positions(mass_ptr, obsout_ptr, kv_ptr, bt_row, st_row, h, stride_kb,
         k = tl.load(kv_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
         mass, obs = _stats_rows(k, offs_d, offs_d, False, valid, pos, CAUSAL, q_ptr, lse_ptr, q_start, q_len,
                                 seq_len, obs_len, h, scale2, stride_qt, stride_qh, TILE_N, H_Q, D, G, BLOCK_M,
-                                BLOCK_Q, MAG, HAS_OBS, F32)
+                                BLOCK_Q, HAS_OBS, F32)
         sb = tl.load(st_row + pos // BS, mask=valid, other=0).to(tl.int64)
         _stats_add(mass_ptr, obsout_ptr, sb * stride_mb + h * stride_mh + pos % BS, valid, mass, obs,
                    WANT_MASS, HAS_OBS)
@@ -539,7 +538,7 @@ def _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, strid
         kq, ks, kz = _qkeys(kvb_ptr, kvh_ptr, page_byte, t, valid, q_ptr.dtype.element_ty, BITS, CAP, D, MAG, F32)
         ok = tl.reshape(valid, (QT,))
         mass, obs = _stats_rows(kq, ks, kz, True, ok, t, False, q_ptr, lse_ptr, q_start, q_len, seq_len,
-                                obs_len, h, scale2, stride_qt, stride_qh, QT, H_Q, D, G, BLOCK_M, BLOCK_Q, MAG,
+                                obs_len, h, scale2, stride_qt, stride_qh, QT, H_Q, D, G, BLOCK_M, BLOCK_Q,
                                 HAS_OBS, F32)
         sb = tl.load(st_row + j).to(tl.int64)  # [1]
         _stats_add(mass_ptr, obsout_ptr, sb * stride_mb + h * stride_mh + t, ok, mass, obs, WANT_MASS, HAS_OBS)
@@ -597,7 +596,7 @@ def _stats_kernel(
         _stats_positions(mass_ptr, obsout_ptr, kv_ptr, bt_row, st_row, h, stride_kb, stride_kh, stride_mb,
                          stride_mh, e0 * BS, tl.minimum(tl.minimum(ce1, nf) * BS, kept), False, q_ptr, lse_ptr,
                          q_start, q_len, seq_len, obs_len, scale2, stride_qt, stride_qh, TILE_N, BS, H_Q, D, G,
-                         BLOCK_M, BLOCK_Q, MAG, WANT_MASS, HAS_OBS, F32)
+                         BLOCK_M, BLOCK_Q, WANT_MASS, HAS_OBS, F32)
         if HAS_TAGS:
             j0 = tl.maximum(e0, nf)
             n_q = kept - nf * BS
@@ -629,7 +628,7 @@ def _stats_kernel(
                 _stats_positions(mass_ptr, obsout_ptr, kv_ptr, bt_row, st_row, h, stride_kb, stride_kh, stride_mb,
                                  stride_mh, j * BS, j * BS + cnt, False, q_ptr, lse_ptr, q_start, q_len, seq_len,
                                  obs_len, scale2, stride_qt, stride_qh, TILE_P, BS, H_Q, D, G, BLOCK_M, BLOCK_Q,
-                                 MAG, WANT_MASS, HAS_OBS, F32)
+                                 WANT_MASS, HAS_OBS, F32)
             if HAS4:
                 if tag == 4:
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
@@ -654,7 +653,7 @@ def _stats_kernel(
     _stats_positions(mass_ptr, obsout_ptr, kv_ptr, bt_row, st_row, h, stride_kb, stride_kh, stride_mb, stride_mh,
                      tl.maximum(le0 * BS, live_start), tl.minimum(le1 * BS, seq_len), True, q_ptr, lse_ptr,
                      q_start, q_len, seq_len, obs_len, scale2, stride_qt, stride_qh, TILE_N, BS, H_Q, D, G,
-                     BLOCK_M, BLOCK_Q, MAG, WANT_MASS, HAS_OBS, F32)
+                     BLOCK_M, BLOCK_Q, WANT_MASS, HAS_OBS, F32)
 
 
 # ----------------------------------------------------------------------------- launch

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvbatch import Req, make_batch, rel_err
+from .kvbatch import Req, make_batch, rel_err
 
 from vllm_kvcomp.ops import quant, reference
 from vllm_kvcomp.triton_kernels import api
