@@ -8,11 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+import tempfile
 import urllib.error
 import urllib.request
 
 import pytest
+
+from vllm_kvcomp.demo import wait_healthy
 
 CLI = os.path.join(os.path.dirname(sys.executable), "vllm-kvcomp")
 ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
@@ -40,25 +42,19 @@ def server(tiny_model):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads could fill and block vLLM
     proc = subprocess.Popen(
         [CLI, "serve", tiny_model, "--kv-compression", "h2o:0.25", "--host", "127.0.0.1",
          "--port", str(port), "--dtype", "float32", "--max-model-len", "4096", "--block-size", "32",
          "--served-model-name", "tiny"],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        env=ENV, stdout=subprocess.DEVNULL, stderr=log, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 150
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read()[-3000:])
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(1)
-    else:
+    try:
+        wait_healthy(base, timeout=150, alive=lambda: proc.poll() is None)
+    except (RuntimeError, SystemExit):
         proc.kill()
-        raise TimeoutError("server did not come up")
+        log.seek(0)
+        raise RuntimeError(log.read()[-3000:]) from None
     yield base
     proc.send_signal(signal.SIGINT)
     try:

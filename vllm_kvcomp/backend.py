@@ -22,7 +22,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
 from vllm_kvcomp.allocator import KVCompSpec
-from vllm_kvcomp.layout import NO_PLAN, PLAIN, Layout, Plan, make_plan
+from vllm_kvcomp.layout import NO_PLAN, Layout, Plan, make_plan
 from vllm_kvcomp.ops import reference as ref
 from vllm_kvcomp.policies import Policy, ScoreContext
 from vllm_kvcomp.spec import resolve_request_spec
@@ -59,7 +59,6 @@ class RowStep:
     old: Layout  # layout the attention reads
     new: Layout  # layout after this step's compaction
     policy: Policy | None
-    capacity: int
 
     @property
     def compress_now(self) -> bool:
@@ -70,9 +69,7 @@ class RowStep:
 class KVCompMetadata:
     num_actual_tokens: int
     block_table: torch.Tensor
-    slot_mapping: torch.Tensor
     rows: list[RowStep]
-    needs_mass: bool  # any row needs per-token attention mass
 
 
 class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
@@ -108,13 +105,11 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
             plan, policy = self._plan(infos[i]) if i < len(infos) else (NO_PLAN, None)
             old = plan.layout(seq_len - (q_end - q_start))
             new = plan.layout(seq_len)
-            rows.append(RowStep(q_start, q_end, seq_len, old, new, policy, plan.capacity))
+            rows.append(RowStep(q_start, q_end, seq_len, old, new, policy))
         return KVCompMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             block_table=cm.block_table_tensor,
-            slot_mapping=cm.slot_mapping,
             rows=rows,
-            needs_mass=any(r.policy is not None and "attn_mass" in r.policy.needs for r in rows),
         )
 
 
@@ -165,7 +160,6 @@ class KVCompImpl(AttentionImpl):
                 q_all[row.q_start:row.q_end], kv_cache, block_row, row.old.kept,
                 row.old.live_start, row.seq_len, self.scale, want_mass=want_mass, obs_queries=obs_q)
             out[row.q_start:row.q_end] = o
-            positions = None
             if want_mass:
                 positions = ref.request_key_positions(row.old.kept, row.old.live_start, row.seq_len,
                                                       kv_cache.device)

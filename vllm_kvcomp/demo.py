@@ -11,9 +11,12 @@ FILLER = ("The village sat at the edge of a quiet forest, and every morning the 
           "his shop before sunrise. Children walked to school along the river, counting ducks. ")
 
 
-def _wait(url: str, timeout: float = 300) -> None:
+def wait_healthy(url: str, timeout: float = 300, alive=lambda: True) -> None:
+    """Block until ``url``/health answers 200; ``alive()`` false aborts (server died)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if not alive():
+            raise RuntimeError(f"server at {url} exited before becoming healthy")
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as r:
                 if r.status == 200:
@@ -41,7 +44,7 @@ def main() -> None:
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--spec", default="(server default)")
     args = ap.parse_args()
-    _wait(args.url)
+    wait_healthy(args.url)
     doc = FILLER * 12 + "Remember this: the secret password is BLUE-HERON-42. " + FILLER * 12
     question = doc + "\nWhat is the secret password? Answer with the password only."
     for label, xargs in ((f"compressed ({args.spec})", None), ("full cache (override: none)",
