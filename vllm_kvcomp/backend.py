@@ -11,19 +11,23 @@ The scheduler frees the gap blocks once this step is processed (allocator.py).
 """
 from __future__ import annotations
 
+import os
 import threading
+import time
 from dataclasses import dataclass, fields
 
 import torch
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
-from vllm.v1.attention.backend import AttentionImpl, AttentionMetadataBuilder, CommonAttentionMetadata
+from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
+                                       AttentionMetadataBuilder, CommonAttentionMetadata)
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
 from vllm_kvcomp.allocator import KVCompSpec
 from vllm_kvcomp.layout import NO_PLAN, Layout, Plan, make_plan
 from vllm_kvcomp.ops import reference as ref
+from vllm_kvcomp.triton_kernels import api
 from vllm_kvcomp.policies import Policy, ScoreContext
 from vllm_kvcomp.spec import resolve_request_spec
 
@@ -32,6 +36,40 @@ logger = init_logger(__name__)
 # The model runner publishes, just before building attention metadata, what the
 # builder cannot see in CommonAttentionMetadata: each row's request (plugin.py).
 _rows = threading.local()
+
+
+# Opt-in timing of the two phases (VLLM_KVCOMP_TIMING=1; benchmarks/gpu_e2e.py): CUDA
+# events, summed when read, so the measured run is not synchronised by the measurement.
+_TIMING = os.environ.get("VLLM_KVCOMP_TIMING", "0") == "1"
+_marks: dict[str, list] = {"attention": [], "compress": []}
+
+
+def _mark(kind: str, dev: torch.device):
+    if dev.type == "cuda":
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+    return time.perf_counter()
+
+
+def _span(kind: str, start, end) -> None:
+    _marks[kind].append((start, end))
+
+
+def reset_timers() -> None:
+    for v in _marks.values():
+        v.clear()
+
+
+def read_timers() -> dict[str, float]:
+    """Milliseconds spent in attention (incl. statistics) and in scoring + compaction."""
+    res = {}
+    for kind, spans in _marks.items():
+        if spans and not isinstance(spans[0][0], float):
+            torch.cuda.synchronize()
+        res[f"{kind}_ms"] = sum(e - s if isinstance(s, float) else s.elapsed_time(e) / 1e3
+                                for s, e in spans) * (1e3 if spans else 0)
+    return res
 
 
 @dataclass(frozen=True)
@@ -51,69 +89,112 @@ def published_rows() -> list[RowInfo]:
 
 @dataclass
 class RowStep:
-    """One request in this step."""
+    """One request that compresses in this step (its layout changes)."""
 
-    q_start: int
-    q_end: int
+    index: int  # batch row
     seq_len: int  # tokens after this step
     old: Layout  # layout the attention reads
     new: Layout  # layout after this step's compaction
-    policy: Policy | None
-
-    @property
-    def compress_now(self) -> bool:
-        return self.new != self.old
+    policy: Policy
+    obs_queries: int  # queries whose attention SnapKV-style policies vote with
 
 
 @dataclass
 class KVCompMetadata:
+    """Per-step metadata: the batched kernel's arguments plus the rows that compress."""
+
     num_actual_tokens: int
-    block_table: torch.Tensor
-    rows: list[RowStep]
+    block_table: torch.Tensor  # [B, max_blocks] int32
+    query_start_loc: torch.Tensor  # [B+1] int32
+    seq_lens: torch.Tensor  # [B] int32, tokens after this step
+    kept: torch.Tensor  # [B] int32, compacted tokens (old layout)
+    live_start: torch.Tensor  # [B] int32, first live position (old layout)
+    max_query_len: int
+    max_seq_len: int
+    want_mass: bool  # some row's policy accumulates H2O attention mass
+    obs_queries: torch.Tensor | None  # [B] int32 when some row votes this step
+    compress: list[RowStep]
 
 
 class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
+    # Compaction runs Python per compressing row between kernels, so attention cannot be
+    # captured in a full CUDA graph: vLLM then compiles the model piecewise (graphs around
+    # attention) -- see plugin.py, which says so at start-up.
+    _cudagraph_support = AttentionCGSupport.NEVER
+
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size  # the scheduler's unit: layouts agree
         self.server_spec = (vllm_config.additional_config or {}).get("kv_compression")
-        self._plans: dict[tuple, Plan] = {}
+        self._plans: dict[tuple, tuple[Plan, Policy | None]] = {}
 
     def _plan(self, row: RowInfo) -> tuple[Plan, Policy | None]:
-        spec = resolve_request_spec(self.server_spec, row.extra_args)
-        if spec is None:
-            return NO_PLAN, None
-        key = (spec, row.num_prompt_tokens)
-        plan = self._plans.get(key)
-        if plan is None:
+        key = (row.num_prompt_tokens, _override(row.extra_args))
+        hit = self._plans.get(key)
+        if hit is None:
             if len(self._plans) > 4096:
                 self._plans.clear()
-            plan = self._plans[key] = make_plan(spec, row.num_prompt_tokens, self.block_size)
-        return plan, spec.policy
+            spec = resolve_request_spec(self.server_spec, row.extra_args)
+            hit = self._plans[key] = ((make_plan(spec, row.num_prompt_tokens, self.block_size),
+                                      spec.policy) if spec is not None else (NO_PLAN, None))
+        return hit
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KVCompMetadata:
         cm = common_attn_metadata
-        qsl = cm.query_start_loc_cpu.tolist()
+        b = cm.num_reqs
+        qsl = cm.query_start_loc_cpu[: b + 1].tolist()
         seq_lens = (cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None
-                    else cm.seq_lens.cpu()).tolist()
+                    else cm.seq_lens.cpu())[:b].tolist()
         infos = published_rows()
-        rows = []
-        for i in range(cm.num_reqs):
-            q_start, q_end, seq_len = qsl[i], qsl[i + 1], seq_lens[i]
-            plan, policy = self._plan(infos[i]) if i < len(infos) else (NO_PLAN, None)
-            old = plan.layout(seq_len - (q_end - q_start))
-            new = plan.layout(seq_len)
-            rows.append(RowStep(q_start, q_end, seq_len, old, new, policy))
+        if not infos:  # dummy / profiling batch: nothing is compressed
+            infos = [None] * b
+        elif len(infos) != b:
+            # Never guess: the scheduler frees blocks by these rows' layouts.
+            raise RuntimeError(f"kv-compression: {b} attention rows but the model runner "
+                               f"published {len(infos)} requests")
+        kept, live, obs_q, compress, want_mass = [0] * b, [0] * b, [0] * b, [], False
+        for i, info in enumerate(infos):
+            plan, policy = self._plan(info) if info is not None else (NO_PLAN, None)
+            if policy is None:
+                continue
+            q_len, seq_len = qsl[i + 1] - qsl[i], seq_lens[i]
+            old, new = plan.layout(seq_len - q_len), plan.layout(seq_len)
+            kept[i], live[i] = old.kept, old.live_start
+            want_mass |= "attn_mass" in policy.needs
+            if new != old:
+                if "obs_attn" in policy.needs:
+                    obs_q[i] = min(max(policy.window, 1), q_len)
+                compress.append(RowStep(i, seq_len, old, new, policy, obs_q[i]))
+        dev = cm.seq_lens.device
+
+        def i32(x):
+            return torch.tensor(x, dtype=torch.int32).to(dev, non_blocking=True)
+
         return KVCompMetadata(
             num_actual_tokens=cm.num_actual_tokens,
-            block_table=cm.block_table_tensor,
-            rows=rows,
+            block_table=cm.block_table_tensor[:b],
+            query_start_loc=cm.query_start_loc[: b + 1],
+            seq_lens=cm.seq_lens[:b],
+            kept=i32(kept),
+            live_start=i32(live),
+            max_query_len=int(cm.max_query_len),
+            max_seq_len=int(cm.max_seq_len),
+            want_mass=want_mass,
+            obs_queries=i32(obs_q) if any(obs_q) else None,
+            compress=compress,
         )
 
 
+def _override(extra_args: dict | None):
+    return None if not extra_args else extra_args.get("kv_compression")
+
+
 class KVCompImpl(AttentionImpl):
+    """Shared by the CPU and CUDA backends: ``triton_kernels.api`` runs the Triton kernels
+    on CUDA tensors and the PyTorch reference (the same math) on CPU tensors."""
+
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
                  alibi_slopes, sliding_window, kv_cache_dtype: str, logits_soft_cap=None,
                  attn_type: str = "decoder", kv_sharing_target_layer_name=None, sinks=None, **kw) -> None:
@@ -125,53 +206,60 @@ class KVCompImpl(AttentionImpl):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
-        self._mass: torch.Tensor | None = None
+        self._stats: dict[str, torch.Tensor] = {}
         self._layer_idx: int | None = None
 
-    def _mass_cache(self, kv_cache: torch.Tensor) -> torch.Tensor:
-        # Per-slot statistics beside the KV cache (float32, 1/(2*D) of an fp32 KV cache).
+    def _stat(self, kv_cache: torch.Tensor, name: str) -> torch.Tensor:
+        # Per-slot statistics beside the KV cache: float32 [num_blocks, H_kv, bs]
+        # (1/(2*D) of the cache's elements: 0.4% of a bf16 cache at D=128).
         nb, h, bs, _ = kv_cache.shape
-        if self._mass is None or self._mass.shape != (nb, h, bs) or self._mass.device != kv_cache.device:
-            self._mass = torch.zeros(nb, h, bs, dtype=torch.float32, device=kv_cache.device)
-        return self._mass
+        t = self._stats.get(name)
+        if t is None or t.shape != (nb, h, bs) or t.device != kv_cache.device:
+            t = self._stats[name] = torch.zeros(nb, h, bs, dtype=torch.float32, device=kv_cache.device)
+        return t
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        ref.write_kv(kv_cache, key, value, slot_mapping, self._mass_cache(kv_cache))
+        ref.write_kv(kv_cache, key, value, slot_mapping, self._stat(kv_cache, "mass"))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: KVCompMetadata | None,
                 output, output_scale=None, output_block_scale=None, **kw):
-        if attn_metadata is None:  # profiling / warm-up
+        md = attn_metadata
+        if md is None:  # profiling / warm-up
             return output
         if self._layer_idx is None:
             self._layer_idx = _layer_index(getattr(layer, "layer_name", ""))
-        mass_cache = self._mass_cache(kv_cache)
-        out = output.view(output.shape[0], self.num_heads, self.head_size)
-        q_all = query.view(query.shape[0], self.num_heads, self.head_size)
-        for i, row in enumerate(attn_metadata.rows):
-            if row.q_end == row.q_start:
-                continue
-            block_row = attn_metadata.block_table[i]
-            policy = row.policy
-            want_mass = policy is not None and "attn_mass" in policy.needs
-            obs_q = 0
-            if row.compress_now and policy is not None and "obs_attn" in policy.needs:
-                obs_q = min(max(policy.window, 1), row.q_end - row.q_start)
-            o, mass, obs = ref.paged_attention(
-                q_all[row.q_start:row.q_end], kv_cache, block_row, row.old.kept,
-                row.old.live_start, row.seq_len, self.scale, want_mass=want_mass, obs_queries=obs_q)
-            out[row.q_start:row.q_end] = o
-            if want_mass:
-                positions = ref.request_key_positions(row.old.kept, row.old.live_start, row.seq_len,
-                                                      kv_cache.device)
-                ref.add_mass(mass_cache, block_row, positions, mass)
-            if row.compress_now and policy is not None:
-                self._compress(kv_cache, mass_cache, block_row, row, policy, obs)
+        n = md.num_actual_tokens
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        mass = self._stat(kv_cache, "mass") if md.want_mass else None
+        obs = None
+        if md.obs_queries is not None:
+            # Votes accumulate per slot: clear the voting rows' slots first.
+            obs = self._stat(kv_cache, "obs")
+            for row in md.compress:
+                if row.obs_queries:
+                    pos = ref.request_key_positions(row.old.kept, row.old.live_start, row.seq_len,
+                                                    kv_cache.device)
+                    ref.clear_stat(obs, md.block_table[row.index], pos)
+        t0 = _mark("attention", q.device) if _TIMING else None
+        # 1. attention over compacted + live tokens (+ statistics), the whole batch at once
+        api.paged_attention_batched(
+            q, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, md.kept, md.live_start,
+            self.scale, out=out, mass_cache=mass, obs_cache=obs, obs_queries=md.obs_queries,
+            max_query_len=md.max_query_len, max_seq_len=md.max_seq_len)
+        if _TIMING:
+            t1 = _mark("compress", q.device)
+            _span("attention", t0, t1)
+        # 2. rows whose layout changes now: score candidates, compact the winners
+        for row in md.compress:
+            self._compress(kv_cache, mass, obs, md.block_table[row.index], row)
+        if _TIMING and md.compress:
+            _span("compress", t1, _mark("compress", q.device))
         return output
 
-    def _compress(self, kv_cache, mass_cache, block_row, row: RowStep, policy: Policy,
-                  obs: torch.Tensor | None) -> None:
+    def _compress(self, kv_cache, mass, obs, block_row, row: RowStep) -> None:
         """Fold old compacted + newly-old live tokens into the first ``capacity`` slots."""
-        dev = kv_cache.device
+        dev, policy = kv_cache.device, row.policy
         cand = torch.cat([torch.arange(row.old.kept, device=dev),
                           torch.arange(row.old.live_start, row.new.live_start, device=dev)])
         n = cand.numel()
@@ -179,14 +267,14 @@ class KVCompImpl(AttentionImpl):
             layer_idx=self._layer_idx or 0,
             num_candidates=n,
             keys=ref.gather_keys(kv_cache, block_row, cand),
-            attn_mass=ref.read_mass(mass_cache, block_row, cand) if "attn_mass" in policy.needs else None,
-            # The attention read old-compacted then live tokens: candidates are its prefix.
-            obs_attn=obs[:, :n] if obs is not None else None,
+            attn_mass=ref.read_mass(mass, block_row, cand) if mass is not None else None,
+            obs_attn=ref.read_mass(obs, block_row, cand) if row.obs_queries else None,
         )
         if "obs_attn" in policy.needs and ctx.obs_attn is None:
             ctx.obs_attn = torch.zeros(kv_cache.shape[1], n, device=dev)
         keep = policy.select(ctx, row.new.kept)
-        ref.compact(kv_cache, mass_cache, block_row, cand, keep)
+        # The mass moves with its token (H2O keeps accumulating it after compaction).
+        api.compact(kv_cache, self._stat(kv_cache, "mass"), block_row, cand, keep)
 
 
 def _layer_index(name: str) -> int:
@@ -216,6 +304,53 @@ class KVCompCPUBackend(CPUAttentionBackend):
     @staticmethod
     def get_builder_cls():
         return KVCompMetadataBuilder
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        return _to_kvcomp_spec(spec)
+
+
+class KVCompCUDABackend(AttentionBackend):
+    """CUDA: our Triton kernels (triton_kernels/) over vLLM's paged KV cache. Chosen by the
+    plugin in place of whatever vLLM selected, only when compression is on."""
+
+    forward_includes_kv_cache_update = False
+    supported_dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        # The registry member we override (plugin.py): enums pickle by value, so a spawned
+        # engine core can name it.
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls():
+        return KVCompImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return KVCompMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
+        # The kernels index tokens by (block, offset) with power-of-two block sizes, and the
+        # scheduler's block must be the kernel's block (layouts are counted in it).
+        return [16, 32, 64, 128]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [32, 64, 128, 256]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls):
+        from vllm.v1.kv_cache_layout import KVCacheLayout
+
+        return (KVCacheLayout.LBHNC,)  # [num_blocks, H_kv, bs, 2*D] per layer: pages contiguous
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == "decoder"
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:

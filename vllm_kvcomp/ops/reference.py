@@ -32,12 +32,10 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              slot_mapping: torch.Tensor, mass: torch.Tensor | None = None) -> None:
     """Store new tokens' K/V ([T, H_kv, D]) at their slots; padding slots are < 0."""
     n = slot_mapping.shape[0]
-    slots = slot_mapping.long()
-    valid = slots >= 0
-    if not bool(valid.all()):
-        slots, key, value = slots[valid], key[:n][valid], value[:n][valid]
-    else:
-        key, value = key[:n], value[:n]
+    # Padding tokens go to slot 0 of block 0, vLLM's null block, which no attention reads;
+    # filtering them instead would cost a device sync per layer on the GPU.
+    slots = slot_mapping.long().clamp(min=0)
+    key, value = key[:n], value[:n]
     bs = kv_cache.shape[2]
     blk, off = slots // bs, slots % bs
     d = key.shape[-1]
@@ -114,6 +112,12 @@ def read_mass(mass_cache: torch.Tensor, block_row: torch.Tensor, positions: torc
     bs = mass_cache.shape[2]
     slots = slots_for(block_row, positions, bs)
     return mass_cache[slots // bs, :, slots % bs].t()  # [H_kv, n]
+
+
+def clear_stat(stat: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor) -> None:
+    bs = stat.shape[2]
+    slots = slots_for(block_row, positions, bs)
+    stat[slots // bs, :, slots % bs] = 0.0
 
 
 def gather_keys(kv_cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
