@@ -114,6 +114,16 @@ def _batched_reference(q, kv_cache, block_table, query_start_loc, seq_lens, kept
             continue
         k, ls, sl = int(kept[r]), int(live_start[r]), int(seq_lens[r])
         w = int(obs_queries[r]) if obs_cache is not None else 0
+        if page_tag is None:  # full-precision pages: the plain reference (faster on CPU)
+            o, m, ob = reference.paged_attention(q[s:e], kv_cache, block_table[r], k, ls, sl, scale,
+                                                 mass_cache is not None, w)
+            out[s:e] = o
+            pos = reference.request_key_positions(k, ls, sl, q.device)
+            if m is not None:
+                reference.add_mass(mass_cache, st[r], pos, m)
+            if ob is not None:
+                reference.add_mass(obs_cache, st[r], pos, ob)
+            continue
         o, m, ob = quant.paged_attention_mixed(q[s:e], kv_cache, page_tag, block_table[r], k, ls, sl, scale,
                                                mass_cache is not None, w)
         out[s:e] = o

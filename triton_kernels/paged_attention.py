@@ -33,6 +33,7 @@ not yet faster than bf16 pages at equal tokens).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -662,9 +663,13 @@ def _pow2(n: int) -> int:
 
 
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def paged_attention_batched(

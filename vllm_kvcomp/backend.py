@@ -114,6 +114,22 @@ class KVCompMetadata:
     want_mass: bool  # some row's policy accumulates H2O attention mass
     obs_queries: torch.Tensor | None  # [B] int32 when some row votes this step
     compress: list[RowStep]
+    groups: list["CompressGroup"]
+
+
+@dataclass
+class CompressGroup:
+    """Rows compressing in this step with the same policy and candidate shape (decode
+    recompression: every row folds one block into the same capacity). Slots are the same
+    for every layer, so they are computed once per step."""
+
+    policy: Policy
+    rows: list[RowStep]
+    cap: int  # kept slots after compaction
+    cand_blk: torch.Tensor  # [G, n] block of each candidate (old compacted, then folded live)
+    cand_off: torch.Tensor  # [G, n] offset in that block
+    dst_blk: torch.Tensor  # [G, 1, cap] destination blocks of the kept tokens
+    dst_off: torch.Tensor  # [1, 1, cap]
 
 
 class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
@@ -167,23 +183,45 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
                 if "obs_attn" in policy.needs:
                     obs_q[i] = min(max(policy.window, 1), q_len)
                 compress.append(RowStep(i, seq_len, old, new, policy, obs_q[i]))
+        by_shape: dict[tuple, list[RowStep]] = {}
+        for row in compress:
+            d = row.new.live_start - row.old.live_start
+            by_shape.setdefault((row.policy, row.old.kept, d, row.new.kept), []).append(row)
+        # One host->device copy per step, from pinned memory: a pageable copy would
+        # synchronise the host with the GPU and stall the launch queue.
+        flat = kept + live + obs_q
+        for rows in by_shape.values():
+            flat += [r.index for r in rows] + [r.old.live_start for r in rows]
         dev = cm.seq_lens.device
-
-        def i32(x):
-            return torch.tensor(x, dtype=torch.int32).to(dev, non_blocking=True)
-
+        host = torch.tensor(flat, dtype=torch.int32)
+        dev_flat = (host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host)
+        block_table = cm.block_table_tensor[:b]
+        groups, at = [], 3 * b
+        for (policy, k0, d, cap), rows in by_shape.items():
+            g = len(rows)
+            idx, ls0 = dev_flat[at: at + g].long(), dev_flat[at + g: at + 2 * g].long()
+            at += 2 * g
+            bt = block_table[idx].long()
+            ar = torch.arange(k0 + d, device=dev)
+            cand = torch.where(ar < k0, ar, ls0[:, None] + ar - k0)  # positions [G, n]
+            dpos = torch.arange(cap, device=dev)
+            groups.append(CompressGroup(
+                policy, rows, cap, cand_blk=bt.gather(1, cand // self.block_size),
+                cand_off=cand % self.block_size, dst_blk=bt[:, dpos // self.block_size][:, None, :],
+                dst_off=(dpos % self.block_size)[None, None, :]))
         return KVCompMetadata(
             num_actual_tokens=cm.num_actual_tokens,
-            block_table=cm.block_table_tensor[:b],
+            block_table=block_table,
             query_start_loc=cm.query_start_loc[: b + 1],
             seq_lens=cm.seq_lens[:b],
-            kept=i32(kept),
-            live_start=i32(live),
+            kept=dev_flat[:b],
+            live_start=dev_flat[b: 2 * b],
             max_query_len=int(cm.max_query_len),
             max_seq_len=int(cm.max_seq_len),
             want_mass=want_mass,
-            obs_queries=i32(obs_q) if any(obs_q) else None,
+            obs_queries=dev_flat[2 * b: 3 * b] if any(obs_q) else None,
             compress=compress,
+            groups=groups,
         )
 
 
@@ -251,30 +289,45 @@ class KVCompImpl(AttentionImpl):
             t1 = _mark("compress", q.device)
             _span("attention", t0, t1)
         # 2. rows whose layout changes now: score candidates, compact the winners
-        for row in md.compress:
-            self._compress(kv_cache, mass, obs, md.block_table[row.index], row)
+        for group in md.groups:
+            self._compress(kv_cache, mass, obs, group)
         if _TIMING and md.compress:
             _span("compress", t1, _mark("compress", q.device))
         return output
 
-    def _compress(self, kv_cache, mass, obs, block_row, row: RowStep) -> None:
-        """Fold old compacted + newly-old live tokens into the first ``capacity`` slots."""
-        dev, policy = kv_cache.device, row.policy
-        cand = torch.cat([torch.arange(row.old.kept, device=dev),
-                          torch.arange(row.old.live_start, row.new.live_start, device=dev)])
-        n = cand.numel()
+    def _compress(self, kv_cache, mass, obs, grp: CompressGroup) -> None:
+        """Fold each row's old compacted tokens and newly-old live tokens (the candidates)
+        into its first ``cap`` slots, keeping the policy's choice per KV head."""
+        g, n = grp.cand_blk.shape
+        h, dd, cap, policy = kv_cache.shape[1], kv_cache.shape[3] // 2, grp.cap, grp.policy
+        cblk, coff = grp.cand_blk, grp.cand_off
+
+        def per_head(stat):  # [G, n, H] -> [G*H, n]
+            return stat[cblk, :, coff].permute(0, 2, 1).reshape(g * h, n)
+
         ctx = ScoreContext(
             layer_idx=self._layer_idx or 0,
             num_candidates=n,
-            keys=ref.gather_keys(kv_cache, block_row, cand),
-            attn_mass=ref.read_mass(mass, block_row, cand) if mass is not None else None,
-            obs_attn=ref.read_mass(obs, block_row, cand) if row.obs_queries else None,
+            keys=kv_cache[cblk, :, coff, :dd].permute(0, 2, 1, 3).reshape(g * h, n, dd),
+            attn_mass=per_head(mass) if mass is not None else None,
+            obs_attn=per_head(obs) if any(r.obs_queries for r in grp.rows) else None,
+            num_kv_heads=h,
         )
         if "obs_attn" in policy.needs and ctx.obs_attn is None:
-            ctx.obs_attn = torch.zeros(kv_cache.shape[1], n, device=dev)
-        keep = policy.select(ctx, row.new.kept)
+            ctx.obs_attn = torch.zeros(g * h, n, device=kv_cache.device)
+        if policy.batchable:  # scores and selection act per (row, head) along the last dim
+            keep = policy.select(ctx, cap)
+        else:  # head-aware policies see one request at a time: [H, n]
+            keep = torch.cat([policy.select(ctx.rows(i * h, (i + 1) * h), cap) for i in range(g)])
+        keep = keep.view(g, h, cap)
+        # Gather (a copy), then scatter: sources and destinations overlap.
+        src = kv_cache[cblk, :, coff].permute(0, 2, 1, 3)  # [G, H, n, 2D]
+        sel = src.gather(2, keep[..., None].expand(-1, -1, -1, src.shape[-1]))
+        heads = torch.arange(h, device=kv_cache.device)[None, :, None]
+        kv_cache[grp.dst_blk, heads, grp.dst_off] = sel
         # The mass moves with its token (H2O keeps accumulating it after compaction).
-        api.compact(kv_cache, self._stat(kv_cache, "mass"), block_row, cand, keep)
+        m = self._stat(kv_cache, "mass")
+        m[grp.dst_blk, heads, grp.dst_off] = m[cblk, :, coff].permute(0, 2, 1).gather(2, keep)
 
 
 def _layer_index(name: str) -> int:

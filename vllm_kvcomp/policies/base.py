@@ -38,6 +38,15 @@ class ScoreContext:
     keys: torch.Tensor  # [H_kv, n, D] post-RoPE keys of the candidates
     attn_mass: torch.Tensor | None  # [H_kv, n] attention received so far (needs "attn_mass")
     obs_attn: torch.Tensor | None  # [H_kv, n] attention from the last prompt queries (needs "obs_attn")
+    # Batched policies get several requests at once, stacked on dim 0 ([R*H_kv, ...]).
+    num_kv_heads: int | None = None
+
+    def rows(self, start: int, end: int) -> "ScoreContext":
+        """The slice of dim 0 belonging to one request."""
+        def cut(t):
+            return None if t is None else t[start:end]
+        return ScoreContext(self.layer_idx, self.num_candidates, cut(self.keys), cut(self.attn_mass),
+                            cut(self.obs_attn), self.num_kv_heads)
 
 
 class Policy(BaseModel):
@@ -49,6 +58,9 @@ class Policy(BaseModel):
     # Re-compress during decode as new tokens arrive (keeps the request within budget).
     recompress: ClassVar[bool] = False
     action: ClassVar[str] = "evict"
+    # score()/select() treat dim 0 as independent (request, head) rows, so the backend may
+    # stack several requests; a policy that combines heads sets this False.
+    batchable: ClassVar[bool] = True
 
     sinks: int = Field(4, ge=0, le=4096, description="first tokens always kept")
     window: int = Field(32, ge=0, le=65536, description="most recent tokens always kept")
