@@ -159,7 +159,7 @@ class Bench:
             tpot_med_ms=round(1e3 * pct(tpot, 50), 2), tpot_p99_ms=round(1e3 * pct(tpot, 99), 2),
             max_running=max_running,
             kv_tokens_per_req_med=round(statistics.median(held)) if held else None,
-            compress_ms=round(timers["compress_ms"], 1), attention_ms=round(timers["attention_ms"], 1),
+            compress_ms=round(timers["compress_ms"], 1),
             compress_share=round(timers["compress_ms"] / 1e3 / dt, 5),
         )
 

@@ -672,6 +672,51 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _freeze(config):
+    return tuple(sorted(config.items())) if config else None
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_consts(D, BS, G, dtype, has_tags, page_bits, decode, config):
+    from vllm_kvcomp.ops.quant import page_capacity
+
+    config = dict(config) if config else None
+    es = torch.empty((), dtype=dtype).element_size()
+    caps = {b: page_capacity(b, BS, D, es) for b in (8, 4, 2)}
+    qts = {b: min(_pow2(c), 128 if D <= 128 else 64) for b, c in caps.items()}
+    # Quantized tiles: one page (padded to QT slots) per step. Several pages per step
+    # (batched 3-D dots, config["PPT"]) measured 2-4x slower on the H100 (docs/kernels.md).
+    ppt = (config or {}).get("PPT", 1)
+    ppts = {b: ppt if qts[b] >= caps[b] else 1 for b in caps}
+    f32 = _INTERPRET or dtype == torch.float32
+    mag = {torch.bfloat16: 128, torch.float16: 1024, torch.float32: 0}[dtype]
+    assert set(page_bits) <= {8, 4, 2}
+    # Tiling: a decode tile is one token x the G heads of a KV group (>= 16 rows for
+    # tl.dot); prefill tiles pack 64-128 rows. Key tiles of 64 tokens (32 at D=256): K+V of
+    # one tile is 32 KB in bf16, so 3 pipeline stages fit in shared memory. These were the
+    # best of a sweep on an H100 (docs/kernels.md): decode 4 warps x 3 stages, 85-90% of
+    # copy bandwidth; prefill 128 x 64 tiles, 4 warps x 2 stages.
+    if decode:
+        BLOCK_M = max(16, _pow2(G))
+    else:
+        BLOCK_M = max(64 if D > 128 else 128, _pow2(G))
+    TILE_N = 64 if D <= 128 else 32
+    num_warps, num_stages = (4, 3) if decode else (4, 2)
+    if config:
+        BLOCK_M = config.get("BLOCK_M", BLOCK_M)
+        TILE_N = config.get("TILE_N", TILE_N)
+        num_warps = config.get("num_warps", num_warps)
+        num_stages = config.get("num_stages", num_stages)
+    BLOCK_Q = BLOCK_M // G
+    common = dict(D=D, BS=BS, G=G, BLOCK_M=BLOCK_M, BLOCK_Q=BLOCK_Q, TILE_N=TILE_N,
+                  TILE_P=min(TILE_N, BS), HAS_TAGS=has_tags, HAS8=has_tags and 8 in page_bits,
+                  HAS4=has_tags and 4 in page_bits, HAS2=has_tags and 2 in page_bits, ELEM=es, MAG=mag,
+                  MAG8=0 if mag == 128 else mag,
+                  CAP8=caps[8], CAP4=caps[4], CAP2=caps[2], QT8=qts[8], QT4=qts[4], QT2=qts[2], SCAN=64, F32=f32)
+    ppt_args = dict(PPT8=ppts[8], PPT4=ppts[4], PPT2=ppts[2])
+    return common, caps, (BLOCK_M, TILE_N, num_warps, num_stages, ppt_args)
+
+
 def paged_attention_batched(
     q: torch.Tensor,  # [T, H_q, D]
     kv_cache: torch.Tensor,  # [num_blocks, H_kv, bs, 2D]
@@ -742,39 +787,15 @@ def paged_attention_batched(
     if B == 0 or T == 0:
         return out
 
-    from vllm_kvcomp.ops.quant import page_capacity
-
-    es = kv_cache.element_size()
-    caps = {b: page_capacity(b, BS, D, es) for b in (8, 4, 2)}
-    qts = {b: min(_pow2(c), 128 if D <= 128 else 64) for b, c in caps.items()}
-    # Quantized tiles: one page (padded to QT slots) per step. Several pages per step
-    # (batched 3-D dots, config["PPT"]) measured 2-4x slower on the H100 (docs/kernels.md).
-    ppt = (config or {}).get("PPT", 1)
-    ppts = {b: ppt if qts[b] >= caps[b] else 1 for b in caps}
     kvb = kv_cache.view(torch.uint8)
     kvh = kv_cache.view(torch.float16)
     tags = page_tag if page_tag is not None else seq_lens  # dummy pointer when unused
-    f32 = _INTERPRET or kv_cache.dtype == torch.float32
-    mag = {torch.bfloat16: 128, torch.float16: 1024, torch.float32: 0}[kv_cache.dtype]
-    assert set(page_bits) <= {8, 4, 2}
-
-    # Tiling: a decode tile is one token x the G heads of a KV group (>= 16 rows for
-    # tl.dot); prefill tiles pack 64-128 rows. Key tiles of 64 tokens (32 at D=256): K+V of
-    # one tile is 32 KB in bf16, so 3 pipeline stages fit in shared memory. These were the
-    # best of a sweep on an H100 (docs/kernels.md): decode 4 warps x 3 stages, 85-90% of
-    # copy bandwidth; prefill 128 x 64 tiles, 4 warps x 2 stages.
     decode = max_query_len <= 1
-    if decode:
-        BLOCK_M = max(16, _pow2(G))
-    else:
-        BLOCK_M = max(64 if D > 128 else 128, _pow2(G))
-    TILE_N = 64 if D <= 128 else 32
-    num_warps, num_stages = (4, 3) if decode else (4, 2)
-    if config:
-        BLOCK_M = config.get("BLOCK_M", BLOCK_M)
-        TILE_N = config.get("TILE_N", TILE_N)
-        num_warps = config.get("num_warps", num_warps)
-        num_stages = config.get("num_stages", num_stages)
+    # Everything below depends on shapes only: computed once per shape (host time per
+    # layer matters: attention runs between CUDA graph pieces).
+    common, caps, tiling = _launch_consts(D, BS, G, kv_cache.dtype, page_tag is not None,
+                                          tuple(page_bits), decode, _freeze(config))
+    BLOCK_M, TILE_N, num_warps, num_stages, ppt_args = tiling
     BLOCK_Q = BLOCK_M // G
     n_qtiles = T // BLOCK_Q + B
     if num_splits is None:
@@ -793,13 +814,7 @@ def paged_attention_batched(
     else:
         pacc = pml = out
     scale2 = float(scale) * LOG2E
-    has_tags = page_tag is not None
-    common = dict(H_Q=H_q, D=D, BS=BS, G=G, BLOCK_M=BLOCK_M, BLOCK_Q=BLOCK_Q, TILE_N=TILE_N,
-                  TILE_P=min(TILE_N, BS), HAS_TAGS=has_tags, HAS8=has_tags and 8 in page_bits,
-                  HAS4=has_tags and 4 in page_bits, HAS2=has_tags and 2 in page_bits, ELEM=es, MAG=mag,
-                  MAG8=0 if mag == 128 else mag,
-                  CAP8=caps[8], CAP4=caps[4], CAP2=caps[2], QT8=qts[8], QT4=qts[4], QT2=qts[2], SCAN=64, F32=f32)
-    ppt_args = dict(PPT8=ppts[8], PPT4=ppts[4], PPT2=ppts[2])
+    common = dict(common, H_Q=H_q)
     _fwd_kernel[(n_qtiles, H_kv, num_splits)](
         q, kv_cache, kvb, kvh, tags, block_table, query_start_loc, seq_lens, kept, live_start,
         out, lse, pacc, pml, scale2, B, block_table.shape[1],

@@ -38,13 +38,13 @@ logger = init_logger(__name__)
 _rows = threading.local()
 
 
-# Opt-in timing of the two phases (VLLM_KVCOMP_TIMING=1; benchmarks/gpu_e2e.py): CUDA
+# Opt-in timing of scoring + compaction (VLLM_KVCOMP_TIMING=1; benchmarks/gpu_e2e.py): CUDA
 # events, summed when read, so the measured run is not synchronised by the measurement.
 _TIMING = os.environ.get("VLLM_KVCOMP_TIMING", "0") == "1"
-_marks: dict[str, list] = {"attention": [], "compress": []}
+_marks: list[tuple] = []
 
 
-def _mark(kind: str, dev: torch.device):
+def _mark(dev: torch.device):
     if dev.type == "cuda":
         e = torch.cuda.Event(enable_timing=True)
         e.record()
@@ -52,24 +52,16 @@ def _mark(kind: str, dev: torch.device):
     return time.perf_counter()
 
 
-def _span(kind: str, start, end) -> None:
-    _marks[kind].append((start, end))
-
-
 def reset_timers() -> None:
-    for v in _marks.values():
-        v.clear()
+    _marks.clear()
 
 
 def read_timers() -> dict[str, float]:
-    """Milliseconds spent in attention (incl. statistics) and in scoring + compaction."""
-    res = {}
-    for kind, spans in _marks.items():
-        if spans and not isinstance(spans[0][0], float):
-            torch.cuda.synchronize()
-        res[f"{kind}_ms"] = sum(e - s if isinstance(s, float) else s.elapsed_time(e) / 1e3
-                                for s, e in spans) * (1e3 if spans else 0)
-    return res
+    """Milliseconds spent scoring and compacting (all layers)."""
+    if _marks and not isinstance(_marks[0][0], float):
+        torch.cuda.synchronize()
+    return {"compress_ms": sum((e - s) * 1e3 if isinstance(s, float) else s.elapsed_time(e)
+                               for s, e in _marks)}
 
 
 @dataclass(frozen=True)
@@ -257,7 +249,7 @@ class KVCompImpl(AttentionImpl):
         return t
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        ref.write_kv(kv_cache, key, value, slot_mapping, self._stat(kv_cache, "mass"))
+        api.write_kv(kv_cache, key, value, slot_mapping, self._stat(kv_cache, "mass"))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: KVCompMetadata | None,
                 output, output_scale=None, output_block_scale=None, **kw):
@@ -279,20 +271,18 @@ class KVCompImpl(AttentionImpl):
                     pos = ref.request_key_positions(row.old.kept, row.old.live_start, row.seq_len,
                                                     kv_cache.device)
                     ref.clear_stat(obs, md.block_table[row.index], pos)
-        t0 = _mark("attention", q.device) if _TIMING else None
         # 1. attention over compacted + live tokens (+ statistics), the whole batch at once
         api.paged_attention_batched(
             q, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, md.kept, md.live_start,
             self.scale, out=out, mass_cache=mass, obs_cache=obs, obs_queries=md.obs_queries,
             max_query_len=md.max_query_len, max_seq_len=md.max_seq_len)
-        if _TIMING:
-            t1 = _mark("compress", q.device)
-            _span("attention", t0, t1)
         # 2. rows whose layout changes now: score candidates, compact the winners
-        for group in md.groups:
-            self._compress(kv_cache, mass, obs, group)
-        if _TIMING and md.compress:
-            _span("compress", t1, _mark("compress", q.device))
+        if md.groups:
+            t0 = _mark(q.device) if _TIMING else None
+            for group in md.groups:
+                self._compress(kv_cache, mass, obs, group)
+            if _TIMING:
+                _marks.append((t0, _mark(q.device)))
         return output
 
     def _compress(self, kv_cache, mass, obs, grp: CompressGroup) -> None:

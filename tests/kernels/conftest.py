@@ -21,9 +21,9 @@ def _load_kernels():
     if not CUDA:
         os.environ["TRITON_INTERPRET"] = "1"
     try:
-        from vllm_kvcomp.triton_kernels import api, compaction, paged_attention
+        from vllm_kvcomp.triton_kernels import api, cache_write, compaction, paged_attention
 
-        for m in (paged_attention, compaction, api):
+        for m in (paged_attention, compaction, cache_write, api):
             importlib.reload(m)
     finally:
         if old is None:

@@ -348,3 +348,24 @@ def test_gpu_compaction_realistic():
     dst = row[:n_pages].long()
     assert torch.equal(b.page_tag[dst], tag_ref[dst])
     assert torch.equal(b.kv[dst].view(torch.uint8), kv_ref[dst].view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_write_kv_matches_reference(dtype):
+    """The step's K/V store (one launch per layer): each token lands in its slot, its
+    statistics slot is zeroed, padding tokens (slot -1) are written nowhere."""
+    g = torch.Generator().manual_seed(3)
+    nb, h, bs, d, t = 6, 2, 16, 32, 9
+    kv = torch.randn(nb, h, bs, 2 * d, generator=g).to(dtype).to(DEV)
+    mass = torch.rand(nb, h, bs, generator=g).to(DEV)
+    key = torch.randn(t, h, d, generator=g).to(dtype).to(DEV)
+    value = torch.randn(t, h, d, generator=g).to(dtype).to(DEV)
+    slots = [17, 18, 40, 95, 3, -1, 64, 65, -1]
+    want_kv, want_mass = kv.clone(), mass.clone()
+    for i, s_ in enumerate(slots):
+        if s_ >= 0:
+            want_kv[s_ // bs, :, s_ % bs, :d], want_kv[s_ // bs, :, s_ % bs, d:] = key[i], value[i]
+            want_mass[s_ // bs, :, s_ % bs] = 0
+    api.write_kv(kv, key, value, torch.tensor(slots, device=DEV), mass)
+    assert torch.equal(kv, want_kv)
+    assert torch.equal(mass, want_mass)
