@@ -334,9 +334,8 @@ def _to_kvcomp_spec(spec: AttentionSpec) -> AttentionSpec:
     return spec
 
 
-class KVCompCPUBackend(CPUAttentionBackend):
-    """CPU: vLLM only ever picks CPU_ATTN there; the plugin swaps this class in when
-    compression is on. Reads and writes the cache with the PyTorch reference."""
+class _KVCompBackend:
+    """What both backends share: our impl and builder, our KV-cache spec."""
 
     supported_kv_cache_dtypes = ["auto"]
 
@@ -353,27 +352,23 @@ class KVCompCPUBackend(CPUAttentionBackend):
         return _to_kvcomp_spec(spec)
 
 
-class KVCompCUDABackend(AttentionBackend):
+class KVCompCPUBackend(_KVCompBackend, CPUAttentionBackend):
+    """CPU: vLLM only ever picks CPU_ATTN there; the plugin swaps this class in when
+    compression is on. Reads and writes the cache with the PyTorch reference."""
+
+
+class KVCompCUDABackend(_KVCompBackend, AttentionBackend):
     """CUDA: our Triton kernels (triton_kernels/) over vLLM's paged KV cache. Chosen by the
     plugin in place of whatever vLLM selected, only when compression is on."""
 
     forward_includes_kv_cache_update = False
     supported_dtypes = [torch.float16, torch.bfloat16, torch.float32]
-    supported_kv_cache_dtypes = ["auto"]
 
     @staticmethod
     def get_name() -> str:
         # The registry member we override (plugin.py): enums pickle by value, so a spawned
         # engine core can name it.
         return "CUSTOM"
-
-    @staticmethod
-    def get_impl_cls():
-        return KVCompImpl
-
-    @staticmethod
-    def get_builder_cls():
-        return KVCompMetadataBuilder
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
@@ -394,7 +389,3 @@ class KVCompCUDABackend(AttentionBackend):
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == "decoder"
-
-    @classmethod
-    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        return _to_kvcomp_spec(spec)
