@@ -173,8 +173,8 @@ class Runner:
 
     def run(self, jobs: list[tuple[str, list[int], object]], on_done) -> None:
         """Submit every job at once (vLLM batches them), call ``on_done(key, output,
-        blocks)`` as each finishes; ``blocks`` = the most blocks seen held after the
-        request's first decode step (what the compressed request keeps)."""
+        blocks)`` as each finishes; ``blocks`` = the blocks the request held in vLLM's
+        pool after its last step but one (compressed by then, decode tokens included)."""
         ids: dict[str, str] = {}
         for key, prompt_ids, params in jobs:
             rid = self.eng.add_request(key, {"prompt_token_ids": prompt_ids}, params)
@@ -191,7 +191,7 @@ class Runner:
                 key = ids.get(out.request_id, out.request_id)
                 hist = seen.pop(out.request_id, None) or next(
                     (seen.pop(r) for r, k in list(ids.items()) if k == key and r in seen), [])
-                on_done(key, out, max(hist[1:]) if len(hist) > 1 else (hist[0] if hist else None))
+                on_done(key, out, hist[-1] if hist else None)
 
     def check_override(self, spec: str, n_tokens: int = 1024) -> dict:
         """A request with ``spec`` per request vs one with the server's keep-all spec, same
@@ -347,6 +347,9 @@ def cmd_run(a) -> int:
         for s in range(0, len(jobs), a.chunk):
             runner.run(jobs[s:s + a.chunk], on_done)
     bar.close()
+    del runner  # the engine: before any other engine starts in this process
+    import gc
+    gc.collect()
     elapsed = time.time() - t0
     meta["runs"].append(dict(
         argv=["vllm-kvcomp-accuracy"] + sys.argv[1:], records=len(jobs), seconds=round(elapsed, 1),
@@ -416,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", required=True, help="results folder (results.jsonl, meta.json)")
     r.add_argument("--max-num-seqs", type=int, default=32, help="requests vLLM runs at once")
     r.add_argument("--batch-tokens", type=int, default=8192, help="max tokens per engine step")
-    r.add_argument("--chunk", type=int, default=256, help="requests submitted at a time")
+    r.add_argument("--chunk", type=int, default=2048, help="requests submitted at a time")
     r.add_argument("--report", action="store_true", help="write the report when done")
     r.add_argument("--docs", default="docs", help="where report writes accuracy.md/.png")
     s = sub.add_parser("suite", help="write the built-in suite as JSONL (the --dataset format)")
