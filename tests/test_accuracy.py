@@ -122,7 +122,8 @@ def test_harness_end_to_end_and_resume(tiny_model, tmp_path):
                 "prompt_blocks", "length"} <= set(r)
         assert 0.0 <= r["score"] <= 1.0
         if r["budget"] < 1:  # the per-request override really freed blocks in vLLM's pool
-            assert r["kv_blocks"] <= math.ceil(0.25 * r["prompt_blocks"]) + 2, r
+            decode = 0 if r["policy"] == "streaming" or r["task"] != "ppl" else 128 // 32  # snapkv grows
+            assert r["kv_blocks"] <= math.ceil(0.25 * r["prompt_blocks"]) + 2 + decode, r
         else:
             assert r["kv_blocks"] >= r["prompt_blocks"], r
         if r["task"] == "ppl":

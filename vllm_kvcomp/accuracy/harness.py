@@ -193,12 +193,12 @@ class Runner:
                     (seen.pop(r) for r, k in list(ids.items()) if k == key and r in seen), [])
                 on_done(key, out, hist[-1] if hist else None)
 
-    def check_override(self, spec: str, n_tokens: int = 1024) -> dict:
+    def check_override(self, spec: str, prompt: list[int]) -> dict:
         """A request with ``spec`` per request vs one with the server's keep-all spec, same
         prompt: blocks each holds after prefill, read from vLLM's block pool."""
         from vllm import SamplingParams
 
-        prompt = [100 + (i * 7919) % 20000 for i in range(n_tokens)]
+        n_tokens = len(prompt)
         res = {}
         for name, extra in (("full", None), ("override", {"kv_compression": spec})):
             params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, extra_args=extra)
@@ -325,7 +325,8 @@ def cmd_run(a) -> int:
     meta_path = os.path.join(a.output, "meta.json")
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {"runs": []}
     smallest = min((cfg for cfg in configs if cfg["spec"]), key=lambda c: c["budget"], default=None)
-    check = runner.check_override(smallest["spec"]) if smallest else None
+    longest = max(cases, key=lambda c: c["length"])["prompt_ids"]
+    check = runner.check_override(smallest["spec"], longest) if smallest else None
     if check:
         print(f"override check ({check['spec']}, {check['prompt_tokens']}-token prompt): "
               f"{check['override']} blocks held vs {check['full']} with the full cache", flush=True)
