@@ -4,9 +4,9 @@
 
 Per task, a (policy, budget) score is the mean of its per-case scores over the cases
 that also have a full-cache record; "% of full" is that mean over the full cache's
-mean on the same cases. Overall: the mean over tasks of the task scores, and the mean
-over tasks of the per-task "% of full" (tasks whose full-cache score is 0 are left out
-of the latter).
+mean on the same cases. Overall: the mean over tasks of the task scores, and its ratio
+to the same mean of the full cache (a ratio of means: a task whose full-cache score is
+small cannot swing it by hundreds of percent).
 """
 from __future__ import annotations
 
@@ -44,11 +44,10 @@ def aggregate(records: list[dict]) -> dict:
             cs = [cell[(p, b, t)] for t in tasks if (p, b, t) in cell]
             if len(cs) != len(tasks) or not cs:
                 continue
-            pcts = [c["pct"] for c in cs if c["pct"] is not None]
             kvs = [c["kv"] for c in cs if c["kv"] is not None]
-            cell[(p, b, "overall")] = dict(score=sum(c["score"] for c in cs) / len(cs),
-                                           full=sum(c["full"] for c in cs) / len(cs),
-                                           pct=sum(pcts) / len(pcts) if pcts else None,
+            score = sum(c["score"] for c in cs) / len(cs)
+            fs = sum(c["full"] for c in cs) / len(cs)
+            cell[(p, b, "overall")] = dict(score=score, full=fs, pct=score / fs if fs > 0 else None,
                                            n=sum(c["n"] for c in cs), kv=sum(kvs) / len(kvs) if kvs else None)
     return dict(tasks=tasks, policies=policies, budgets=budgets, cell=cell,
                 n_cases=len(full), n_records=len(records))
@@ -150,7 +149,7 @@ def render(agg: dict, meta: dict, results_rel: str) -> str:
         verdict = "met" if c["pct"] >= target else "**not met**"
         out.append(f"- {b:g} kept (target >= {100 * target:.0f}% of full): best is `{p}` at "
                    f"{100 * c['pct']:.1f}% of full overall (score {c['score']:.3f} vs {c['full']:.3f}) -- {verdict}.")
-    out += ["", "## Overall (mean over tasks; % of full = mean of per-task ratios)", ""]
+    out += ["", "## Overall (mean of the task scores; % of full = its ratio to the full cache's)", ""]
     out += table(agg, "overall")
     out += ["", "## Per task (score, % of full)", ""]
     for t in agg["tasks"]:
