@@ -142,3 +142,19 @@ def test_harness_end_to_end_and_resume(tiny_model, tmp_path):
     write_report(str(out), str(docs))
     md = (docs / "accuracy.md").read_text()
     assert "### passkey" in md and "### ppl" in md and "streaming" in md and (docs / "accuracy.png").exists()
+
+
+def test_suite_command_writes_the_dataset_format(tiny_model, tok, tmp_path):
+    from vllm_kvcomp.accuracy.harness import load_dataset
+
+    out = tmp_path / "suite.jsonl"
+    assert main(["suite", "--model", tiny_model, "--out", str(out), "--tasks", "passkey", "qa",
+                 "--cases-per-task", "2", "--lengths", "800"]) == 0
+    written = [json.loads(l) for l in out.read_text().splitlines()]
+    back = load_dataset(str(out), tok.tk, chat=False)
+    assert len(back) == 4 and [c["prompt"] for c in back] == [c["prompt"] for c in written]
+    assert [c["id"] for c in back] == [c["id"] for c in written] and all(c["scoring"] == "contains" for c in back)
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"prompt": "Say hi", "answer": "hi", "task": "t", "extra": 1}) + "\n")
+    (case,) = load_dataset(str(plain), tok.tk, chat=True)
+    assert case["prompt"].endswith("\n") and "Say hi" in case["prompt"] and case["id"] == "t-00000"

@@ -100,6 +100,7 @@ def plot(agg: dict, path: str) -> None:
                 ax.plot(xs, ys, marker="o", label=p)
         if full:
             ax.axhline(full["score"], color="k", linestyle="--", linewidth=1, label="full cache")
+        ax.set_ylim(bottom=0)
         ax.set_xscale("log")
         ticks = sorted(set(agg["budgets"] + [1.0]))
         ax.set_xticks(ticks)
