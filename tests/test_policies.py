@@ -136,3 +136,19 @@ def test_duo_profile_in_spec(duo_profile):
         parse_spec("duo:0.25,profile=no-such-model")
     with pytest.raises(KVCompSpecError, match="profile"):
         parse_spec("duo:0.25")
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_shared_keeps_one_token_set_per_layer(name, duo_profile):
+    keep = _make(name, duo_profile, sinks=2, window=4, shared=True).select(_ctx(h=3), 20)
+    assert keep.shape == (3, 20) and keep[0].tolist() == keep[1].tolist() == keep[2].tolist()
+
+
+def test_shared_snapkv_keeps_what_any_head_votes_for():
+    ctx = _ctx(h=2)
+    ctx.obs_attn = torch.full((2, 64), 0.01)
+    ctx.obs_attn[0, 10], ctx.obs_attn[1, 40] = 1.0, 1.0  # each head votes for one token
+    each = POLICIES["snapkv"](sinks=0, window=0, pool=1).select(ctx, 2)
+    shared = POLICIES["snapkv"](sinks=0, window=0, pool=1, shared=True).select(ctx, 2)
+    assert 40 not in each[0].tolist() and 10 not in each[1].tolist()
+    assert shared.tolist() == [[10, 40], [10, 40]]

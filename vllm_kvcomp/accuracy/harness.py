@@ -131,14 +131,15 @@ def prepare(case: dict, tok) -> dict:
 class Runner:
     """One vLLM engine (LLM) serving every configuration through per-request overrides."""
 
-    def __init__(self, model: str, max_model_len: int, seed: int, max_num_seqs: int, batch_tokens: int):
+    def __init__(self, model: str, max_model_len: int, seed: int, max_num_seqs: int, batch_tokens: int,
+                 chunked_prefill: bool = False):
         from vllm import LLM
 
         from vllm_kvcomp.accuracy.forced import ForceTokensLogitsProcessor
 
         self.llm = LLM(model=model, dtype="float32", max_model_len=max_model_len, block_size=BLOCK,
                        enforce_eager=True, seed=seed, max_num_seqs=max_num_seqs,
-                       max_num_batched_tokens=batch_tokens,
+                       max_num_batched_tokens=batch_tokens, enable_chunked_prefill=chunked_prefill,
                        additional_config={"kv_compression": SERVER_SPEC},
                        logits_processors=[ForceTokensLogitsProcessor])
         self.eng = self.llm.llm_engine
@@ -321,7 +322,7 @@ def cmd_run(a) -> int:
     max_len = max(c["length"] + int(c.get("max_tokens", 16)) for c in cases) + BLOCK
     t0 = time.time()
     runner = Runner(model, max_model_len=max(max_len, 2048), seed=a.seed, max_num_seqs=a.max_num_seqs,
-                    batch_tokens=max(a.batch_tokens, max_len))
+                    batch_tokens=max(a.batch_tokens, max_len), chunked_prefill=a.chunked_prefill)
     meta_path = os.path.join(a.output, "meta.json")
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {"runs": []}
     smallest = min((cfg for cfg in configs if cfg["spec"]), key=lambda c: c["budget"], default=None)
@@ -421,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-num-seqs", type=int, default=32, help="requests vLLM runs at once")
     r.add_argument("--batch-tokens", type=int, default=8192, help="max tokens per engine step")
     r.add_argument("--chunk", type=int, default=2048, help="requests submitted at a time")
+    r.add_argument("--chunked-prefill", action="store_true",
+                   help="let vLLM split prompts across steps (off by default: SnapKV-style votes "
+                        "come from the queries of the prompt's last chunk, which can then be "
+                        "shorter than the observation window)")
     r.add_argument("--report", action="store_true", help="write the report when done")
     r.add_argument("--docs", default="docs", help="where report writes accuracy.md/.png")
     s = sub.add_parser("suite", help="write the built-in suite as JSONL (the --dataset format)")

@@ -121,7 +121,12 @@ def plot(agg: dict, path: str) -> None:
 def render(agg: dict, meta: dict, results_rel: str) -> str:
     runs = meta.get("runs", [])
     m = runs[-1]["machine"] if runs else {}
-    cmds = "\n".join(" ".join(r["argv"]) for r in runs)
+    def cmd(argv):  # with --output the folder this page was generated from (re-running resumes it)
+        argv = list(argv)
+        if "--output" in argv and argv.index("--output") + 1 < len(argv):
+            argv[argv.index("--output") + 1] = results_rel
+        return " ".join(argv)
+    cmds = "\n".join(cmd(r["argv"]) for r in runs)
     secs = sum(r["seconds"] for r in runs)
     check = next((r.get("override_check") for r in runs if r.get("override_check")), None)
     out = ["# Accuracy at a memory budget", "",

@@ -71,7 +71,7 @@ class KVCrushPolicy(SnapKVPolicy):
     def select(self, ctx: ScoreContext, capacity: int) -> torch.Tensor:
         n = ctx.num_candidates
         assert capacity <= n, (capacity, n)
-        scores = self.score(ctx).float().clone()  # [H, n] pooled votes
+        scores = self.head_scores(ctx)  # [H, n] pooled votes
         forced = torch.zeros(n, dtype=torch.bool, device=scores.device)
         forced[: min(self.sinks, n)] = True
         if self.window:
