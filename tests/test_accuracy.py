@@ -158,3 +158,24 @@ def test_suite_command_writes_the_dataset_format(tiny_model, tok, tmp_path):
     plain.write_text(json.dumps({"prompt": "Say hi", "answer": "hi", "task": "t", "extra": 1}) + "\n")
     (case,) = load_dataset(str(plain), tok.tk, chat=True)
     assert case["prompt"].endswith("\n") and "Say hi" in case["prompt"] and case["id"] == "t-00000"
+
+
+def test_forced_decoding_logprobs_equal_prompt_logprobs_with_the_full_cache(tiny_model):
+    """The perplexity task's measurement: with nothing evicted, the raw logprobs of forced
+    decode steps are the model's logprobs of the continuation given the text."""
+    from conftest import Engine, prompt_ids
+    from vllm import SamplingParams
+
+    from vllm_kvcomp.accuracy.forced import ForceTokensLogitsProcessor
+
+    ctx, cont = prompt_ids(300, 1), prompt_ids(40, 2)
+    with Engine(tiny_model, "streaming:1.0", logits_processors=[ForceTokensLogitsProcessor]) as eng:
+        forced = eng.llm.generate([{"prompt_token_ids": ctx}], SamplingParams(
+            max_tokens=len(cont), temperature=0, ignore_eos=True, logprobs=0,
+            extra_args={"force_tokens": cont}), use_tqdm=False)[0].outputs[0]
+        whole = eng.llm.generate([{"prompt_token_ids": ctx + cont}], SamplingParams(
+            max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    assert list(forced.token_ids) == cont  # random weights would never pick these greedily
+    got = [lp[t].logprob for lp, t in zip(forced.logprobs, cont)]
+    want = [d[t].logprob for d, t in zip(whole.prompt_logprobs[len(ctx):], cont)]
+    assert got == pytest.approx(want, abs=1e-3)
