@@ -8,7 +8,8 @@ setup(
     python_requires=">=3.10",
     # triton_kernels/ is installed *under* our package: a top-level `triton_kernels`
     # would shadow the package of that name that vLLM itself imports.
-    packages=["vllm_kvcomp", "vllm_kvcomp.policies", "vllm_kvcomp.ops", "vllm_kvcomp.triton_kernels"],
+    packages=["vllm_kvcomp", "vllm_kvcomp.policies", "vllm_kvcomp.ops", "vllm_kvcomp.accuracy",
+              "vllm_kvcomp.triton_kernels"],
     package_dir={"vllm_kvcomp.triton_kernels": "triton_kernels"},
     include_package_data=True,
     install_requires=["pydantic>=2", "pyyaml"],
@@ -24,6 +25,7 @@ setup(
         "vllm.general_plugins": ["kvcomp = vllm_kvcomp.plugin:register"],
         "console_scripts": [
             "vllm-kvcomp = vllm_kvcomp.cli:main",
+            "vllm-kvcomp-accuracy = vllm_kvcomp.accuracy.harness:main",
         ],
     },
 )

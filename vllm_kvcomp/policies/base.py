@@ -64,6 +64,8 @@ class Policy(BaseModel):
 
     sinks: int = Field(4, ge=0, le=4096, description="first tokens always kept")
     window: int = Field(32, ge=0, le=65536, description="most recent tokens always kept")
+    shared: bool = Field(False, description="keep the same tokens in every KV head of a layer "
+                                            "(per-head scores normalised, then averaged)")
 
     def min_tokens(self) -> int:
         return self.sinks + self.window
@@ -75,11 +77,25 @@ class Policy(BaseModel):
         """[H_kv, n] float scores; higher is kept. Override this."""
         raise NotImplementedError
 
+    def head_scores(self, ctx: ScoreContext) -> torch.Tensor:
+        """``score()``, made one row for all heads when ``shared`` (non-negative scores are
+        normalised to sum 1 per head, others standardised, then averaged over heads).
+        Per-head selection can drop a token from the heads that do not look at it now
+        but need it later (e.g. copying a number digit by digit); sharing keeps it in all."""
+        s = self.score(ctx).float()
+        if not self.shared or s.shape[0] == 1:
+            return s.clone()
+        if bool((s >= 0).all()):
+            s = s / s.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        else:
+            s = (s - s.mean(dim=-1, keepdim=True)) / s.std(dim=-1, keepdim=True).clamp_min(1e-12)
+        return s.mean(dim=0, keepdim=True).expand_as(s).clone()
+
     def select(self, ctx: ScoreContext, capacity: int) -> torch.Tensor:
         """[H_kv, capacity] indices into the candidates, sorted (position order kept)."""
         n = ctx.num_candidates
         assert capacity <= n, (capacity, n)
-        scores = self.score(ctx).float().clone()
+        scores = self.head_scores(ctx)
         # Sinks and window win regardless of score (clamped to what exists).
         scores[:, : min(self.sinks, n)] = float("inf")
         if self.window:
