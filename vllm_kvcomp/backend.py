@@ -305,7 +305,7 @@ class KVCompImpl(AttentionImpl):
         )
         if "obs_attn" in policy.needs and ctx.obs_attn is None:
             ctx.obs_attn = torch.zeros(g * h, n, device=kv_cache.device)
-        if policy.batchable:  # scores and selection act per (row, head) along the last dim
+        if policy.can_stack():  # scores and selection act per (row, head) along the last dim
             keep = policy.select(ctx, cap)
         else:  # head-aware policies see one request at a time: [H, n]
             keep = torch.cat([policy.select(ctx.rows(i * h, (i + 1) * h), cap) for i in range(g)])

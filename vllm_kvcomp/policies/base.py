@@ -67,6 +67,10 @@ class Policy(BaseModel):
     shared: bool = Field(False, description="keep the same tokens in every KV head of a layer "
                                             "(per-head scores normalised, then averaged)")
 
+    def can_stack(self) -> bool:
+        """Whether the backend may stack several requests on dim 0 ([R*H_kv, n])."""
+        return self.batchable and not self.shared  # shared averages over a request's heads
+
     def min_tokens(self) -> int:
         return self.sinks + self.window
 

@@ -64,6 +64,7 @@ def retrieval_mask(profile: str, ratio: float) -> torch.Tensor:
 
 @register_policy
 class DuoPolicy(SnapKVPolicy):
+    batchable: ClassVar[bool] = False  # combines the heads of one request
     name: ClassVar[str] = "duo"
 
     profile: str = Field(description="head profile: a name (configs/duo-NAME.yaml) or a YAML path")

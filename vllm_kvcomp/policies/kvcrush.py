@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from pydantic import Field
 
-from vllm_kvcomp.policies.base import Policy, ScoreContext, register_policy
+from vllm_kvcomp.policies.base import ScoreContext, register_policy
 from vllm_kvcomp.policies.snapkv import SnapKVPolicy
 
 
@@ -64,6 +64,7 @@ def representatives(sig: torch.Tensor, pool: torch.Tensor, count: int) -> torch.
 
 @register_policy
 class KVCrushPolicy(SnapKVPolicy):
+    batchable: ClassVar[bool] = False  # combines the heads of one request
     name: ClassVar[str] = "kvcrush"
 
     alpha: float = Field(0.25, ge=0.0, le=1.0, description="share of free slots for representatives")
