@@ -2,11 +2,13 @@
 produced, and where kept tokens are moved (compaction) -- per layer, right after that
 layer's attention, so no second pass over the KV cache is needed.
 
-Per step, ``KVCompMetadataBuilder.build`` turns each batch row into a ``RowStep`` (one
-dataclass: the request's old/new layout and policy). ``KVCompImpl.forward`` then, per row:
-  1. attends over the *old* layout (compacted + live tokens),
-  2. accumulates statistics the row's policy needs (H2O mass, SnapKV votes),
-  3. if the layout changes in this step, scores the candidates and compacts them.
+Per step, ``KVCompMetadataBuilder.build`` evaluates each batch row's layout (layout.py,
+the same function the scheduler uses), uploads the batch's per-row ``kept``/``live_start``
+in one copy, and groups the rows whose layout changes now (``RowStep``) into
+``CompressGroup``s with their slots precomputed. ``KVCompImpl.forward`` then, per layer:
+  1. attends over each row's *old* layout (compacted + live tokens), the whole batch in
+     one kernel, accumulating the statistics policies need (H2O mass, SnapKV votes);
+  2. for each group, scores the candidates and compacts the winners.
 The scheduler frees the gap blocks once this step is processed (allocator.py).
 """
 from __future__ import annotations
