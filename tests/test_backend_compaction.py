@@ -39,7 +39,7 @@ def test_stacked_compaction_equals_one_at_a_time(name):
         c = kv.clone()
         impl._stats["mass"] = mass.clone()
         for rs in groups:
-            impl._compress(c, impl._stats["mass"], obs, _group(policy, rs, block_table, 64, 16, 64))
+            impl._compress(c, impl._stats["mass"], obs, _group(policy, rs, block_table, 64, 16, 64), 8)
         results.append((c, impl._stats["mass"]))
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import Engine, prompt_ids
 
-SPECS = ["h2o:0.25", "snapkv:0.25"]
+SPECS = ["h2o:0.25", "snapkv:0.25", "pyramidkv:0.25"]  # pyramidkv: per-layer kept
 PROMPTS = [prompt_ids(300, s) for s in range(3)]  # 300 tokens: compacted to 64 of 10 blocks
 
 

@@ -109,6 +109,8 @@ class KVCompMetadata:
     obs_queries: torch.Tensor | None  # [B] int32 when some row votes this step
     compress: list[RowStep]
     groups: list["CompressGroup"]
+    num_layers: int
+    kept_by_layer: torch.Tensor | None = None  # [L, B] int32 when some row has layer budgets
 
 
 @dataclass
@@ -137,6 +139,7 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size  # the scheduler's unit: layouts agree
         self.server_spec = (vllm_config.additional_config or {}).get("kv_compression")
+        self.num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
         self._plans: dict[tuple, tuple[Plan, Policy | None]] = {}
 
     def _plan(self, row: RowInfo) -> tuple[Plan, Policy | None]:
@@ -165,6 +168,7 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
             raise RuntimeError(f"kv-compression: {b} attention rows but the model runner "
                                f"published {len(infos)} requests")
         kept, live, obs_q, compress, want_mass = [0] * b, [0] * b, [0] * b, [], False
+        layered: list[tuple[int, Policy]] = []  # compacted rows with layer budgets
         for i, info in enumerate(infos):
             plan, policy = self._plan(info) if info is not None else (NO_PLAN, None)
             if policy is None:
@@ -172,6 +176,8 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
             q_len, seq_len = qsl[i + 1] - qsl[i], seq_lens[i]
             old, new = plan.layout(seq_len - q_len), plan.layout(seq_len)
             kept[i], live[i] = old.kept, old.live_start
+            if policy.per_layer and old.kept:
+                layered.append((i, policy))
             want_mass |= "attn_mass" in policy.needs
             if new != old:
                 if "obs_attn" in policy.needs:
@@ -186,6 +192,13 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
         flat = kept + live + obs_q
         for rows in by_shape.values():
             flat += [r.index for r in rows] + [r.old.live_start for r in rows]
+        by_layer_at = len(flat)
+        if layered:  # each layer reads only the slots it filled
+            for layer in range(self.num_layers):
+                row = list(kept)
+                for i, policy in layered:
+                    row[i] = policy.layer_capacity(layer, self.num_layers, kept[i])
+                flat += row
         dev = cm.seq_lens.device
         host = torch.tensor(flat, dtype=torch.int32)
         dev_flat = (host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host)
@@ -216,6 +229,8 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
             obs_queries=dev_flat[2 * b: 3 * b] if any(obs_q) else None,
             compress=compress,
             groups=groups,
+            num_layers=self.num_layers,
+            kept_by_layer=(dev_flat[by_layer_at:].view(self.num_layers, b) if layered else None),
         )
 
 
@@ -273,32 +288,37 @@ class KVCompImpl(AttentionImpl):
                     pos = ref.request_key_positions(row.old.kept, row.old.live_start, row.seq_len,
                                                     kv_cache.device)
                     ref.clear_stat(obs, md.block_table[row.index], pos)
+        kept = md.kept if md.kept_by_layer is None else md.kept_by_layer[self._layer_idx or 0]
         # 1. attention over compacted + live tokens (+ statistics), the whole batch at once
         api.paged_attention_batched(
-            q, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, md.kept, md.live_start,
+            q, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, kept, md.live_start,
             self.scale, out=out, mass_cache=mass, obs_cache=obs, obs_queries=md.obs_queries,
             max_query_len=md.max_query_len, max_seq_len=md.max_seq_len)
         # 2. rows whose layout changes now: score candidates, compact the winners
         if md.groups:
             t0 = _mark(q.device) if _TIMING else None
             for group in md.groups:
-                self._compress(kv_cache, mass, obs, group)
+                self._compress(kv_cache, mass, obs, group, md.num_layers)
             if _TIMING:
                 _marks.append((t0, _mark(q.device)))
         return output
 
-    def _compress(self, kv_cache, mass, obs, grp: CompressGroup) -> None:
+    def _compress(self, kv_cache, mass, obs, grp: CompressGroup, num_layers: int) -> None:
         """Fold each row's old compacted tokens and newly-old live tokens (the candidates)
-        into its first ``cap`` slots, keeping the policy's choice per KV head."""
+        into its first ``cap`` slots (fewer for a layer with a smaller layer budget),
+        keeping the policy's choice per KV head."""
         g, n = grp.cand_blk.shape
-        h, dd, cap, policy = kv_cache.shape[1], kv_cache.shape[3] // 2, grp.cap, grp.policy
+        h, dd, policy = kv_cache.shape[1], kv_cache.shape[3] // 2, grp.policy
+        layer = self._layer_idx or 0
+        cap = policy.layer_capacity(layer, num_layers, grp.cap) if policy.per_layer else grp.cap
         cblk, coff = grp.cand_blk, grp.cand_off
+        dst_blk, dst_off = grp.dst_blk[..., :cap], grp.dst_off[..., :cap]
 
         def per_head(stat):  # [G, n, H] -> [G*H, n]
             return stat[cblk, :, coff].permute(0, 2, 1).reshape(g * h, n)
 
         ctx = ScoreContext(
-            layer_idx=self._layer_idx or 0,
+            layer_idx=layer,
             num_candidates=n,
             keys=kv_cache[cblk, :, coff, :dd].permute(0, 2, 1, 3).reshape(g * h, n, dd),
             attn_mass=per_head(mass) if mass is not None else None,
@@ -316,10 +336,10 @@ class KVCompImpl(AttentionImpl):
         src = kv_cache[cblk, :, coff].permute(0, 2, 1, 3)  # [G, H, n, 2D]
         sel = src.gather(2, keep[..., None].expand(-1, -1, -1, src.shape[-1]))
         heads = torch.arange(h, device=kv_cache.device)[None, :, None]
-        kv_cache[grp.dst_blk, heads, grp.dst_off] = sel
+        kv_cache[dst_blk, heads, dst_off] = sel
         # The mass moves with its token (H2O keeps accumulating it after compaction).
         m = self._stat(kv_cache, "mass")
-        m[grp.dst_blk, heads, grp.dst_off] = m[cblk, :, coff].permute(0, 2, 1).gather(2, keep)
+        m[dst_blk, heads, dst_off] = m[cblk, :, coff].permute(0, 2, 1).gather(2, keep)
 
 
 def _layer_index(name: str) -> int:

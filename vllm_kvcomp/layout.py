@@ -69,7 +69,7 @@ NO_PLAN = Plan(capacity=0, block_size=1, num_prompt_tokens=0, recompress=False)
 def make_plan(spec: CompressionSpec | None, num_prompt_tokens: int, block_size: int) -> Plan:
     if spec is None or spec.keeps_all:
         return NO_PLAN
-    budget = spec.budget.tokens(num_prompt_tokens)
+    budget = int(spec.budget.tokens(num_prompt_tokens) * spec.policy.capacity_scale())
     # Whole blocks of the budget, less one for the live tail (< 1 block after each
     # event), so compacted + tail never exceeds the budget...
     capacity = (budget // block_size - 1) * block_size

@@ -67,6 +67,18 @@ class Policy(BaseModel):
     shared: bool = Field(False, description="keep the same tokens in every KV head of a layer "
                                             "(per-head scores normalised, then averaged)")
 
+    # Layer budgets (PyramidKV): layers keep different numbers of the request's slots.
+    per_layer: ClassVar[bool] = False
+
+    def capacity_scale(self) -> float:
+        """Slots a request holds per unit of budget: layer budgets above the average need
+        the largest layer's slots in every layer (one block table per request)."""
+        return 1.0
+
+    def layer_capacity(self, layer_idx: int, num_layers: int, capacity: int) -> int:
+        """How many of the request's ``capacity`` slots layer ``layer_idx`` fills."""
+        return capacity
+
     def can_stack(self) -> bool:
         """Whether the backend may stack several requests on dim 0 ([R*H_kv, n])."""
         return self.batchable and not self.shared  # shared averages over a request's heads
