@@ -3,7 +3,7 @@ for every policy (stacked on dim 0 where the policy allows it, per request other
 import pytest
 import torch
 
-from vllm_kvcomp.backend import CompressGroup, KVCompImpl, RowStep
+from vllm_kvcomp.backend import KVCompImpl, RowStep, make_group
 from vllm_kvcomp.layout import Layout
 from vllm_kvcomp.policies import POLICIES
 
@@ -12,13 +12,9 @@ EXTRA = {"duo": {"profile": "smollm2"}}
 
 
 def _group(policy, rows, block_table, k0, d, cap):
-    bt = block_table[torch.tensor([r.index for r in rows])].long()
+    idx = torch.tensor([r.index for r in rows])
     ls0 = torch.tensor([r.old.live_start for r in rows])
-    ar = torch.arange(k0 + d)
-    cand = torch.where(ar < k0, ar, ls0[:, None] + ar - k0)
-    dpos = torch.arange(cap)
-    return CompressGroup(policy, rows, cap, bt.gather(1, cand // BS), cand % BS,
-                         bt[:, dpos // BS][:, None, :], (dpos % BS)[None, None, :])
+    return make_group(policy, rows, block_table, idx, ls0, k0, d, cap, BS)
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES) + ["h2o+shared"])

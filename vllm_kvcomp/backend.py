@@ -107,7 +107,7 @@ class KVCompMetadata:
     max_seq_len: int
     want_mass: bool  # some row's policy accumulates H2O attention mass
     obs_queries: torch.Tensor | None  # [B] int32 when some row votes this step
-    compress: list[RowStep]
+    obs_slots: tuple[torch.Tensor, torch.Tensor] | None  # (block, offset) of the voters' keys
     groups: list["CompressGroup"]
     num_layers: int
     kept_by_layer: torch.Tensor | None = None  # [L, B] int32 when some row has layer budgets
@@ -128,6 +128,19 @@ class CompressGroup:
     dst_off: torch.Tensor  # [1, 1, cap]
 
 
+def make_group(policy: Policy, rows: list[RowStep], block_table: torch.Tensor, idx: torch.Tensor,
+               ls0: torch.Tensor, k0: int, d: int, cap: int, block_size: int) -> CompressGroup:
+    """Candidate and destination slots of rows ``idx`` (old live starts ``ls0``): the old
+    compacted ``[0, k0)`` then the ``d`` live tokens being folded in, into ``[0, cap)``."""
+    bt = block_table[idx].long()
+    ar = torch.arange(k0 + d, device=bt.device)
+    cand = torch.where(ar < k0, ar, ls0[:, None] + ar - k0)  # positions [G, n]
+    dpos = torch.arange(cap, device=bt.device)
+    return CompressGroup(policy, rows, cap, cand_blk=bt.gather(1, cand // block_size),
+                         cand_off=cand % block_size, dst_blk=bt[:, dpos // block_size][:, None, :],
+                         dst_off=(dpos % block_size)[None, None, :])
+
+
 class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
     # Compaction runs Python per compressing row between kernels, so attention cannot be
     # captured in a full CUDA graph: vLLM then compiles the model piecewise (graphs around
@@ -141,6 +154,7 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
         self.server_spec = (vllm_config.additional_config or {}).get("kv_compression")
         self.num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
         self._plans: dict[tuple, tuple[Plan, Policy | None]] = {}
+        self._layer_caps: dict[tuple, list[int]] = {}  # (policy, kept) -> kept per layer
 
     def _plan(self, row: RowInfo) -> tuple[Plan, Policy | None]:
         key = (row.num_prompt_tokens, _override(row.extra_args))
@@ -194,10 +208,11 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
             flat += [r.index for r in rows] + [r.old.live_start for r in rows]
         by_layer_at = len(flat)
         if layered:  # each layer reads only the slots it filled
+            caps = [(i, self._layer_capacities(policy, kept[i])) for i, policy in layered]
             for layer in range(self.num_layers):
                 row = list(kept)
-                for i, policy in layered:
-                    row[i] = policy.layer_capacity(layer, self.num_layers, kept[i])
+                for i, per_layer in caps:
+                    row[i] = per_layer[layer]
                 flat += row
         dev = cm.seq_lens.device
         host = torch.tensor(flat, dtype=torch.int32)
@@ -208,14 +223,7 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
             g = len(rows)
             idx, ls0 = dev_flat[at: at + g].long(), dev_flat[at + g: at + 2 * g].long()
             at += 2 * g
-            bt = block_table[idx].long()
-            ar = torch.arange(k0 + d, device=dev)
-            cand = torch.where(ar < k0, ar, ls0[:, None] + ar - k0)  # positions [G, n]
-            dpos = torch.arange(cap, device=dev)
-            groups.append(CompressGroup(
-                policy, rows, cap, cand_blk=bt.gather(1, cand // self.block_size),
-                cand_off=cand % self.block_size, dst_blk=bt[:, dpos // self.block_size][:, None, :],
-                dst_off=(dpos % self.block_size)[None, None, :]))
+            groups.append(make_group(policy, rows, block_table, idx, ls0, k0, d, cap, self.block_size))
         return KVCompMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             block_table=block_table,
@@ -227,11 +235,31 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
             max_seq_len=int(cm.max_seq_len),
             want_mass=want_mass,
             obs_queries=dev_flat[2 * b: 3 * b] if any(obs_q) else None,
-            compress=compress,
+            obs_slots=self._voter_slots(compress, block_table, dev) if any(obs_q) else None,
             groups=groups,
             num_layers=self.num_layers,
             kept_by_layer=(dev_flat[by_layer_at:].view(self.num_layers, b) if layered else None),
         )
+
+
+    def _layer_capacities(self, policy: Policy, kept: int) -> list[int]:
+        key = (policy, kept)
+        caps = self._layer_caps.get(key)
+        if caps is None:
+            if len(self._layer_caps) > 4096:
+                self._layer_caps.clear()
+            caps = self._layer_caps[key] = [policy.layer_capacity(layer, self.num_layers, kept)
+                                            for layer in range(self.num_layers)]
+        return caps
+
+    def _voter_slots(self, compress: list[RowStep], block_table, dev):
+        """Slots of every key the voting rows read: their votes accumulate per slot, so
+        each layer clears them first (the same slots in every layer)."""
+        slots = [ref.slots_for(block_table[r.index],
+                               ref.request_key_positions(r.old.kept, r.old.live_start, r.seq_len, dev),
+                               self.block_size) for r in compress if r.obs_queries]
+        slots = torch.cat(slots)
+        return slots // self.block_size, slots % self.block_size
 
 
 def _override(extra_args: dict | None):
@@ -280,14 +308,9 @@ class KVCompImpl(AttentionImpl):
         out = output[:n].view(n, self.num_heads, self.head_size)
         mass = self._stat(kv_cache, "mass") if md.want_mass else None
         obs = None
-        if md.obs_queries is not None:
-            # Votes accumulate per slot: clear the voting rows' slots first.
+        if md.obs_slots is not None:
             obs = self._stat(kv_cache, "obs")
-            for row in md.compress:
-                if row.obs_queries:
-                    pos = ref.request_key_positions(row.old.kept, row.old.live_start, row.seq_len,
-                                                    kv_cache.device)
-                    ref.clear_stat(obs, md.block_table[row.index], pos)
+            obs[md.obs_slots[0], :, md.obs_slots[1]] = 0.0  # votes accumulate per slot
         kept = md.kept if md.kept_by_layer is None else md.kept_by_layer[self._layer_idx or 0]
         # 1. attention over compacted + live tokens (+ statistics), the whole batch at once
         api.paged_attention_batched(

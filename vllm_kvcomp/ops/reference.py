@@ -152,12 +152,6 @@ def read_mass(mass_cache: torch.Tensor, block_row: torch.Tensor, positions: torc
     return mass_cache[slots // bs, :, slots % bs].t()  # [H_kv, n]
 
 
-def clear_stat(stat: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor) -> None:
-    bs = stat.shape[2]
-    slots = slots_for(block_row, positions, bs)
-    stat[slots // bs, :, slots % bs] = 0.0
-
-
 def gather_keys(kv_cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     bs, d = kv_cache.shape[2], kv_cache.shape[-1] // 2
     slots = slots_for(block_row, positions, bs)
