@@ -61,17 +61,18 @@ def pct(xs, q):
 
 
 class Bench:
-    def __init__(self, args, model_dir: str, plugin: bool):
+    def __init__(self, args, model_dir: str, plugin: bool, eager: bool | None = None):
         from vllm import LLM
 
         self.args = args
+        eager = args.eager if eager is None else eager
         kw = dict(
             model=model_dir, load_format="dummy", dtype="bfloat16", seed=0,
             max_model_len=args.prompt_len + args.output_len + 64,
             block_size=args.block_size, kv_cache_memory_bytes=int(args.kv_gib * 2**30),
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
             enable_prefix_caching=False, skip_tokenizer_init=True, disable_log_stats=False,
-            enforce_eager=args.eager,
+            enforce_eager=eager,
             # No compiled vLLM kernels on the lent GPU (../shared/gpu-vllm/README.md).
             attention_config={"backend": "TRITON_ATTN"},
             compilation_config={"custom_ops": ["none"],
@@ -88,6 +89,11 @@ class Bench:
         self.pool = self.sched.kv_cache_manager.block_pool
         self.total_blocks = self.pool.num_gpu_blocks - 1  # less the null block
         self.backend = self._backend_name(core)
+        try:  # what vLLM resolved (FULL_AND_PIECEWISE: decode steps in full graphs)
+            runner = core.model_executor.driver_worker.worker.model_runner
+            self.graph_mode = str(runner.compilation_config.cudagraph_mode).split(".")[-1]
+        except Exception:  # noqa: BLE001
+            self.graph_mode = "?"
 
     @staticmethod
     def _backend_name(core) -> str:
@@ -201,9 +207,14 @@ def main(argv=None) -> int:
     p.add_argument("--max-batched-tokens", type=int, default=8192)
     p.add_argument("--policies", default="streaming,snapkv,h2o")
     p.add_argument("--budgets", default="0.5,0.25,0.125,0.0625")
+    p.add_argument("--extra-specs", default="", help="more configurations, separated by ; "
+                                                     "(e.g. 'h2o:0.25,slack=4')")
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: torch.compile + CUDA graphs)")
     p.add_argument("--smoke", action="store_true", help="small shapes + correctness checks")
     p.add_argument("--skip-vanilla", action="store_true")
+    p.add_argument("--check-eager", default="",
+                   help="specs separated by ;: after the run, an eager plugin engine decodes the same "
+                        "prompts greedily and must match the CUDA-graph engine's tokens")
     p.add_argument("--out", default="results/gpu")
     args = p.parse_args(argv)
     if args.smoke:
@@ -244,7 +255,8 @@ def main(argv=None) -> int:
         gc.collect()
 
     b = Bench(args, model_dir, plugin=True)
-    print(f"plugin: backend {b.backend}, {b.total_blocks} blocks, init {b.init_s:.0f} s", flush=True)
+    print(f"plugin: backend {b.backend}, {b.total_blocks} blocks, init {b.init_s:.0f} s, "
+          f"cudagraph mode {b.graph_mode}", flush=True)
     b.run(None, min(4, args.num_requests), output_len=32)
     ours = b.greedy(None, probe_prompts or b.prompts(4, seed=7), 16)
     if "vanilla_greedy" in checks:
@@ -252,7 +264,9 @@ def main(argv=None) -> int:
         first = sum(a[:4] == c[:4] for a, c in zip(ours, checks["vanilla_greedy"]))
         print(f"CHECK budget 1.0 vs vanilla: {same}/4 identical greedy, {first}/4 same first 4 tokens",
               flush=True)
-    configs = [None] + [f"{pol}:{bud}" for pol in args.policies.split(",") for bud in args.budgets.split(",")]
+    configs = [None] + [f"{pol}:{bud}" for pol in args.policies.split(",") if pol
+                        for bud in args.budgets.split(",")]
+    configs += [c for c in args.extra_specs.split(";") if c]
     for spec in configs:
         try:
             # Warm-up: every Triton specialisation this policy uses (prefill, compaction,
@@ -261,7 +275,7 @@ def main(argv=None) -> int:
             rec = b.run(spec, args.num_requests)
             rec["ttft_light_s"] = b.ttft_probe(spec)
             emit(dict(engine="plugin", backend=b.backend, spec=spec or "streaming:1.0 (keep all)",
-                      blocks=b.total_blocks, init_s=round(b.init_s, 1), **rec))
+                      blocks=b.total_blocks, init_s=round(b.init_s, 1), graph_mode=b.graph_mode, **rec))
         except Exception as e:  # noqa: BLE001 -- keep measuring the other configurations
             import traceback
             traceback.print_exc()
@@ -270,6 +284,23 @@ def main(argv=None) -> int:
         free = b.pool.get_num_free_blocks()
         if free != b.total_blocks:
             print(f"LEAK after {spec}: {b.total_blocks - free} blocks still in use", flush=True)
+    checked = [c for c in args.check_eager.split(";") if c]
+    if checked and not args.eager:
+        # Same prompts, same specs: CUDA graphs (decode replayed from FULL graphs, compaction
+        # after the forward) vs eager must produce the same greedy tokens.
+        cprompts = b.prompts(4, seed=11)
+        graphs = {c: b.greedy(c, cprompts, 48) for c in checked}
+        b.close()
+        del b
+        gc.collect()
+        b = Bench(args, model_dir, plugin=True, eager=True)
+        for c in checked:
+            eager_out = b.greedy(c, cprompts, 48)
+            same = sum(x == y for x, y in zip(graphs[c], eager_out))
+            n48 = sum(len(x) == 48 for x in graphs[c])
+            print(f"CHECK graphs vs eager {c}: {same}/4 identical greedy (48 tokens, {n48}/4 complete)",
+                  flush=True)
+            emit(dict(engine="check", spec=c, graphs_vs_eager_identical=same, of=4))
     b.close()
     print("DONE", flush=True)
     return 0

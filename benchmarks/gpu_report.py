@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
-"""Table (markdown, stdout) and plot (PNG) from a gpu_e2e.py results.jsonl.
+"""Table (markdown, stdout) and plot (PNG) from gpu_e2e.py results.jsonl files.
 
-    python benchmarks/gpu_report.py docs/gpu_runs/h100_llama3-8b_final.jsonl --png docs/gpu.png
+    python benchmarks/gpu_report.py docs/gpu_runs/h100_llama3-8b_graphsA.jsonl \
+        docs/gpu_runs/h100_llama3-8b_graphsB.jsonl --png docs/gpu.png
+
+Several files (runs) may be given: each plugin row is compared with the vanilla row of its
+own run (same process, same GPU state).
 """
 import argparse
 import json
@@ -11,12 +15,34 @@ def load(path):
     return [json.loads(line) for line in open(path) if line.strip()]
 
 
-def table(recs) -> str:
-    van = next(r for r in recs if r["engine"] == "vanilla")
+def _series(spec: str) -> tuple[str, float]:
+    """'h2o:0.25,slack=4' -> ('h2o,slack=4', 0.25)."""
+    pol, _, rest = spec.partition(":")
+    bud, _, params = rest.partition(",")
+    return (pol + ("," + params if params else "")), float(bud)
+
+
+def _with_vanilla(runs):
+    """[(record, that run's vanilla record)] for every record, vanilla rows once per run."""
+    out = []
+    for recs in runs:
+        van = next(r for r in recs if r["engine"] == "vanilla")
+        out += [(r, van) for r in recs if r["engine"] in ("vanilla", "plugin")]
+    return out
+
+
+def table(runs) -> str:
     rows = ["| config | KV tok/req held | max running | output tok/s | x vanilla | req/s | TTFT med / p99 (s) "
             "| TPOT med / p99 (ms) | TTFT alone (s) | scoring+compaction share |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in recs:
+    seen_keep_all = False
+    for r, van in _with_vanilla(runs):
+        if r["engine"] == "vanilla" and van is not _with_vanilla(runs[:1])[0][1]:
+            continue  # one vanilla row (the others are within 1%: see each run's file)
+        if "keep all" in r.get("spec", ""):
+            if seen_keep_all:
+                continue
+            seen_keep_all = True
         if "error" in r:
             rows.append(f"| {r['spec']} | error: {r['error'][:80]} |||||||||")
             continue
@@ -28,24 +54,25 @@ def table(recs) -> str:
     return "\n".join(rows)
 
 
-def plot(recs, png):
+def plot(runs, png):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    van = next(r for r in recs if r["engine"] == "vanilla")
+    van = runs[0][0] if runs[0][0]["engine"] == "vanilla" else next(r for r in runs[0] if r["engine"] == "vanilla")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for pol in ("streaming", "snapkv", "h2o"):
-        pts = sorted(((float(r["spec"].split(":")[1]), r) for r in recs
-                      if r["engine"] == "plugin" and r["spec"].startswith(pol + ":")
-                      and "keep all" not in r["spec"] and "error" not in r), key=lambda t: t[0])
-        if not pts:
-            continue
-        xs = [b for b, _ in pts]
-        axes[0].plot(xs, [r["output_tok_s"] for _, r in pts], "o-", label=pol)
-        axes[1].plot(xs, [r["max_running"] for _, r in pts], "o-", label=pol)
-    for ax, key, lab in ((axes[0], "output_tok_s", "output tok/s"), (axes[1], "max_running", "max running requests")):
-        ax.axhline(van[key], color="k", ls="--", label="vanilla vLLM")
+    series: dict[str, list] = {}
+    for r, v in _with_vanilla(runs):
+        if r["engine"] == "plugin" and "keep all" not in r["spec"] and "error" not in r:
+            name, bud = _series(r["spec"])
+            series.setdefault(name, []).append((bud, r["output_tok_s"] / v["output_tok_s"], r["max_running"]))
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=name)
+    for ax, y, lab in ((axes[0], 1.0, "output tok/s vs vanilla (same run)"),
+                       (axes[1], van["max_running"], "max running requests")):
+        ax.axhline(y, color="k", ls="--", label="vanilla vLLM")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("budget (fraction of KV kept)")
         ax.set_ylabel(lab)
@@ -59,10 +86,10 @@ def plot(recs, png):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("results")
+    p.add_argument("results", nargs="+")
     p.add_argument("--png")
     a = p.parse_args()
-    recs = load(a.results)
-    print(table(recs))
+    runs = [load(f) for f in a.results]
+    print(table(runs))
     if a.png:
-        plot(recs, a.png)
+        plot(runs, a.png)

@@ -3,7 +3,7 @@ for every policy (stacked on dim 0 where the policy allows it, per request other
 import pytest
 import torch
 
-from vllm_kvcomp.backend import KVCompImpl, RowStep, make_group
+from vllm_kvcomp.backend import RowStep, _strided_stack, compact_group, compact_group_layers, make_group
 from vllm_kvcomp.layout import Layout
 from vllm_kvcomp.policies import POLICIES
 
@@ -30,13 +30,41 @@ def test_stacked_compaction_equals_one_at_a_time(name):
     rows = [RowStep(i, 120, old, new, policy, 4 if "obs_attn" in policy.needs else 0) for i in range(3)]
     results = []
     for groups in ([rows], [[r] for r in rows]):
-        impl = KVCompImpl(4, D, 0.2, H, None, None, "auto")
-        impl._layer_idx = 3
-        c = kv.clone()
-        impl._stats["mass"] = mass.clone()
+        c, m = kv.clone(), mass.clone()
         for rs in groups:
-            impl._compress(c, impl._stats["mass"], obs, _group(policy, rs, block_table, 64, 16, 64), 8)
-        results.append((c, impl._stats["mass"]))
+            compact_group(c, m, obs, _group(policy, rs, block_table, 64, 16, 64), 3, 8)
+        results.append((c, m))
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
     assert not torch.equal(results[0][0], kv)  # something moved
+
+
+def test_layer_views_stack_without_copy():
+    backing = torch.randn(4, NB, H, BS, 2 * D)
+    views = [backing[i] for i in range(4)]
+    stacked = _strided_stack(views)
+    assert stacked is not None and stacked.data_ptr() == backing.data_ptr() and torch.equal(stacked, backing)
+    assert _strided_stack([views[0], views[2], views[1]]) is None  # not equally spaced
+    assert _strided_stack([views[0], torch.randn(NB, H, BS, 2 * D)]) is None  # other storage
+
+
+@pytest.mark.parametrize("name", sorted(n for n in POLICIES if POLICIES[n](**EXTRA.get(n, {})).can_stack_layers()))
+def test_all_layers_at_once_equals_layer_by_layer(name):
+    """compact_group_layers (every layer in one set of launches, only kept tokens gathered)
+    moves exactly what compact_group does layer by layer, statistics included."""
+    policy = POLICIES[name](**EXTRA.get(name, {}))
+    L = 3
+    g = torch.Generator().manual_seed(2)
+    kv = torch.randn(L, NB, H, BS, 2 * D, generator=g)
+    mass, obs = torch.rand(L, NB, H, BS, generator=g), torch.rand(L, NB, H, BS, generator=g)
+    block_table = (torch.randperm(NB - 1, generator=g)[:24] + 1).view(3, 8).int()
+    old, new = Layout(kept=64, live_start=96), Layout(kept=64, live_start=112)
+    rows = [RowStep(i, 120, old, new, policy, 4 if "obs_attn" in policy.needs else 0) for i in range(3)]
+    grp = _group(policy, rows, block_table, 64, 16, 64)
+    k1, m1 = kv.clone(), mass.clone()
+    for layer in range(L):
+        compact_group(k1[layer], m1[layer], obs[layer], grp, layer, L)
+    k2, m2 = kv.clone(), mass.clone()
+    compact_group_layers(k2, m2, obs, grp)
+    assert torch.equal(k1, k2) and torch.equal(m1, m2)
+    assert not torch.equal(k1, kv)

@@ -35,3 +35,29 @@ def test_benchmark_scripts_shadow_no_installed_package():
         origin = getattr(spec, "origin", None) or ""
         assert spec is None or os.path.dirname(os.path.abspath(origin)) == bench, \
             f"benchmarks/{name} would shadow the installed module {stem!r} ({origin})"
+
+
+def _runner(eng):
+    return eng.llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+
+
+def test_compaction_after_the_forward_covers_all_layers_at_once(tiny_model):
+    """Decode attention must not depend on the batch on the host (vLLM replays it from a FULL
+    CUDA graph), so compaction runs after each step's forward: one pass over all layers --
+    the layers' caches and statistics seen as single [L, ...] views of vLLM's one KV
+    allocation -- and SnapKV's votes are cleared once used (the cache is all-zero between
+    steps, so the graph needs no clearing of its own)."""
+    from vllm_kvcomp import backend
+
+    with Engine(tiny_model, "snapkv:0.25", max_model_len=1024) as eng:
+        outs = eng.generate([prompt_ids(600, s) for s in range(3)], 8)
+        assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
+        layers = _runner(eng).__dict__["_kvcomp_layers"]
+        stack = backend._stacks[id(layers)]
+        assert stack.kv is not None, "layers' KV caches should stack as one view"
+        assert stack.kv.shape[0] == len(layers) == len(stack.layers)
+        for i, (impl, kv) in enumerate(stack.layers):
+            assert impl._layer_idx == i and stack.kv[i].data_ptr() == kv.data_ptr()
+            assert stack.mass[i].data_ptr() == impl._stats["mass"].data_ptr()
+        assert stack.obs.abs().max().item() == 0.0, "votes must be cleared after compaction"
+        assert getattr(backend._pending, "md", None) is None

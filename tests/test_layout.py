@@ -43,3 +43,24 @@ def test_short_prompts_and_keep_all_never_compress():
     assert make_plan(parse_spec("h2o:0.25"), 60, BS).layout(60) == PLAIN
     assert make_plan(parse_spec("h2o:1.0"), 5000, BS).layout(5000) == PLAIN
     assert make_plan(None, 5000, BS).layout(5000) == PLAIN
+
+
+@pytest.mark.parametrize("slack", [1, 4])
+def test_slack_folds_every_slack_blocks_within_the_budget(slack):
+    spec = parse_spec(f"h2o:0.25,slack={slack}")
+    plan = make_plan(spec, 2000, BS)
+    assert plan.capacity == (spec.budget.tokens(2000) // BS - slack) * BS
+    events, prev = [], plan.layout(2000)
+    for t in range(2001, 2600):
+        lay = plan.layout(t)
+        assert lay.kept + (t - lay.live_start) <= spec.budget.tokens(2000)  # budget holds
+        assert t - lay.live_start < slack * BS + BS
+        if lay != prev:
+            events.append(t)
+            assert lay.live_start - prev.live_start == slack * BS  # whole `slack` blocks folded
+        prev = lay
+    assert events and all(b - a == slack * BS for a, b in zip(events, events[1:]))
+
+
+def test_slack_does_not_change_prompt_only_policies():
+    assert make_plan(parse_spec("snapkv:0.25,slack=4"), 2000, BS) == make_plan(parse_spec("snapkv:0.25"), 2000, BS)

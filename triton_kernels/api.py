@@ -7,7 +7,7 @@ the PyTorch reference otherwise. Same signatures as the functions they replace.
                         want_mass=False, obs_queries=0)              -> quant.paged_attention_mixed
   paged_attention_batched(q, kv_cache, block_table, query_start_loc, seq_lens, kept, live_start,
                           scale, *, page_tag=None, out=None, mass_cache=None, obs_cache=None,
-                          obs_queries=None, stat_table=None, max_query_len=None,
+                          obs_queries=None, mass_rows=None, stat_table=None, max_query_len=None,
                           max_seq_len=None, num_splits=None)          -> out [T, H_q, D]
   write_kv(kv_cache, key, value, slot_mapping, mass=None)             -> reference.write_kv
   compact(kv_cache, mass_cache, block_row, cand_positions, keep, page_tag=None)
@@ -104,7 +104,7 @@ def paged_attention_batched(q, kv_cache, block_table, query_start_loc, seq_lens,
 
 def _batched_reference(q, kv_cache, block_table, query_start_loc, seq_lens, kept, live_start, scale, *,
                        page_tag=None, out=None, mass_cache=None, obs_cache=None, obs_queries=None,
-                       stat_table=None, **_):
+                       mass_rows=None, stat_table=None, **_):
     """CPU twin of the batched kernel: a loop over requests through the reference."""
     out = torch.empty_like(q) if out is None else out
     qsl = query_start_loc.tolist()
@@ -115,9 +115,10 @@ def _batched_reference(q, kv_cache, block_table, query_start_loc, seq_lens, kept
             continue
         k, ls, sl = int(kept[r]), int(live_start[r]), int(seq_lens[r])
         w = int(obs_queries[r]) if obs_cache is not None else 0
+        want_m = mass_cache is not None and (mass_rows is None or int(mass_rows[r]) != 0)
         if page_tag is None:  # full-precision pages: the plain reference (faster on CPU)
             o, m, ob = reference.paged_attention(q[s:e], kv_cache, block_table[r], k, ls, sl, scale,
-                                                 mass_cache is not None, w)
+                                                 want_m, w)
             out[s:e] = o
             pos = reference.request_key_positions(k, ls, sl, q.device)
             if m is not None:
@@ -126,7 +127,7 @@ def _batched_reference(q, kv_cache, block_table, query_start_loc, seq_lens, kept
                 reference.add_mass(obs_cache, st[r], pos, ob)
             continue
         o, m, ob = quant.paged_attention_mixed(q[s:e], kv_cache, page_tag, block_table[r], k, ls, sl, scale,
-                                               mass_cache is not None, w)
+                                               want_m, w)
         out[s:e] = o
         if m is not None or ob is not None:
             _, slot = quant.key_slots(kv_cache, page_tag, block_table[r], k, ls, sl)

@@ -465,17 +465,20 @@ def _reduce_kernel(pacc_ptr, pml_ptr, out_ptr, lse_ptr, stride_ot, stride_oh,
 # ----------------------------------------------------------------------------- statistics
 @triton.jit
 def _stats_rows(k, ks, kz, QUANT: tl.constexpr, keys_ok, kpos, CAUSAL: tl.constexpr, q_ptr, lse_ptr, q_start,
-                q_len, seq_len, obs_len, h, scale2, stride_qt, stride_qh, N: tl.constexpr, H_Q: tl.constexpr,
-                D: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-                HAS_OBS: tl.constexpr, F32: tl.constexpr):
+                q_len, seq_len, obs_len, do_mass, h, scale2, stride_qt, stride_qh, N: tl.constexpr,
+                H_Q: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_Q: tl.constexpr, HAS_OBS: tl.constexpr, F32: tl.constexpr):
     """Per-key sums of exp2(s - lse) over all query rows of the request for one key tile,
-    with the very score arithmetic of the forward (so the LSE matches)."""
+    with the very score arithmetic of the forward (so the LSE matches). A row that only
+    votes reads only its last ``obs_len`` queries (SnapKV at the end of an 8k prefill: 32
+    query rows instead of 8192)."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     hq = h * G + offs_m % G
     mass = tl.zeros([N], tl.float32)
     obs = tl.zeros([N], tl.float32)
-    for q0 in range(0, q_len, BLOCK_Q):
+    q_lo = tl.where(do_mass != 0, 0, (q_len - obs_len) // BLOCK_Q * BLOCK_Q)
+    for q0 in range(q_lo, q_len, BLOCK_Q):
         tok = q0 + offs_m // G
         row_ok = (offs_m // G < BLOCK_Q) & (tok < q_len)
         q_off = (q_start + tok).to(tl.int64) * stride_qt + hq * stride_qh
@@ -496,17 +499,19 @@ def _stats_rows(k, ks, kz, QUANT: tl.constexpr, keys_ok, kpos, CAUSAL: tl.conste
 
 
 @triton.jit
-def _stats_add(mass_ptr, obsout_ptr, slot_off, ok, mass, obs, WANT_MASS: tl.constexpr, HAS_OBS: tl.constexpr):
+def _stats_add(mass_ptr, obsout_ptr, slot_off, ok, mass, obs, do_mass, WANT_MASS: tl.constexpr,
+               HAS_OBS: tl.constexpr):
     # one program owns each slot: plain read-modify-write, no atomics
     if WANT_MASS:
-        tl.store(mass_ptr + slot_off, tl.load(mass_ptr + slot_off, mask=ok, other=0.0) + mass, mask=ok)
+        okm = ok & ((slot_off * 0 + do_mass) != 0)  # full-shape mask (interpreter)
+        tl.store(mass_ptr + slot_off, tl.load(mass_ptr + slot_off, mask=okm, other=0.0) + mass, mask=okm)
     if HAS_OBS:
         tl.store(obsout_ptr + slot_off, tl.load(obsout_ptr + slot_off, mask=ok, other=0.0) + obs, mask=ok)
 
 
 @triton.jit
 def _stats_positions(mass_ptr, obsout_ptr, kv_ptr, bt_row, st_row, h, stride_kb, stride_kh, stride_mb, stride_mh,
-                     p0, p1, CAUSAL: tl.constexpr, q_ptr, lse_ptr, q_start, q_len, seq_len, obs_len, scale2,
+                     p0, p1, CAUSAL: tl.constexpr, q_ptr, lse_ptr, q_start, q_len, seq_len, obs_len, do_mass, scale2,
                      stride_qt, stride_qh, TILE_N: tl.constexpr, BS: tl.constexpr, H_Q: tl.constexpr,
                      D: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
                      WANT_MASS: tl.constexpr, HAS_OBS: tl.constexpr, F32: tl.constexpr):
@@ -518,16 +523,16 @@ def _stats_positions(mass_ptr, obsout_ptr, kv_ptr, bt_row, st_row, h, stride_kb,
         base = _pos_base(bt_row, h, stride_kb, stride_kh, pos, valid, D, BS)
         k = tl.load(kv_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
         mass, obs = _stats_rows(k, offs_d, offs_d, False, valid, pos, CAUSAL, q_ptr, lse_ptr, q_start, q_len,
-                                seq_len, obs_len, h, scale2, stride_qt, stride_qh, TILE_N, H_Q, D, G, BLOCK_M,
+                                seq_len, obs_len, do_mass, h, scale2, stride_qt, stride_qh, TILE_N, H_Q, D, G, BLOCK_M,
                                 BLOCK_Q, HAS_OBS, F32)
         sb = tl.load(st_row + pos // BS, mask=valid, other=0).to(tl.int64)
-        _stats_add(mass_ptr, obsout_ptr, sb * stride_mb + h * stride_mh + pos % BS, valid, mass, obs,
+        _stats_add(mass_ptr, obsout_ptr, sb * stride_mb + h * stride_mh + pos % BS, valid, mass, obs, do_mass,
                    WANT_MASS, HAS_OBS)
 
 
 @triton.jit
 def _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh, stride_mb,
-                stride_mh, j0, j1, jbase, n_tok, q_ptr, lse_ptr, q_start, q_len, seq_len, obs_len, scale2,
+                stride_mh, j0, j1, jbase, n_tok, q_ptr, lse_ptr, q_start, q_len, seq_len, obs_len, do_mass, scale2,
                 stride_qt, stride_qh, ELEM: tl.constexpr, BITS: tl.constexpr, CAP: tl.constexpr, QT: tl.constexpr,
                 H_Q: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_Q: tl.constexpr, MAG: tl.constexpr, WANT_MASS: tl.constexpr, HAS_OBS: tl.constexpr,
@@ -539,16 +544,17 @@ def _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, strid
         kq, ks, kz = _qkeys(kvb_ptr, kvh_ptr, page_byte, t, valid, q_ptr.dtype.element_ty, BITS, CAP, D, MAG, F32)
         ok = tl.reshape(valid, (QT,))
         mass, obs = _stats_rows(kq, ks, kz, True, ok, t, False, q_ptr, lse_ptr, q_start, q_len, seq_len,
-                                obs_len, h, scale2, stride_qt, stride_qh, QT, H_Q, D, G, BLOCK_M, BLOCK_Q,
+                                obs_len, do_mass, h, scale2, stride_qt, stride_qh, QT, H_Q, D, G, BLOCK_M, BLOCK_Q,
                                 HAS_OBS, F32)
         sb = tl.load(st_row + j).to(tl.int64)  # [1]
-        _stats_add(mass_ptr, obsout_ptr, sb * stride_mb + h * stride_mh + t, ok, mass, obs, WANT_MASS, HAS_OBS)
+        _stats_add(mass_ptr, obsout_ptr, sb * stride_mb + h * stride_mh + t, ok, mass, obs, do_mass, WANT_MASS,
+                   HAS_OBS)
 
 
 @triton.jit
 def _stats_kernel(
     q_ptr, kv_ptr, kvb_ptr, kvh_ptr, tag_ptr,
-    bt_ptr, st_ptr, qsl_ptr, seq_ptr, kept_ptr, live_ptr, obs_ptr, lse_ptr,
+    bt_ptr, st_ptr, qsl_ptr, seq_ptr, kept_ptr, live_ptr, obs_ptr, mrow_ptr, lse_ptr,
     mass_ptr, obsout_ptr,
     scale2, max_blocks,
     stride_qt, stride_qh, stride_kb, stride_kh, stride_bt, stride_st,
@@ -559,7 +565,7 @@ def _stats_kernel(
     MAG: tl.constexpr, MAG8: tl.constexpr, CAP8: tl.constexpr, CAP4: tl.constexpr, CAP2: tl.constexpr,
     QT8: tl.constexpr,
     QT4: tl.constexpr, QT2: tl.constexpr, SCAN: tl.constexpr, WANT_MASS: tl.constexpr, HAS_OBS: tl.constexpr,
-    F32: tl.constexpr,
+    MASS_ROWS: tl.constexpr, F32: tl.constexpr,
 ):
     """Program (request, KV head, chunk of ENT entries); the entry walk mirrors _fwd_kernel."""
     r = tl.program_id(0)
@@ -573,7 +579,12 @@ def _stats_kernel(
     obs_len = 0
     if HAS_OBS:
         obs_len = tl.load(obs_ptr + r)
-    if q_len == 0:
+    do_mass = tl.full([], 0, tl.int32)
+    if WANT_MASS:
+        do_mass = tl.full([], 1, tl.int32)
+        if MASS_ROWS:  # per-row flag: one launch (e.g. captured in a CUDA graph) serves any mix
+            do_mass = tl.load(mrow_ptr + r)
+    if (q_len == 0) | ((do_mass == 0) & (obs_len == 0)):
         return
     bt_row = bt_ptr + r.to(tl.int64) * stride_bt
     st_row = st_ptr + r.to(tl.int64) * stride_st
@@ -596,7 +607,7 @@ def _stats_kernel(
     if run_sorted:
         _stats_positions(mass_ptr, obsout_ptr, kv_ptr, bt_row, st_row, h, stride_kb, stride_kh, stride_mb,
                          stride_mh, e0 * BS, tl.minimum(tl.minimum(ce1, nf) * BS, kept), False, q_ptr, lse_ptr,
-                         q_start, q_len, seq_len, obs_len, scale2, stride_qt, stride_qh, TILE_N, BS, H_Q, D, G,
+                         q_start, q_len, seq_len, obs_len, do_mass, scale2, stride_qt, stride_qh, TILE_N, BS, H_Q, D, G,
                          BLOCK_M, BLOCK_Q, WANT_MASS, HAS_OBS, F32)
         if HAS_TAGS:
             j0 = tl.maximum(e0, nf)
@@ -605,19 +616,19 @@ def _stats_kernel(
                 if qbits == 4:
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j0, ce1, nf, n_q, q_ptr, lse_ptr, q_start, q_len, seq_len,
-                                obs_len, scale2, stride_qt, stride_qh, ELEM, 4, CAP4, QT4, H_Q, D, G, BLOCK_M, BLOCK_Q,
+                                obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 4, CAP4, QT4, H_Q, D, G, BLOCK_M, BLOCK_Q,
                                 MAG, WANT_MASS, HAS_OBS, F32)
             if HAS2:
                 if qbits == 2:
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j0, ce1, nf, n_q, q_ptr, lse_ptr, q_start, q_len, seq_len,
-                                obs_len, scale2, stride_qt, stride_qh, ELEM, 2, CAP2, QT2, H_Q, D, G, BLOCK_M, BLOCK_Q,
+                                obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 2, CAP2, QT2, H_Q, D, G, BLOCK_M, BLOCK_Q,
                                 MAG, WANT_MASS, HAS_OBS, F32)
             if HAS8:
                 if qbits == 8:
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j0, ce1, nf, n_q, q_ptr, lse_ptr, q_start, q_len, seq_len,
-                                obs_len, scale2, stride_qt, stride_qh, ELEM, 8, CAP8, QT8, H_Q, D, G, BLOCK_M, BLOCK_Q,
+                                obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 8, CAP8, QT8, H_Q, D, G, BLOCK_M, BLOCK_Q,
                                 MAG8, WANT_MASS, HAS_OBS, F32)
     else:
         off = _tokens_before(bt_row, tag_ptr, e0, BS, CAP8, CAP4, CAP2, SCAN)
@@ -628,32 +639,32 @@ def _stats_kernel(
             if tag == 0:
                 _stats_positions(mass_ptr, obsout_ptr, kv_ptr, bt_row, st_row, h, stride_kb, stride_kh, stride_mb,
                                  stride_mh, j * BS, j * BS + cnt, False, q_ptr, lse_ptr, q_start, q_len, seq_len,
-                                 obs_len, scale2, stride_qt, stride_qh, TILE_P, BS, H_Q, D, G, BLOCK_M, BLOCK_Q,
+                                 obs_len, do_mass, scale2, stride_qt, stride_qh, TILE_P, BS, H_Q, D, G, BLOCK_M, BLOCK_Q,
                                  WANT_MASS, HAS_OBS, F32)
             if HAS4:
                 if tag == 4:
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j, j + 1, j, cnt, q_ptr, lse_ptr, q_start, q_len, seq_len,
-                                obs_len, scale2, stride_qt, stride_qh, ELEM, 4, CAP4, QT4, H_Q, D, G, BLOCK_M, BLOCK_Q,
+                                obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 4, CAP4, QT4, H_Q, D, G, BLOCK_M, BLOCK_Q,
                                 MAG, WANT_MASS, HAS_OBS, F32)
             if HAS2:
                 if tag == 2:
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j, j + 1, j, cnt, q_ptr, lse_ptr, q_start, q_len, seq_len,
-                                obs_len, scale2, stride_qt, stride_qh, ELEM, 2, CAP2, QT2, H_Q, D, G, BLOCK_M, BLOCK_Q,
+                                obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 2, CAP2, QT2, H_Q, D, G, BLOCK_M, BLOCK_Q,
                                 MAG, WANT_MASS, HAS_OBS, F32)
             if HAS8:
                 if tag == 8:
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j, j + 1, j, cnt, q_ptr, lse_ptr, q_start, q_len, seq_len,
-                                obs_len, scale2, stride_qt, stride_qh, ELEM, 8, CAP8, QT8, H_Q, D, G, BLOCK_M, BLOCK_Q,
+                                obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 8, CAP8, QT8, H_Q, D, G, BLOCK_M, BLOCK_Q,
                                 MAG8, WANT_MASS, HAS_OBS, F32)
             off += cap
     le0 = tl.maximum(e0, nc) - nc + lb0
     le1 = tl.maximum(e1, nc) - nc + lb0
     _stats_positions(mass_ptr, obsout_ptr, kv_ptr, bt_row, st_row, h, stride_kb, stride_kh, stride_mb, stride_mh,
                      tl.maximum(le0 * BS, live_start), tl.minimum(le1 * BS, seq_len), True, q_ptr, lse_ptr,
-                     q_start, q_len, seq_len, obs_len, scale2, stride_qt, stride_qh, TILE_N, BS, H_Q, D, G,
+                     q_start, q_len, seq_len, obs_len, do_mass, scale2, stride_qt, stride_qh, TILE_N, BS, H_Q, D, G,
                      BLOCK_M, BLOCK_Q, WANT_MASS, HAS_OBS, F32)
 
 
@@ -732,6 +743,7 @@ def paged_attention_batched(
     mass_cache: torch.Tensor | None = None,  # [num_blocks, H_kv, S] float32, accumulated
     obs_cache: torch.Tensor | None = None,  # same shape, accumulated over the last obs_queries[r] queries
     obs_queries: torch.Tensor | None = None,  # [B] int32
+    mass_rows: torch.Tensor | None = None,  # [B] int32: 0 = no mass for this row (default: all rows)
     stat_table: torch.Tensor | None = None,  # [B, max_blocks]: where stats of an entry go (default block_table)
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
@@ -749,8 +761,9 @@ def paged_attention_batched(
 
     Statistics are *accumulated per slot*: ``mass_cache[blk, h, slot] +=`` the probability
     each key got, summed over all queries of the request and the G query heads of KV head h
-    (H2O); ``obs_cache`` the same over the last ``obs_queries[r]`` queries (SnapKV). ``blk``
-    is ``stat_table[r, entry]`` (default: the block itself). Costs a second pass over K.
+    (H2O) -- only rows with ``mass_rows[r] != 0`` when given; ``obs_cache`` the same over the
+    last ``obs_queries[r]`` queries (SnapKV). Rows with neither are skipped. ``blk`` is
+    ``stat_table[r, entry]`` (default: the block itself). Costs a second pass over K.
 
     ``max_query_len``/``max_seq_len`` avoid a device sync (vLLM has both on the host);
     under CUDA graphs pass a fixed ``num_splits`` (and ``max_seq_len`` for statistics) so the
@@ -779,6 +792,8 @@ def paged_attention_batched(
     has_obs = obs_cache is not None
     if has_obs:
         assert obs_queries is not None and obs_queries.dtype == torch.int32
+    if mass_rows is not None:
+        assert mass_rows.dtype == torch.int32 and mass_rows.shape[0] >= B
     stats = want_mass or has_obs
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if B else 0
@@ -838,9 +853,10 @@ def paged_attention_batched(
         n_chunks = -(-(-(-max_seq_len // BS) + 1) // ENT)
         _stats_kernel[(B, H_kv, n_chunks)](
             q, kv_cache, kvb, kvh, tags, block_table, st, query_start_loc, seq_lens, kept, live_start,
-            obs_queries if has_obs else seq_lens, lse,
+            obs_queries if has_obs else seq_lens, mass_rows if mass_rows is not None else seq_lens, lse,
             mass_cache if want_mass else stat, obs_cache if has_obs else stat, scale2, block_table.shape[1],
             q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
             st.stride(0), stat.stride(0), stat.stride(1),
-            ENT=ENT, WANT_MASS=want_mass, HAS_OBS=has_obs, num_warps=4, **common)
+            ENT=ENT, WANT_MASS=want_mass, HAS_OBS=has_obs, MASS_ROWS=mass_rows is not None, num_warps=4,
+            **common)
     return out

@@ -1,14 +1,18 @@
 """Attention backend: where the kernel reads compacted pages, where statistics are
-produced, and where kept tokens are moved (compaction) -- per layer, right after that
-layer's attention, so no second pass over the KV cache is needed.
+produced, and where kept tokens are moved (compaction).
 
 Per step, ``KVCompMetadataBuilder.build`` evaluates each batch row's layout (layout.py,
-the same function the scheduler uses), uploads the batch's per-row ``kept``/``live_start``
-in one copy, and groups the rows whose layout changes now (``RowStep``) into
-``CompressGroup``s with their slots precomputed. ``KVCompImpl.forward`` then, per layer:
-  1. attends over each row's *old* layout (compacted + live tokens), the whole batch in
-     one kernel, accumulating the statistics policies need (H2O mass, SnapKV votes);
-  2. for each group, scores the candidates and compacts the winners.
+the same function the scheduler uses), writes the batch's per-row ``kept`` (per layer),
+``live_start``, voting and mass flags into persistent device buffers (one host->device
+copy), and groups the rows whose layout changes now (``RowStep``) into ``CompressGroup``s
+with their slots precomputed. Then:
+  1. ``KVCompImpl.forward`` (per layer) attends over each row's *old* layout (compacted +
+     live tokens), the whole batch in one kernel, accumulating the statistics policies need
+     (H2O mass, SnapKV votes). Nothing in it depends on the batch's content on the host, so
+     vLLM captures decode steps in FULL CUDA graphs;
+  2. ``compact_step`` runs once the model's forward is enqueued (plugin.py wraps
+     ``execute_model``): for every layer and group it scores the candidates and compacts
+     the winners -- all layers' statistics are complete by then.
 The scheduler frees the gap blocks once this step is processed (allocator.py).
 """
 from __future__ import annotations
@@ -81,6 +85,10 @@ def published_rows() -> list[RowInfo]:
     return getattr(_rows, "value", [])
 
 
+# The last built metadata with compaction due; ``compact_step`` consumes it after the forward.
+_pending = threading.local()
+
+
 @dataclass
 class RowStep:
     """One request that compresses in this step (its layout changes)."""
@@ -95,22 +103,29 @@ class RowStep:
 
 @dataclass
 class KVCompMetadata:
-    """Per-step metadata: the batched kernel's arguments plus the rows that compress."""
+    """Per-step metadata: the batched kernel's arguments plus the rows that compress.
+    Per-row tensors are views of the builder's persistent buffers (fixed addresses, so a
+    captured CUDA graph reads the current step's values)."""
 
     num_actual_tokens: int
     block_table: torch.Tensor  # [B, max_blocks] int32
     query_start_loc: torch.Tensor  # [B+1] int32
     seq_lens: torch.Tensor  # [B] int32, tokens after this step
-    kept: torch.Tensor  # [B] int32, compacted tokens (old layout)
+    kept_by_layer: torch.Tensor  # [L, B] int32, compacted tokens each layer reads (old layout)
     live_start: torch.Tensor  # [B] int32, first live position (old layout)
+    obs_queries: torch.Tensor  # [B] int32, queries voting SnapKV-style this step (0 = none)
+    mass_rows: torch.Tensor  # [B] int32, 1 = accumulate H2O attention mass for this row
     max_query_len: int
     max_seq_len: int
-    want_mass: bool  # some row's policy accumulates H2O attention mass
-    obs_queries: torch.Tensor | None  # [B] int32 when some row votes this step
+    want_mass: bool  # some row accumulates mass
+    has_obs: bool  # some row votes
     obs_slots: tuple[torch.Tensor, torch.Tensor] | None  # (block, offset) of the voters' keys
     groups: list["CompressGroup"]
     num_layers: int
-    kept_by_layer: torch.Tensor | None = None  # [L, B] int32 when some row has layer budgets
+
+    @property
+    def kept(self) -> torch.Tensor:
+        return self.kept_by_layer[0]
 
 
 @dataclass
@@ -142,10 +157,11 @@ def make_group(policy: Policy, rows: list[RowStep], block_table: torch.Tensor, i
 
 
 class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
-    # Compaction runs Python per compressing row between kernels, so attention cannot be
-    # captured in a full CUDA graph: vLLM then compiles the model piecewise (graphs around
-    # attention) -- see plugin.py, which says so at start-up.
-    _cudagraph_support = AttentionCGSupport.NEVER
+    # Decode attention launches the same kernels whatever the batch holds (statistics by
+    # per-row flags, split count from the captured max_seq_len), and compaction runs after
+    # the forward: vLLM captures uniform decode batches in FULL CUDA graphs; mixed
+    # prefill/decode batches run piecewise (attention between graph pieces).
+    _cudagraph_support = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device) -> None:
@@ -155,6 +171,10 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
         self.num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
         self._plans: dict[tuple, tuple[Plan, Policy | None]] = {}
         self._layer_caps: dict[tuple, list[int]] = {}  # (policy, kept) -> kept per layer
+        # Persistent per-row metadata, rows: kept per layer [0, L), live_start, obs_queries,
+        # mass flag. Written in place each step: a FULL CUDA graph baked in these addresses.
+        self.max_rows = vllm_config.scheduler_config.max_num_seqs
+        self._meta = torch.zeros(self.num_layers + 3, self.max_rows, dtype=torch.int32, device=device)
 
     def _plan(self, row: RowInfo) -> tuple[Plan, Policy | None]:
         key = (row.num_prompt_tokens, _override(row.extra_args))
@@ -170,21 +190,24 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KVCompMetadata:
         cm = common_attn_metadata
-        b = cm.num_reqs
+        b = cm.num_reqs  # padded to the graph's size in FULL CUDA graph steps
         qsl = cm.query_start_loc_cpu[: b + 1].tolist()
         seq_lens = (cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None
                     else cm.seq_lens.cpu())[:b].tolist()
         infos = published_rows()
-        if not infos:  # dummy / profiling batch: nothing is compressed
-            infos = [None] * b
-        elif len(infos) != b:
+        n = len(infos)  # none: dummy / profiling / capture batch, nothing is compressed
+        if n > b or any(qsl[i + 1] != qsl[i] for i in range(n, b) if n):
             # Never guess: the scheduler frees blocks by these rows' layouts.
             raise RuntimeError(f"kv-compression: {b} attention rows but the model runner "
-                               f"published {len(infos)} requests")
-        kept, live, obs_q, compress, want_mass = [0] * b, [0] * b, [0] * b, [], False
+                               f"published {n} requests")
+        if b > self.max_rows:
+            raise RuntimeError(f"kv-compression: batch of {b} rows > max_num_seqs {self.max_rows}")
+        L = self.num_layers
+        kept, live, obs_q, mass_rows = [0] * b, [0] * b, [0] * b, [0] * b
+        compress: list[RowStep] = []
         layered: list[tuple[int, Policy]] = []  # compacted rows with layer budgets
         for i, info in enumerate(infos):
-            plan, policy = self._plan(info) if info is not None else (NO_PLAN, None)
+            plan, policy = self._plan(info)
             if policy is None:
                 continue
             q_len, seq_len = qsl[i + 1] - qsl[i], seq_lens[i]
@@ -192,7 +215,7 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
             kept[i], live[i] = old.kept, old.live_start
             if policy.per_layer and old.kept:
                 layered.append((i, policy))
-            want_mass |= "attn_mass" in policy.needs
+            mass_rows[i] = int("attn_mass" in policy.needs)
             if new != old:
                 if "obs_attn" in policy.needs:
                     obs_q[i] = min(max(policy.window, 1), q_len)
@@ -201,46 +224,50 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
         for row in compress:
             d = row.new.live_start - row.old.live_start
             by_shape.setdefault((row.policy, row.old.kept, d, row.new.kept), []).append(row)
-        # One host->device copy per step, from pinned memory: a pageable copy would
-        # synchronise the host with the GPU and stall the launch queue.
-        flat = kept + live + obs_q
+        # Host side: the persistent block [L + 3, b], then the groups' rows. One
+        # host->device copy from pinned memory (a pageable copy would synchronise the host
+        # with the GPU and stall the launch queue), one device copy into the buffers.
+        host = torch.empty(L + 3, b, dtype=torch.int32)
+        host[:L] = torch.tensor(kept, dtype=torch.int32)
+        for i, policy in layered:  # each layer reads only the slots it filled
+            host[:L, i] = torch.tensor(self._layer_capacities(policy, kept[i]), dtype=torch.int32)
+        host[L] = torch.tensor(live, dtype=torch.int32)
+        host[L + 1] = torch.tensor(obs_q, dtype=torch.int32)
+        host[L + 2] = torch.tensor(mass_rows, dtype=torch.int32)
+        extra = []
         for rows in by_shape.values():
-            flat += [r.index for r in rows] + [r.old.live_start for r in rows]
-        by_layer_at = len(flat)
-        if layered:  # each layer reads only the slots it filled
-            caps = [(i, self._layer_capacities(policy, kept[i])) for i, policy in layered]
-            for layer in range(self.num_layers):
-                row = list(kept)
-                for i, per_layer in caps:
-                    row[i] = per_layer[layer]
-                flat += row
+            extra += [r.index for r in rows] + [r.old.live_start for r in rows]
+        flat = torch.cat([host.view(-1), torch.tensor(extra, dtype=torch.int32)])
         dev = cm.seq_lens.device
-        host = torch.tensor(flat, dtype=torch.int32)
-        dev_flat = (host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host)
+        dev_flat = flat.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else flat
+        meta = self._meta[:, :b]
+        meta.copy_(dev_flat[: (L + 3) * b].view(L + 3, b), non_blocking=True)
         block_table = cm.block_table_tensor[:b]
-        groups, at = [], 3 * b
+        groups, at = [], (L + 3) * b
         for (policy, k0, d, cap), rows in by_shape.items():
             g = len(rows)
             idx, ls0 = dev_flat[at: at + g].long(), dev_flat[at + g: at + 2 * g].long()
             at += 2 * g
             groups.append(make_group(policy, rows, block_table, idx, ls0, k0, d, cap, self.block_size))
-        return KVCompMetadata(
+        md = KVCompMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             block_table=block_table,
             query_start_loc=cm.query_start_loc[: b + 1],
             seq_lens=cm.seq_lens[:b],
-            kept=dev_flat[:b],
-            live_start=dev_flat[b: 2 * b],
+            kept_by_layer=meta[:L],
+            live_start=meta[L],
+            obs_queries=meta[L + 1],
+            mass_rows=meta[L + 2],
             max_query_len=int(cm.max_query_len),
             max_seq_len=int(cm.max_seq_len),
-            want_mass=want_mass,
-            obs_queries=dev_flat[2 * b: 3 * b] if any(obs_q) else None,
+            want_mass=any(mass_rows),
+            has_obs=any(obs_q),
             obs_slots=self._voter_slots(compress, block_table, dev) if any(obs_q) else None,
             groups=groups,
-            num_layers=self.num_layers,
-            kept_by_layer=(dev_flat[by_layer_at:].view(self.num_layers, b) if layered else None),
+            num_layers=L,
         )
-
+        _pending.md = md if groups else None
+        return md
 
     def _layer_capacities(self, policy: Policy, kept: int) -> list[int]:
         key = (policy, kept)
@@ -283,17 +310,33 @@ class KVCompImpl(AttentionImpl):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self._stats: dict[str, torch.Tensor] = {}
         self._layer_idx: int | None = None
+        from vllm.config import get_current_vllm_config_or_none
+
+        cfg = get_current_vllm_config_or_none()  # set while vLLM builds the model
+        self._num_layers = (cfg.model_config.get_num_layers(cfg.parallel_config)
+                            if cfg is not None and cfg.model_config is not None else None)
 
     def _stat(self, kv_cache: torch.Tensor, name: str) -> torch.Tensor:
         # Per-slot statistics beside the KV cache: float32 [num_blocks, H_kv, bs]
-        # (1/(2*D) of the cache's elements: 0.4% of a bf16 cache at D=128).
-        nb, h, bs, _ = kv_cache.shape
+        # (1/(2*D) of the cache's elements: 0.4% of a bf16 cache at D=128). Layer i's is
+        # row i of one [L, ...] tensor per engine, so compaction can act on all layers at once.
         t = self._stats.get(name)
-        if t is None or t.shape != (nb, h, bs) or t.device != kv_cache.device:
-            t = self._stats[name] = torch.zeros(nb, h, bs, dtype=torch.float32, device=kv_cache.device)
+        if t is None or t.shape != kv_cache.shape[:3] or t.device != kv_cache.device:
+            i, L = self._layer_idx, self._num_layers
+            if i is not None and L and 0 <= i < L:
+                t = _stat_pool(name, kv_cache, L)[i]
+            else:
+                t = torch.zeros(kv_cache.shape[:3], dtype=torch.float32, device=kv_cache.device)
+            self._stats[name] = t
         return t
 
+    def _set_layer(self, layer) -> None:
+        if self._layer_idx is None:
+            self._layer_idx = _layer_index(getattr(layer, "layer_name", ""))
+
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        self._set_layer(layer)
+        self._stat(kv_cache, "obs")  # allocated before any CUDA graph capture
         api.write_kv(kv_cache, key, value, slot_mapping, self._stat(kv_cache, "mass"))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: KVCompMetadata | None,
@@ -301,68 +344,205 @@ class KVCompImpl(AttentionImpl):
         md = attn_metadata
         if md is None:  # profiling / warm-up
             return output
-        if self._layer_idx is None:
-            self._layer_idx = _layer_index(getattr(layer, "layer_name", ""))
+        self._set_layer(layer)
         n = md.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
-        mass = self._stat(kv_cache, "mass") if md.want_mass else None
-        obs = None
-        if md.obs_slots is not None:
-            obs = self._stat(kv_cache, "obs")
-            obs[md.obs_slots[0], :, md.obs_slots[1]] = 0.0  # votes accumulate per slot
-        kept = md.kept if md.kept_by_layer is None else md.kept_by_layer[self._layer_idx or 0]
-        # 1. attention over compacted + live tokens (+ statistics), the whole batch at once
+        # A decode step on the kernel path may be captured in a CUDA graph and replayed for
+        # any batch: launch the statistics pass always there, per-row flags decide.
+        static = md.max_query_len <= 1 and api.use_triton(q)
+        mass = self._stat(kv_cache, "mass") if (md.want_mass or static) else None
+        obs = self._stat(kv_cache, "obs") if (md.has_obs or static) else None
+        # attention over compacted + live tokens (+ statistics), the whole batch at once;
+        # compaction follows once the whole forward is enqueued (compact_step)
         api.paged_attention_batched(
-            q, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, kept, md.live_start,
-            self.scale, out=out, mass_cache=mass, obs_cache=obs, obs_queries=md.obs_queries,
-            max_query_len=md.max_query_len, max_seq_len=md.max_seq_len)
-        # 2. rows whose layout changes now: score candidates, compact the winners
-        if md.groups:
-            t0 = _mark(q.device) if _TIMING else None
-            for group in md.groups:
-                self._compress(kv_cache, mass, obs, group, md.num_layers)
-            if _TIMING:
-                _marks.append((t0, _mark(q.device)))
+            q, kv_cache, md.block_table, md.query_start_loc, md.seq_lens,
+            md.kept_by_layer[self._layer_idx or 0], md.live_start, self.scale, out=out,
+            mass_cache=mass, obs_cache=obs, obs_queries=md.obs_queries if obs is not None else None,
+            mass_rows=md.mass_rows, max_query_len=md.max_query_len, max_seq_len=md.max_seq_len)
         return output
 
-    def _compress(self, kv_cache, mass, obs, grp: CompressGroup, num_layers: int) -> None:
-        """Fold each row's old compacted tokens and newly-old live tokens (the candidates)
-        into its first ``cap`` slots (fewer for a layer with a smaller layer budget),
-        keeping the policy's choice per KV head."""
-        g, n = grp.cand_blk.shape
-        h, dd, policy = kv_cache.shape[1], kv_cache.shape[3] // 2, grp.policy
-        layer = self._layer_idx or 0
-        cap = policy.layer_capacity(layer, num_layers, grp.cap) if policy.per_layer else grp.cap
-        cblk, coff = grp.cand_blk, grp.cand_off
-        dst_blk, dst_off = grp.dst_blk[..., :cap], grp.dst_off[..., :cap]
 
-        def per_head(stat):  # [G, n, H] -> [G*H, n]
-            return stat[cblk, :, coff].permute(0, 2, 1).reshape(g * h, n)
+# Per-engine statistics, keyed by the KV cache's backing storage (vLLM puts all layers of
+# a cache in one allocation): name -> {key: [L, num_blocks, H_kv, bs] float32}.
+_STAT_POOLS: dict[str, dict[tuple, torch.Tensor]] = {}
+
+
+def _stat_pool(name: str, kv_cache: torch.Tensor, num_layers: int) -> torch.Tensor:
+    key = (kv_cache.untyped_storage().data_ptr(), tuple(kv_cache.shape[:3]), kv_cache.device, num_layers)
+    pools = _STAT_POOLS.setdefault(name, {})
+    t = pools.get(key)
+    if t is None:
+        while len(pools) >= 4:  # engines gone (profiling caches, earlier engines)
+            pools.pop(next(iter(pools)))
+        t = pools[key] = torch.zeros((num_layers, *kv_cache.shape[:3]), dtype=torch.float32,
+                                     device=kv_cache.device)
+    return t
+
+
+@dataclass
+class LayerStack:
+    """All layers of one KV cache as single tensors (views, no copy) -- when vLLM's
+    allocation allows it -- so compaction acts on every layer in one set of launches."""
+
+    layers: list  # (KVCompImpl, its kv_cache) by layer index
+    kv: torch.Tensor | None  # [L, num_blocks, H_kv, bs, 2D] or None (per-layer fallback)
+    mass: torch.Tensor | None  # [L, num_blocks, H_kv, bs]
+    obs: torch.Tensor | None
+    key: tuple = ()
+
+
+def stack_layers(layers) -> LayerStack:
+    pairs = sorted(((l.impl._layer_idx, l.impl, l.kv_cache) for l in layers
+                    if isinstance(getattr(l, "impl", None), KVCompImpl) and l.impl._layer_idx is not None),
+                   key=lambda x: x[0])
+    impls = [p[1] for p in pairs]
+    kv = _strided_stack([p[2] for p in pairs]) if [p[0] for p in pairs] == list(range(len(pairs))) else None
+    mass = _strided_stack([i._stats.get("mass") for i in impls]) if kv is not None else None
+    obs = _strided_stack([i._stats.get("obs") for i in impls]) if kv is not None else None
+    if mass is None or obs is None:
+        kv = None
+    return LayerStack([(p[1], p[2]) for p in pairs], kv, mass, obs, _stack_key(layers))
+
+
+def _stack_key(layers) -> tuple:
+    """Cheap validity check of a cached stack: layer count, first cache and statistics."""
+    first = next((l for l in layers if isinstance(getattr(l, "impl", None), KVCompImpl)), None)
+    if first is None:
+        return ()
+    st = first.impl._stats
+    return (len(layers), first.kv_cache.data_ptr(), first.impl._layer_idx,
+            *(st[k].data_ptr() if k in st else 0 for k in ("mass", "obs")))
+
+
+def _strided_stack(ts) -> torch.Tensor | None:
+    """``torch.stack(ts)`` as a view, if the tensors are equally spaced in one storage."""
+    if not ts or any(t is None for t in ts):
+        return None
+    t0 = ts[0]
+    if any(t.shape != t0.shape or t.stride() != t0.stride() or t.dtype != t0.dtype
+           or t.untyped_storage().data_ptr() != t0.untyped_storage().data_ptr() for t in ts):
+        return None
+    if len(ts) == 1:
+        return t0[None]
+    step = ts[1].storage_offset() - t0.storage_offset()
+    if step <= 0 or any(t.storage_offset() - t0.storage_offset() != i * step for i, t in enumerate(ts)):
+        return None
+    return t0.as_strided((len(ts), *t0.shape), (step, *t0.stride()), t0.storage_offset())
+
+
+_stacks: dict[int, LayerStack] = {}  # id(the runner's layer list) -> its stack
+
+
+def compact_step(layers: list) -> None:
+    """Compaction of the step whose metadata was built last: called after the model's
+    forward (plugin.py). ``layers``: the model's attention layers (their ``impl`` and
+    ``kv_cache``; the same list object every step, its stack is cached). Stream order puts it after this step's
+    attention and before the next step's, which reads the new layouts."""
+    md = getattr(_pending, "md", None)
+    _pending.md = None
+    if md is None:
+        return
+    stack = _stacks.get(id(layers))
+    if stack is None or stack.key != _stack_key(layers):
+        stack = _stacks[id(layers)] = stack_layers(layers)
+    t0 = _mark(md.seq_lens.device) if _TIMING else None
+    for group in md.groups:
+        if stack.kv is not None and group.policy.can_stack_layers():
+            compact_group_layers(stack.kv, stack.mass, stack.obs if md.has_obs else None, group)
+        else:
+            for impl, kv in stack.layers:
+                compact_group(kv, impl._stat(kv, "mass"), impl._stat(kv, "obs") if md.has_obs else None,
+                              group, impl._layer_idx, md.num_layers)
+    if md.obs_slots is not None:  # votes accumulate per slot: leave them all zero
+        blk, off = md.obs_slots
+        if stack.obs is not None:
+            stack.obs[:, blk, :, off] = 0.0
+        else:
+            for impl, kv in stack.layers:
+                impl._stat(kv, "obs")[blk, :, off] = 0.0
+    if _TIMING:
+        _marks.append((t0, _mark(md.seq_lens.device)))
+
+
+def discard_pending() -> None:
+    _pending.md = None
+
+
+def compact_group(kv_cache, mass, obs, grp: CompressGroup, layer: int, num_layers: int) -> None:
+    """Fold each row's old compacted tokens and newly-old live tokens (the candidates)
+    into its first ``cap`` slots (fewer for a layer with a smaller layer budget), keeping
+    the policy's choice per KV head. ``mass`` moves with its token."""
+    g, n = grp.cand_blk.shape
+    h, dd, policy = kv_cache.shape[1], kv_cache.shape[3] // 2, grp.policy
+    cap = policy.layer_capacity(layer, num_layers, grp.cap) if policy.per_layer else grp.cap
+    cblk, coff = grp.cand_blk, grp.cand_off
+    dst_blk, dst_off = grp.dst_blk[..., :cap], grp.dst_off[..., :cap]
+
+    def per_head(stat):  # [G, n, H] -> [G*H, n]
+        return stat[cblk, :, coff].permute(0, 2, 1).reshape(g * h, n)
+
+    ctx = ScoreContext(
+        layer_idx=layer,
+        num_candidates=n,
+        keys=kv_cache[cblk, :, coff, :dd].permute(0, 2, 1, 3).reshape(g * h, n, dd),
+        attn_mass=per_head(mass) if "attn_mass" in policy.needs else None,
+        obs_attn=per_head(obs) if obs is not None and any(r.obs_queries for r in grp.rows) else None,
+        num_kv_heads=h,
+    )
+    if "obs_attn" in policy.needs and ctx.obs_attn is None:
+        ctx.obs_attn = torch.zeros(g * h, n, device=kv_cache.device)
+    if policy.can_stack():  # scores and selection act per (row, head) along the last dim
+        keep = policy.select(ctx, cap)
+    else:  # head-aware policies see one request at a time: [H, n]
+        keep = torch.cat([policy.select(ctx.rows(i * h, (i + 1) * h), cap) for i in range(g)])
+    keep = keep.view(g, h, cap)
+    # Gather (a copy), then scatter: sources and destinations overlap.
+    src = kv_cache[cblk, :, coff].permute(0, 2, 1, 3)  # [G, H, n, 2D]
+    sel = src.gather(2, keep[..., None].expand(-1, -1, -1, src.shape[-1]))
+    heads = torch.arange(h, device=kv_cache.device)[None, :, None]
+    kv_cache[dst_blk, heads, dst_off] = sel
+    # The mass moves with its token (H2O keeps accumulating it after compaction).
+    mass[dst_blk, heads, dst_off] = mass[cblk, :, coff].permute(0, 2, 1).gather(2, keep)
+
+
+def compact_group_layers(kv, mass, obs, grp: CompressGroup) -> None:
+    """``compact_group`` for every layer at once: ``kv`` [L, nb, H, bs, 2D], ``mass``/``obs``
+    [L, nb, H, bs]. Rows of all layers are stacked for scoring ([L*G*H, n]); only the kept
+    tokens are gathered (a copy, so overlapping destinations are safe), then scattered.
+    Layers go in chunks that bound the temporaries."""
+    L, h, dd = kv.shape[0], kv.shape[2], kv.shape[4] // 2
+    g, n = grp.cand_blk.shape
+    policy, cap = grp.policy, grp.cap
+    dev = kv.device
+    per_layer = g * h * (n * (12 + (2 * dd * kv.element_size() if "keys" in policy.needs else 0))
+                         + cap * (2 * dd * kv.element_size() + 16))
+    chunk = max(1, min(L, (256 << 20) // max(per_layer, 1)))
+    heads = torch.arange(h, device=dev)[None, None, :, None]  # [1, 1, H, 1]
+    cb, co = grp.cand_blk[None, :, None, :], grp.cand_off[None, :, None, :]  # [1, G, 1, n]
+    db, do = grp.dst_blk[None], grp.dst_off[None]  # [1, G, 1, cap], [1, 1, 1, cap]
+    votes = obs is not None and any(r.obs_queries for r in grp.rows)
+    for l0 in range(0, L, chunk):
+        lc = min(chunk, L - l0)
+        ls = torch.arange(l0, l0 + lc, device=dev)[:, None, None, None]  # [Lc, 1, 1, 1]
+
+        def stat(t):  # [Lc*G*H, n]
+            return t[ls, cb, heads, co].reshape(lc * g * h, n)
 
         ctx = ScoreContext(
-            layer_idx=layer,
-            num_candidates=n,
-            keys=kv_cache[cblk, :, coff, :dd].permute(0, 2, 1, 3).reshape(g * h, n, dd),
-            attn_mass=per_head(mass) if mass is not None else None,
-            obs_attn=per_head(obs) if any(r.obs_queries for r in grp.rows) else None,
-            num_kv_heads=h,
-        )
+            layer_idx=-1, num_candidates=n,
+            keys=kv[ls, cb, heads, co, :dd].reshape(lc * g * h, n, dd) if "keys" in policy.needs else None,
+            attn_mass=stat(mass) if "attn_mass" in policy.needs else None,
+            obs_attn=stat(obs) if votes else None,
+            num_kv_heads=h, num_rows=lc * g * h, device=dev)
         if "obs_attn" in policy.needs and ctx.obs_attn is None:
-            ctx.obs_attn = torch.zeros(g * h, n, device=kv_cache.device)
-        if policy.can_stack():  # scores and selection act per (row, head) along the last dim
-            keep = policy.select(ctx, cap)
-        else:  # head-aware policies see one request at a time: [H, n]
-            keep = torch.cat([policy.select(ctx.rows(i * h, (i + 1) * h), cap) for i in range(g)])
-        keep = keep.view(g, h, cap)
-        # Gather (a copy), then scatter: sources and destinations overlap.
-        src = kv_cache[cblk, :, coff].permute(0, 2, 1, 3)  # [G, H, n, 2D]
-        sel = src.gather(2, keep[..., None].expand(-1, -1, -1, src.shape[-1]))
-        heads = torch.arange(h, device=kv_cache.device)[None, :, None]
-        kv_cache[dst_blk, heads, dst_off] = sel
-        # The mass moves with its token (H2O keeps accumulating it after compaction).
-        m = self._stat(kv_cache, "mass")
-        m[dst_blk, heads, dst_off] = m[cblk, :, coff].permute(0, 2, 1).gather(2, keep)
+            ctx.obs_attn = torch.zeros(lc * g * h, n, device=dev)
+        keep = policy.select(ctx, cap).view(lc, g, h, cap)
+        sb = grp.cand_blk[None, :, None, :].expand(lc, g, h, n).gather(3, keep)
+        so = grp.cand_off[None, :, None, :].expand(lc, g, h, n).gather(3, keep)
+        sel, msel = kv[ls, sb, heads, so], mass[ls, sb, heads, so]  # copies
+        kv[ls, db, heads, do] = sel
+        mass[ls, db, heads, do] = msel
 
 
 def _layer_index(name: str) -> int:

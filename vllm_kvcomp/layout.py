@@ -49,15 +49,19 @@ class Plan:
     block_size: int
     num_prompt_tokens: int
     recompress: bool
+    slack: int = 1  # decode events every `slack` blocks (recompressing policies)
 
     def layout(self, num_computed_tokens: int) -> Layout:
         """Layout once ``num_computed_tokens`` tokens have been computed (and compressed)."""
         bs, n = self.block_size, self.num_prompt_tokens
         if self.capacity == 0 or num_computed_tokens < n:
             return PLAIN  # prefill still running: nothing compressed yet
-        # Prompt-only policies fold the prompt once; recompressing ones follow decode.
-        end = num_computed_tokens if self.recompress else n
-        live_start = end // bs * bs
+        # Prompt-only policies fold the prompt once; recompressing ones follow decode,
+        # folding `slack` whole blocks at a time after the prompt's event.
+        live_start = n // bs * bs
+        if self.recompress:
+            step = self.slack * bs
+            live_start += (num_computed_tokens - live_start) // step * step
         if live_start - self.capacity < bs:
             return PLAIN  # would not free a single block
         return Layout(kept=self.capacity, live_start=live_start)
@@ -70,11 +74,12 @@ def make_plan(spec: CompressionSpec | None, num_prompt_tokens: int, block_size: 
     if spec is None or spec.keeps_all:
         return NO_PLAN
     budget = int(spec.budget.tokens(num_prompt_tokens) * spec.policy.capacity_scale())
-    # Whole blocks of the budget, less one for the live tail (< 1 block after each
+    slack = spec.policy.slack if spec.policy.recompress else 1
+    # Whole blocks of the budget, less the live tail's (< `slack` blocks after each
     # event), so compacted + tail never exceeds the budget...
-    capacity = (budget // block_size - 1) * block_size
+    capacity = (budget // block_size - slack) * block_size
     # ...but never fewer slots than the tokens the policy always keeps.
     floor = -(-spec.policy.min_tokens() // block_size) * block_size
     capacity = max(capacity, floor, block_size)
-    return Plan(capacity=capacity, block_size=block_size,
-                num_prompt_tokens=num_prompt_tokens, recompress=spec.policy.recompress)
+    return Plan(capacity=capacity, block_size=block_size, num_prompt_tokens=num_prompt_tokens,
+                recompress=spec.policy.recompress, slack=slack)

@@ -126,7 +126,7 @@ def unsupported_reasons(config) -> list[str]:
 
 
 def log_graph_mode(config) -> None:
-    """Attention with compaction cannot sit inside a full CUDA graph: say what runs."""
+    """Say what runs under CUDA graphs."""
     from vllm.logger import init_logger
     from vllm.platforms import current_platform
 
@@ -137,9 +137,9 @@ def log_graph_mode(config) -> None:
     if config.model_config.enforce_eager or mode is None or getattr(mode, "name", "") == "NONE":
         return
     init_logger(__name__).info(
-        "kv-compression: attention and compaction run eagerly between CUDA graphs "
-        "(vLLM falls back from %s to PIECEWISE graphs: our backend declares no full-graph "
-        "support).", mode.name)
+        "kv-compression: CUDA graph mode %s -- uniform decode steps replay FULL graphs "
+        "(attention + statistics inside); mixed prefill steps run attention between graph "
+        "pieces; compaction runs eagerly after each step's forward.", mode.name)
 
 
 # --- Worker: attention backend and per-row request info -----------------------------
@@ -185,9 +185,21 @@ def _hook_model_runner() -> None:
     """Publish each batch row's request (prompt length, per-request override) to the
     metadata builder, which only gets CommonAttentionMetadata. Model runner V1 (CPU, and
     CUDA with VLLM_USE_V2_MODEL_RUNNER=0) and V2 (CUDA default) differ here."""
-    from vllm_kvcomp.backend import RowInfo, publish_rows
+    from vllm_kvcomp.backend import RowInfo, compact_step, discard_pending, publish_rows
 
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1Runner
+
+    def after_forward(runner, ok: bool) -> None:
+        """Compaction of the step just enqueued (backend.compact_step), all layers."""
+        if not ok:
+            discard_pending()
+            return
+        layers = runner.__dict__.get("_kvcomp_layers")
+        if layers is None:
+            ctx = runner.vllm_config.compilation_config.static_forward_context
+            layers = runner.__dict__["_kvcomp_layers"] = [
+                m for m in ctx.values() if hasattr(m, "impl") and hasattr(m, "kv_cache")]
+        compact_step(layers)
 
     build = V1Runner._build_attention_metadata
     if not getattr(build, "_kvcomp", False):
@@ -209,6 +221,21 @@ def _hook_model_runner() -> None:
 
         build_v1._kvcomp = True
         V1Runner._build_attention_metadata = build_v1
+
+        execute_v1 = V1Runner.execute_model
+
+        @functools.wraps(execute_v1)
+        def execute_model_v1(self, *args, **kwargs):
+            ok = False
+            try:
+                result = execute_v1(self, *args, **kwargs)
+                ok = True
+                return result
+            finally:
+                after_forward(self, ok)
+
+        execute_model_v1._kvcomp = True
+        V1Runner.execute_model = execute_model_v1
 
     try:
         from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
@@ -242,10 +269,14 @@ def _hook_model_runner() -> None:
         return prepare_dummy(self, *args, **kwargs)
 
     def execute_v2(self, *args, **kwargs):
+        ok = False
         try:
-            return execute(self, *args, **kwargs)
+            result = execute(self, *args, **kwargs)
+            ok = True
+            return result
         finally:
             publish_rows([])  # graph capture builds metadata outside execute_model
+            after_forward(self, ok)
 
     for name, fn, orig in (("execute_model", execute_v2, execute),
                            ("add_requests", add_requests_v2, add_requests),

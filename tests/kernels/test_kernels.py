@@ -201,6 +201,36 @@ def test_batched_cpu_twin_matches_kernel():
         assert rel_err(x, y) < 1e-4
 
 
+def test_mass_rows_select_which_rows_accumulate():
+    """One launch with per-row flags (what a captured CUDA graph runs): flagged rows get the
+    reference mass, the others none at all; a row with votes but no flag gets only votes.
+    The reference twin (api's CPU path) obeys the same flags."""
+    # the last row votes with 3 of 150 queries (more than one query tile): only those are read
+    b = make_batch([Req(1, 90, live_start=64, kept=32), Req(1, 70), Req(3, 50, obs=2), Req(150, 170, obs=3)],
+                   hkv=2, g=2, d=32, bs=16, dtype=torch.float32, device=DEV, seed=11)
+    flags = torch.tensor([0, 1, 0, 0], dtype=torch.int32, device=DEV)
+    results = []
+    for fn in (paged_attention_batched, api._batched_reference):
+        mass = torch.zeros(b.kv.shape[0], 2, 16, device=DEV)
+        obs = torch.zeros_like(mass)
+        fn(*b.args(), 0.25, mass_cache=mass, obs_cache=obs, obs_queries=b.obs, mass_rows=flags)
+        results.append((mass, obs))
+        qsl = b.qsl.tolist()
+        for i, r in enumerate(b.reqs):
+            row = b.block_table[i]
+            _, m, ob = reference.paged_attention(b.q[qsl[i]:qsl[i + 1]], b.kv, row, r.kept, r.live_start,
+                                                 r.seq_len, 0.25, True, r.obs)
+            blk, slot = quant.key_slots(b.kv, None, row, r.kept, r.live_start, r.seq_len)
+            got = mass[blk, :, slot].t()
+            if flags[i]:
+                assert rel_err(got, m) < 1e-4
+            else:
+                assert got.abs().max() == 0, f"row {i} is not flagged but got mass"
+            if r.obs:
+                assert rel_err(obs[blk, :, slot].t(), ob) < 1e-4
+    assert all(rel_err(x, y) < 1e-4 for x, y in zip(*results))
+
+
 # ----------------------------------------------------------------------------- compaction
 def _cands(kept, live_start, seq_len, device):
     return reference.request_key_positions(kept, live_start, seq_len, device)

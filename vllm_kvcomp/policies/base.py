@@ -33,20 +33,27 @@ class ScoreContext:
     first the already-compacted ones, then the live tokens being folded in.
     """
 
-    layer_idx: int
+    layer_idx: int  # -1 when rows of all layers are stacked (policies that ignore it)
     num_candidates: int
-    keys: torch.Tensor  # [H_kv, n, D] post-RoPE keys of the candidates
+    keys: torch.Tensor | None  # [H_kv, n, D] post-RoPE keys of the candidates (needs "keys")
     attn_mass: torch.Tensor | None  # [H_kv, n] attention received so far (needs "attn_mass")
     obs_attn: torch.Tensor | None  # [H_kv, n] attention from the last prompt queries (needs "obs_attn")
-    # Batched policies get several requests at once, stacked on dim 0 ([R*H_kv, ...]).
+    # Batched policies get several requests (and layers) at once, stacked on dim 0 ([R*H_kv, ...]).
     num_kv_heads: int | None = None
+    num_rows: int | None = None  # dim 0 (when no tensor above is given)
+    device: torch.device | None = None
+
+    def __post_init__(self):
+        t = next((x for x in (self.keys, self.attn_mass, self.obs_attn) if x is not None), None)
+        if t is not None:
+            self.num_rows, self.device = t.shape[0], t.device
 
     def rows(self, start: int, end: int) -> "ScoreContext":
         """The slice of dim 0 belonging to one request."""
         def cut(t):
             return None if t is None else t[start:end]
         return ScoreContext(self.layer_idx, self.num_candidates, cut(self.keys), cut(self.attn_mass),
-                            cut(self.obs_attn), self.num_kv_heads)
+                            cut(self.obs_attn), self.num_kv_heads, end - start, self.device)
 
 
 class Policy(BaseModel):
@@ -66,9 +73,15 @@ class Policy(BaseModel):
     window: int = Field(32, ge=0, le=65536, description="most recent tokens always kept")
     shared: bool = Field(False, description="keep the same tokens in every KV head of a layer "
                                             "(per-head scores normalised, then averaged)")
+    slack: int = Field(1, ge=1, le=64, description="recompressing policies: fold the live tail "
+                                                   "into the kept tokens every `slack` blocks (fewer, "
+                                                   "larger compaction events; the tail's blocks come "
+                                                   "out of the budget)")
 
     # Layer budgets (PyramidKV): layers keep different numbers of the request's slots.
     per_layer: ClassVar[bool] = False
+    # Scores depend on ctx.layer_idx (e.g. a per-layer head profile).
+    layer_aware: ClassVar[bool] = False
 
     def capacity_scale(self) -> float:
         """Slots a request holds per unit of budget: layer budgets above the average need
@@ -82,6 +95,10 @@ class Policy(BaseModel):
     def can_stack(self) -> bool:
         """Whether the backend may stack several requests on dim 0 ([R*H_kv, n])."""
         return self.batchable and not self.shared  # shared averages over a request's heads
+
+    def can_stack_layers(self) -> bool:
+        """Whether the backend may also stack all layers ([L*R*H_kv, n], one capacity)."""
+        return self.can_stack() and not self.per_layer and not self.layer_aware
 
     def min_tokens(self) -> int:
         return self.sinks + self.window

@@ -65,6 +65,7 @@ def retrieval_mask(profile: str, ratio: float) -> torch.Tensor:
 @register_policy
 class DuoPolicy(SnapKVPolicy):
     batchable: ClassVar[bool] = False  # combines the heads of one request
+    layer_aware: ClassVar[bool] = True  # the head profile is per layer
     name: ClassVar[str] = "duo"
 
     profile: str = Field(description="head profile: a name (configs/duo-NAME.yaml) or a YAML path")

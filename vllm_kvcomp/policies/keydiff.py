@@ -18,6 +18,7 @@ from vllm_kvcomp.policies.base import Policy, ScoreContext, register_policy
 @register_policy
 class KeyDiffPolicy(Policy):
     name: ClassVar[str] = "keydiff"
+    needs: ClassVar[frozenset[str]] = frozenset({"keys"})
     recompress: ClassVar[bool] = True
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:

@@ -16,5 +16,5 @@ class StreamingPolicy(Policy):
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         # Newer is better: top-k of the position keeps the most recent tokens.
-        pos = torch.arange(ctx.num_candidates, dtype=torch.float32, device=ctx.keys.device)
-        return pos.expand(ctx.keys.shape[0], -1)
+        pos = torch.arange(ctx.num_candidates, dtype=torch.float32, device=ctx.device)
+        return pos.expand(ctx.num_rows, -1)
