@@ -154,3 +154,16 @@ def test_per_request_override(tiny_model):
 def test_startup_errors_name_the_bad_part(tiny_model, spec, kw, message):
     with pytest.raises(KVCompSpecError, match=message.replace("+", r"\+")):
         Engine(tiny_model, spec, **kw)
+
+
+@pytest.mark.parametrize("spec", ["snapkv:0.25", "pyramidkv:0.25"])
+def test_votes_span_prefill_chunks(tiny_model, spec):
+    """SnapKV's observation window is the prompt's last `window` queries, wherever the
+    scheduler cut the prompt: with a 3-token last chunk, 29 of the 32 voters are in the
+    chunk before. Chunked and one-shot prefill must keep the same tokens (same outputs)."""
+    prompts = [prompt_ids(600, s) for s in range(2)]
+    outs = []
+    for batch in (597, 2048):  # 597 + 3 (then 594 + 6) vs whole prompts
+        with Engine(tiny_model, spec, max_num_batched_tokens=batch, max_model_len=1024) as eng:
+            outs.append([o.outputs[0].token_ids for o in eng.generate(prompts, 24)])
+    assert outs[0] == outs[1]

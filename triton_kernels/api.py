@@ -9,7 +9,7 @@ the PyTorch reference otherwise. Same signatures as the functions they replace.
                           scale, *, page_tag=None, out=None, mass_cache=None, obs_cache=None,
                           obs_queries=None, mass_rows=None, stat_table=None, max_query_len=None,
                           max_seq_len=None, num_splits=None)          -> out [T, H_q, D]
-  write_kv(kv_cache, key, value, slot_mapping, mass=None)             -> reference.write_kv
+  write_kv(kv_cache, key, value, slot_mapping, mass=None, obs=None)   -> reference.write_kv
   compact(kv_cache, mass_cache, block_row, cand_positions, keep, page_tag=None)
                                                                     -> reference.compact
   compact_mixed(kv_cache, mass_cache, page_tag, block_row, kept, cand_positions,
@@ -152,12 +152,12 @@ def _entries(kv_cache, page_tag, block_row, kept, positions):
     return ent
 
 
-def write_kv(kv_cache, key, value, slot_mapping, mass=None):
+def write_kv(kv_cache, key, value, slot_mapping, mass=None, obs=None):
     if not use_triton(kv_cache):
-        return reference.write_kv(kv_cache, key, value, slot_mapping, mass)
+        return reference.write_kv(kv_cache, key, value, slot_mapping, mass, obs)
     from .cache_write import write_kv as _write
 
-    return _write(kv_cache, key, value, slot_mapping, mass)
+    return _write(kv_cache, key, value, slot_mapping, mass, obs)
 
 
 def compact(kv_cache, mass_cache, block_row, cand_positions, keep, page_tag=None):

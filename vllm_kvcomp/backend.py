@@ -123,10 +123,6 @@ class KVCompMetadata:
     groups: list["CompressGroup"]
     num_layers: int
 
-    @property
-    def kept(self) -> torch.Tensor:
-        return self.kept_by_layer[0]
-
 
 @dataclass
 class CompressGroup:
@@ -216,9 +212,14 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
             if policy.per_layer and old.kept:
                 layered.append((i, policy))
             mass_rows[i] = int("attn_mass" in policy.needs)
+            if "obs_attn" in policy.needs and plan.capacity:
+                # The prompt's last `window` queries vote, in whichever prefill chunks they
+                # fall (a short last chunk leaves most of them in the one before); votes
+                # accumulate per slot until the prompt's compaction.
+                n = info.num_prompt_tokens
+                first = max(n - max(policy.window, 1), seq_len - q_len)
+                obs_q[i] = max(0, min(seq_len, n) - first) if seq_len - q_len < n else 0
             if new != old:
-                if "obs_attn" in policy.needs:
-                    obs_q[i] = min(max(policy.window, 1), q_len)
                 compress.append(RowStep(i, seq_len, old, new, policy, obs_q[i]))
         by_shape: dict[tuple, list[RowStep]] = {}
         for row in compress:
@@ -262,7 +263,8 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
             max_seq_len=int(cm.max_seq_len),
             want_mass=any(mass_rows),
             has_obs=any(obs_q),
-            obs_slots=self._voter_slots(compress, block_table, dev) if any(obs_q) else None,
+            obs_slots=(self._voter_slots(compress, block_table, dev)
+                       if any(r.obs_queries for r in compress) else None),
             groups=groups,
             num_layers=L,
         )
@@ -336,8 +338,10 @@ class KVCompImpl(AttentionImpl):
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         self._set_layer(layer)
-        self._stat(kv_cache, "obs")  # allocated before any CUDA graph capture
-        api.write_kv(kv_cache, key, value, slot_mapping, self._stat(kv_cache, "mass"))
+        # Statistics restart at every written slot; both are allocated here, before any
+        # CUDA graph capture.
+        api.write_kv(kv_cache, key, value, slot_mapping, self._stat(kv_cache, "mass"),
+                     self._stat(kv_cache, "obs"))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: KVCompMetadata | None,
                 output, output_scale=None, output_block_scale=None, **kw):

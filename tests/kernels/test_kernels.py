@@ -388,14 +388,16 @@ def test_write_kv_matches_reference(dtype):
     nb, h, bs, d, t = 6, 2, 16, 32, 9
     kv = torch.randn(nb, h, bs, 2 * d, generator=g).to(dtype).to(DEV)
     mass = torch.rand(nb, h, bs, generator=g).to(DEV)
+    obs = torch.rand(nb, h, bs, generator=g).to(DEV)
     key = torch.randn(t, h, d, generator=g).to(dtype).to(DEV)
     value = torch.randn(t, h, d, generator=g).to(dtype).to(DEV)
     slots = [17, 18, 40, 95, 3, -1, 64, 65, -1]
-    want_kv, want_mass = kv.clone(), mass.clone()
+    want_kv, want_mass, want_obs = kv.clone(), mass.clone(), obs.clone()
     for i, s_ in enumerate(slots):
         if s_ >= 0:
             want_kv[s_ // bs, :, s_ % bs, :d], want_kv[s_ // bs, :, s_ % bs, d:] = key[i], value[i]
             want_mass[s_ // bs, :, s_ % bs] = 0
-    api.write_kv(kv, key, value, torch.tensor(slots, device=DEV), mass)
+            want_obs[s_ // bs, :, s_ % bs] = 0
+    api.write_kv(kv, key, value, torch.tensor(slots, device=DEV), mass, obs)
     assert torch.equal(kv, want_kv)
-    assert torch.equal(mass, want_mass)
+    assert torch.equal(mass, want_mass) and torch.equal(obs, want_obs)

@@ -29,8 +29,10 @@ def slots_for(block_row: torch.Tensor, positions: torch.Tensor, block_size: int)
 
 
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             slot_mapping: torch.Tensor, mass: torch.Tensor | None = None) -> None:
-    """Store new tokens' K/V ([T, H_kv, D]) at their slots; padding slots are < 0."""
+             slot_mapping: torch.Tensor, mass: torch.Tensor | None = None,
+             obs: torch.Tensor | None = None) -> None:
+    """Store new tokens' K/V ([T, H_kv, D]) at their slots; padding slots are < 0. The
+    slots' statistics restart from zero (a block may have served another request)."""
     n = slot_mapping.shape[0]
     # Padding tokens go to slot 0 of block 0, vLLM's null block, which no attention reads;
     # filtering them instead would cost a device sync per layer on the GPU.
@@ -44,6 +46,8 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     kv_cache[blk, :, off, d:] = value.to(kv_cache.dtype)
     if mass is not None:
         mass[blk, :, off] = 0.0
+    if obs is not None:
+        obs[blk, :, off] = 0.0
 
 
 def request_key_positions(kept: int, live_start: int, seq_len: int, device=None) -> torch.Tensor:
