@@ -61,3 +61,25 @@ def test_compaction_after_the_forward_covers_all_layers_at_once(tiny_model):
             assert stack.mass[i].data_ptr() == impl._stats["mass"].data_ptr()
         assert stack.obs.abs().max().item() == 0.0, "votes must be cleared after compaction"
         assert getattr(backend._pending, "md", None) is None
+
+
+def test_step_metadata_lives_at_fixed_addresses(tiny_model, monkeypatch):
+    """A FULL CUDA graph bakes in the addresses of the per-row metadata it read at capture:
+    every step must write its rows into the same buffers (prefill, compaction and decode
+    steps alike)."""
+    from vllm_kvcomp import backend
+
+    seen = []
+    build = backend.KVCompMetadataBuilder.build
+
+    def recording_build(self, *args, **kwargs):
+        md = build(self, *args, **kwargs)
+        seen.append(tuple(t.data_ptr() for t in (md.kept_by_layer, md.live_start, md.obs_queries,
+                                                 md.mass_rows)))
+        return md
+
+    monkeypatch.setattr(backend.KVCompMetadataBuilder, "build", recording_build)
+    with Engine(tiny_model, "h2o:0.25", max_model_len=1024) as eng:
+        outs = eng.generate([prompt_ids(500, s) for s in range(3)], 40)
+        assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
+    assert len(seen) >= 40 and len(set(seen)) == 1

@@ -119,7 +119,7 @@ class KVCompMetadata:
     max_seq_len: int
     want_mass: bool  # some row accumulates mass
     has_obs: bool  # some row votes
-    obs_slots: tuple[torch.Tensor, torch.Tensor] | None  # (block, offset) of the voters' keys
+    obs_slots: tuple[torch.Tensor, torch.Tensor] | None  # keys read by compacting voters: cleared after
     groups: list["CompressGroup"]
     num_layers: int
 
@@ -127,8 +127,8 @@ class KVCompMetadata:
 @dataclass
 class CompressGroup:
     """Rows compressing in this step with the same policy and candidate shape (decode
-    recompression: every row folds one block into the same capacity). Slots are the same
-    for every layer, so they are computed once per step."""
+    recompression: every row folds `slack` blocks into the same capacity). Slots are the
+    same for every layer, so they are computed once per step."""
 
     policy: Policy
     rows: list[RowStep]
@@ -441,8 +441,8 @@ _stacks: dict[int, LayerStack] = {}  # id(the runner's layer list) -> its stack
 def compact_step(layers: list) -> None:
     """Compaction of the step whose metadata was built last: called after the model's
     forward (plugin.py). ``layers``: the model's attention layers (their ``impl`` and
-    ``kv_cache``; the same list object every step, its stack is cached). Stream order puts it after this step's
-    attention and before the next step's, which reads the new layouts."""
+    ``kv_cache``; the same list object every step, its stack is cached). Stream order puts
+    it after this step's attention and before the next step's, which reads the new layouts."""
     md = getattr(_pending, "md", None)
     _pending.md = None
     if md is None:
