@@ -13,10 +13,16 @@ from conftest import Engine, prompt_ids
 
 SPECS = ["h2o:0.25", "snapkv:0.25", "pyramidkv:0.25"]  # pyramidkv: per-layer kept
 PROMPTS = [prompt_ids(300, s) for s in range(3)]  # 300 tokens: compacted to 64 of 10 blocks
+# SnapKV with the prompt cut into 297 + 3 tokens (then 294 + 6, ...): its voters span two
+# chunks on the kernel path; it must still match the reference's one-shot prefill.
+CHUNKED = "snapkv:0.25 chunked"
 
 
 def _greedy(model: str, spec: str) -> list[list[int]]:
-    with Engine(model, spec, max_model_len=1024) as eng:
+    kw = {}
+    if spec.endswith(" chunked"):
+        spec, kw = spec.split()[0], {"max_num_batched_tokens": 297}
+    with Engine(model, spec, max_model_len=1024, **kw) as eng:
         return [list(o.outputs[0].token_ids) for o in eng.generate(PROMPTS, 40)]
 
 
@@ -31,10 +37,11 @@ def test_triton_path_matches_reference_in_engine(tiny_model):
     triton_tokens = json.loads(lines[-1][len("TOKENS "):])
     for spec in SPECS:
         assert triton_tokens[spec] == _greedy(tiny_model, spec), spec
+    assert triton_tokens[CHUNKED] == triton_tokens["snapkv:0.25"], "votes must span prefill chunks"
 
 
 if __name__ == "__main__":  # the interpreter run (a fresh process: TRITON_INTERPRET at import)
     from vllm_kvcomp.triton_kernels import api
 
     assert api.FORCE_TRITON
-    print("TOKENS " + json.dumps({spec: _greedy(sys.argv[1], spec) for spec in SPECS}), flush=True)
+    print("TOKENS " + json.dumps({spec: _greedy(sys.argv[1], spec) for spec in SPECS + [CHUNKED]}), flush=True)
