@@ -166,7 +166,7 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
         self.server_spec = (vllm_config.additional_config or {}).get("kv_compression")
         self.num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
         self._plans: dict[tuple, tuple[Plan, Policy | None]] = {}
-        self._layer_caps: dict[tuple, list[int]] = {}  # (policy, kept) -> kept per layer
+        self._layer_caps: dict[tuple, torch.Tensor] = {}  # (policy, kept) -> [L] kept per layer
         # Persistent per-row metadata, rows: kept per layer [0, L), live_start, obs_queries,
         # mass flag. Written in place each step: a FULL CUDA graph baked in these addresses.
         self.max_rows = vllm_config.scheduler_config.max_num_seqs
@@ -192,7 +192,8 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
                     else cm.seq_lens.cpu())[:b].tolist()
         infos = published_rows()
         n = len(infos)  # none: dummy / profiling / capture batch, nothing is compressed
-        if n > b or any(qsl[i + 1] != qsl[i] for i in range(n, b) if n):
+        # Rows past the published ones must be a FULL graph's padding (no queries).
+        if n > b or (n and any(qsl[i + 1] != qsl[i] for i in range(n, b))):
             # Never guess: the scheduler frees blocks by these rows' layouts.
             raise RuntimeError(f"kv-compression: {b} attention rows but the model runner "
                                f"published {n} requests")
@@ -216,9 +217,9 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
                 # The prompt's last `window` queries vote, in whichever prefill chunks they
                 # fall (a short last chunk leaves most of them in the one before); votes
                 # accumulate per slot until the prompt's compaction.
-                n = info.num_prompt_tokens
-                first = max(n - max(policy.window, 1), seq_len - q_len)
-                obs_q[i] = max(0, min(seq_len, n) - first) if seq_len - q_len < n else 0
+                prompt = info.num_prompt_tokens
+                first = max(prompt - max(policy.window, 1), seq_len - q_len)
+                obs_q[i] = max(0, min(seq_len, prompt) - first) if seq_len - q_len < prompt else 0
             if new != old:
                 compress.append(RowStep(i, seq_len, old, new, policy, obs_q[i]))
         by_shape: dict[tuple, list[RowStep]] = {}
@@ -231,7 +232,7 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
         host = torch.empty(L + 3, b, dtype=torch.int32)
         host[:L] = torch.tensor(kept, dtype=torch.int32)
         for i, policy in layered:  # each layer reads only the slots it filled
-            host[:L, i] = torch.tensor(self._layer_capacities(policy, kept[i]), dtype=torch.int32)
+            host[:L, i] = self._layer_capacities(policy, kept[i])
         host[L] = torch.tensor(live, dtype=torch.int32)
         host[L + 1] = torch.tensor(obs_q, dtype=torch.int32)
         host[L + 2] = torch.tensor(mass_rows, dtype=torch.int32)
@@ -271,19 +272,20 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
         _pending.md = md if groups else None
         return md
 
-    def _layer_capacities(self, policy: Policy, kept: int) -> list[int]:
+    def _layer_capacities(self, policy: Policy, kept: int) -> torch.Tensor:
         key = (policy, kept)
         caps = self._layer_caps.get(key)
         if caps is None:
             if len(self._layer_caps) > 4096:
                 self._layer_caps.clear()
-            caps = self._layer_caps[key] = [policy.layer_capacity(layer, self.num_layers, kept)
-                                            for layer in range(self.num_layers)]
+            caps = self._layer_caps[key] = torch.tensor(
+                [policy.layer_capacity(layer, self.num_layers, kept) for layer in range(self.num_layers)],
+                dtype=torch.int32)
         return caps
 
     def _voter_slots(self, compress: list[RowStep], block_table, dev):
-        """Slots of every key the voting rows read: their votes accumulate per slot, so
-        each layer clears them first (the same slots in every layer)."""
+        """Slots of every key the compacting voters read: their votes accumulate per slot,
+        so compact_step clears them once used (the same slots in every layer)."""
         slots = [ref.slots_for(block_table[r.index],
                                ref.request_key_positions(r.old.kept, r.old.live_start, r.seq_len, dev),
                                self.block_size) for r in compress if r.obs_queries]

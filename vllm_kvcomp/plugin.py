@@ -189,17 +189,29 @@ def _hook_model_runner() -> None:
 
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1Runner
 
-    def after_forward(runner, ok: bool) -> None:
-        """Compaction of the step just enqueued (backend.compact_step), all layers."""
-        if not ok:
-            discard_pending()
-            return
-        layers = runner.__dict__.get("_kvcomp_layers")
-        if layers is None:
-            ctx = runner.vllm_config.compilation_config.static_forward_context
-            layers = runner.__dict__["_kvcomp_layers"] = [
-                m for m in ctx.values() if hasattr(m, "impl") and hasattr(m, "kv_cache")]
-        compact_step(layers)
+    def with_compaction(execute, clear_rows: bool):
+        """``execute_model`` followed by the compaction of the step it enqueued
+        (backend.compact_step, all layers); a failed step's compaction is dropped."""
+        @functools.wraps(execute)
+        def execute_kvcomp(self, *args, **kwargs):
+            try:
+                result = execute(self, *args, **kwargs)
+            except BaseException:
+                discard_pending()
+                raise
+            finally:
+                if clear_rows:
+                    publish_rows([])  # graph capture builds metadata outside execute_model
+            layers = self.__dict__.get("_kvcomp_layers")
+            if layers is None:
+                ctx = self.vllm_config.compilation_config.static_forward_context
+                layers = self.__dict__["_kvcomp_layers"] = [
+                    m for m in ctx.values() if hasattr(m, "impl") and hasattr(m, "kv_cache")]
+            compact_step(layers)
+            return result
+
+        execute_kvcomp._kvcomp = True
+        return execute_kvcomp
 
     build = V1Runner._build_attention_metadata
     if not getattr(build, "_kvcomp", False):
@@ -222,20 +234,7 @@ def _hook_model_runner() -> None:
         build_v1._kvcomp = True
         V1Runner._build_attention_metadata = build_v1
 
-        execute_v1 = V1Runner.execute_model
-
-        @functools.wraps(execute_v1)
-        def execute_model_v1(self, *args, **kwargs):
-            ok = False
-            try:
-                result = execute_v1(self, *args, **kwargs)
-                ok = True
-                return result
-            finally:
-                after_forward(self, ok)
-
-        execute_model_v1._kvcomp = True
-        V1Runner.execute_model = execute_model_v1
+        V1Runner.execute_model = with_compaction(V1Runner.execute_model, clear_rows=False)
 
     try:
         from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
@@ -268,18 +267,8 @@ def _hook_model_runner() -> None:
         publish_rows([])
         return prepare_dummy(self, *args, **kwargs)
 
-    def execute_v2(self, *args, **kwargs):
-        ok = False
-        try:
-            result = execute(self, *args, **kwargs)
-            ok = True
-            return result
-        finally:
-            publish_rows([])  # graph capture builds metadata outside execute_model
-            after_forward(self, ok)
-
-    for name, fn, orig in (("execute_model", execute_v2, execute),
-                           ("add_requests", add_requests_v2, add_requests),
+    V2Runner.execute_model = with_compaction(execute, clear_rows=True)
+    for name, fn, orig in (("add_requests", add_requests_v2, add_requests),
                            ("_remove_request", remove_v2, remove),
                            ("prepare_attn", prepare_attn_v2, prepare_attn),
                            ("prepare_dummy_attn", prepare_dummy_v2, prepare_dummy)):
