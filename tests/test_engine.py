@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from conftest import BLOCK, Engine, prompt_ids
 from vllm_kvcomp.spec import KVCompSpecError
@@ -167,3 +168,60 @@ def test_votes_span_prefill_chunks(tiny_model, spec):
         with Engine(tiny_model, spec, max_num_batched_tokens=batch, max_model_len=1024) as eng:
             outs.append([o.outputs[0].token_ids for o in eng.generate(prompts, 24)])
     assert outs[0] == outs[1]
+
+
+def _tags(eng: Engine):
+    """The engine's per-block page precision tensor (None: no quantized pages)."""
+    from test_gpu_path_regressions import _runner
+
+    layer = next(iter(_runner(eng).compilation_config.static_forward_context.values()))
+    return layer.impl.tags(layer.kv_cache)
+
+
+def test_mikv_demotes_into_quantized_pages(tiny_model, vanilla):
+    """MiKV in vLLM: the prompt's blocks go back to the pool down to the memory budget,
+    demoted tokens live in quantized pages (tagged), and with room for every token at
+    8 bits the greedy output is the full cache's."""
+    prompt = prompt_ids(1200, 2)
+    with Engine(tiny_model, "mikv:0.6,bits=8") as eng:
+        start = eng.free_blocks()
+        eng.add("r", prompt, max_tokens=16)
+        held, tokens = [], []
+        while eng.busy():
+            for out in eng.step():
+                tokens = list(out.outputs[0].token_ids)
+            held.append(start - eng.free_blocks())
+        tags = _tags(eng)
+        assert held[0] >= math.ceil(1200 / BLOCK) and held[1] <= 0.6 * math.ceil(1200 / BLOCK)
+        assert int((tags == 8).sum()) > 0 and set(tags.unique().tolist()) <= {0, 8}
+        assert tokens == vanilla[1][0]  # 8-bit demotion of everything the budget drops
+        assert eng.free_blocks() == start
+    with Engine(tiny_model, "mikv:0.25") as eng:  # int4: 25% of the blocks, ~all tokens
+        start = eng.free_blocks()
+        eng.add("r", prompt_ids(PROMPT), max_tokens=40)
+        held = []
+        while eng.busy():
+            eng.step()
+            held.append(start - eng.free_blocks())
+        assert held[1] <= 0.25 * VANILLA_BLOCKS and eng.free_blocks() == start
+
+
+def test_mikv_overrides_need_a_demoting_server_and_evicting_ones_clear_stale_tags(tiny_model):
+    from vllm.exceptions import VLLMValidationError
+
+    with Engine(tiny_model, "snapkv:0.25") as eng:
+        with pytest.raises(VLLMValidationError, match="needs a server started with a demoting"):
+            eng.add("x", prompt_ids(10), max_tokens=2, extra_args={"kv_compression": "mikv:0.5"})
+        assert _tags(eng) is None
+        expected = [list(o.outputs[0].token_ids) for o in eng.generate([prompt_ids(900, 3)], 16)]
+    # Blocks freed by a mikv request keep their tags (stale quantized-page tags): an
+    # evicting compaction must tag the pages it writes full, whatever they held before.
+    with Engine(tiny_model, "mikv:0.25") as eng:
+        eng.generate([prompt_ids(1200, 4)], 4)
+        tags = _tags(eng)
+        assert int((tags == 4).sum()) > 0
+        with torch.inference_mode():  # the engine made it an inference tensor
+            tags.fill_(4)  # every block looks like a leftover 4-bit page
+        got = [list(o.outputs[0].token_ids) for o in eng.generate(
+            [prompt_ids(900, 3)], 16, extra_args={"kv_compression": "snapkv:0.25"})]
+        assert got == expected

@@ -64,3 +64,38 @@ def test_slack_folds_every_slack_blocks_within_the_budget(slack):
 
 def test_slack_does_not_change_prompt_only_policies():
     assert make_plan(parse_spec("snapkv:0.25,slack=4"), 2000, BS) == make_plan(parse_spec("snapkv:0.25"), 2000, BS)
+
+
+def _page_cap(bits):  # tokens per quantized page: bf16, head dim 128, 32-token blocks
+    from vllm_kvcomp.ops.quant import page_capacity
+    return page_capacity(bits, BS, 128, 2)
+
+
+@pytest.mark.parametrize("text", ["mikv:0.25", "mikv:0.25,bits=2", "mikv:0.1,full=0.3", "mikv:512,bits=8"])
+def test_demoting_plan_holds_its_memory_budget_and_keeps_more_tokens(text):
+    """mikv's budget is blocks: full-precision pages + quantized pages (+ the live tail)
+    never exceed it, and the quantized pages carry more tokens than evicting would keep."""
+    spec = parse_spec(text)
+    plan = make_plan(spec, 2000, BS, _page_cap)
+    budget_blocks = spec.budget.tokens(2000) // BS
+    lay = plan.layout(2000)
+    assert lay.compressed and lay.live_start == 2000 // BS * BS
+    full, demoted = plan.split(lay)
+    assert full == plan.capacity and full % BS == 0 and full >= spec.policy.min_tokens()
+    assert demoted > 0 and lay.kept == full + demoted <= lay.live_start
+    assert lay.pages == full // BS + -(-demoted // _page_cap(spec.policy.bits))
+    assert lay.pages + 1 <= budget_blocks  # compacted pages + the live tail's block
+    assert lay.kept > budget_blocks * BS  # more tokens than an evicting policy's capacity
+    assert list(lay.blocks_freed(BS)) == list(range(lay.pages, 2000 // BS))
+    assert plan.layout(2500) == lay  # prompt only: decode grows the live region as usual
+
+
+def test_demoting_plan_keeps_every_token_when_pages_suffice():
+    plan = make_plan(parse_spec("mikv:0.25,bits=2,full=0.2"), 1000, BS, _page_cap)  # 2-bit pages: 7.3x
+    lay = plan.layout(1000)
+    assert lay.kept == lay.live_start == 992 and lay.pages < 992 // BS / 3
+
+
+def test_demoting_plan_needs_the_cache_geometry():
+    with pytest.raises(ValueError, match="geometry"):
+        make_plan(parse_spec("mikv:0.25"), 2000, BS)

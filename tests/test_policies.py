@@ -152,3 +152,14 @@ def test_shared_snapkv_keeps_what_any_head_votes_for():
     shared = POLICIES["snapkv"](sinks=0, window=0, pool=1, shared=True).select(ctx, 2)
     assert 40 not in each[0].tolist() and 10 not in each[1].tolist()
     assert shared.tolist() == [[10, 40], [10, 40]]
+
+
+def test_mikv_keeps_the_best_full_demotes_the_next_drops_the_rest():
+    ctx = _ctx()
+    ctx.obs_attn = torch.zeros(2, 64)
+    ctx.obs_attn[:, 10], ctx.obs_attn[:, 20], ctx.obs_attn[:, 30] = 3.0, 2.0, 1.0
+    full, demoted = POLICIES["mikv"](sinks=1, window=1, pool=1).select_mixed(ctx, 3, 2)
+    assert full.tolist() == [[0, 10, 63]] * 2  # sink, window, the best voted token
+    assert demoted.tolist() == [[20, 30]] * 2  # the next two, in position order
+    with pytest.raises(Exception, match="8, 4 or 2"):
+        parse_spec("mikv:0.25,bits=3")

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import Engine, prompt_ids
 
-SPECS = ["h2o:0.25", "snapkv:0.25", "pyramidkv:0.25"]  # pyramidkv: per-layer kept
+SPECS = ["h2o:0.25", "snapkv:0.25", "pyramidkv:0.25", "mikv:0.5"]  # pyramidkv: per-layer kept; mikv: 4-bit pages
 PROMPTS = [prompt_ids(300, s) for s in range(3)]  # 300 tokens: compacted to 64 of 10 blocks
 # SnapKV with the prompt cut into 297 + 3 tokens (then 294 + 6, ...): its voters span two
 # chunks on the kernel path; it must still match the reference's one-shot prefill.

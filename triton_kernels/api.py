@@ -104,11 +104,12 @@ def paged_attention_batched(q, kv_cache, block_table, query_start_loc, seq_lens,
 
 def _batched_reference(q, kv_cache, block_table, query_start_loc, seq_lens, kept, live_start, scale, *,
                        page_tag=None, out=None, mass_cache=None, obs_cache=None, obs_queries=None,
-                       mass_rows=None, stat_table=None, **_):
+                       mass_rows=None, stat_table=None, stats_tags=True, **_):
     """CPU twin of the batched kernel: a loop over requests through the reference."""
     out = torch.empty_like(q) if out is None else out
     qsl = query_start_loc.tolist()
     st = block_table if stat_table is None else stat_table
+    bs = kv_cache.shape[2]
     for r in range(seq_lens.shape[0]):
         s, e = qsl[r], qsl[r + 1]
         if e == s:
@@ -116,7 +117,11 @@ def _batched_reference(q, kv_cache, block_table, query_start_loc, seq_lens, kept
         k, ls, sl = int(kept[r]), int(live_start[r]), int(seq_lens[r])
         w = int(obs_queries[r]) if obs_cache is not None else 0
         want_m = mass_cache is not None and (mass_rows is None or int(mass_rows[r]) != 0)
-        if page_tag is None:  # full-precision pages: the plain reference (faster on CPU)
+        # a compacted region without quantized pages reads like plain pages
+        mixed = page_tag is not None and k > 0 and bool(page_tag[block_table[r, : -(-k // bs)].long()].any())
+        if mixed and not stats_tags:
+            assert not (want_m or w), "stats_tags=False: a row with statistics has quantized pages"
+        if not mixed:  # full-precision pages: the plain reference (faster on CPU)
             o, m, ob = reference.paged_attention(q[s:e], kv_cache, block_table[r], k, ls, sl, scale,
                                                  want_m, w)
             out[s:e] = o

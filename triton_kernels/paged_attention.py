@@ -749,6 +749,7 @@ def paged_attention_batched(
     max_seq_len: int | None = None,
     num_splits: int | None = None,
     page_bits: tuple[int, ...] = (8, 4, 2),  # formats that may appear in compacted regions
+    stats_tags: bool = True,  # False: rows with statistics have no quantized pages (caller's promise)
     config: dict | None = None,  # tile overrides for benchmarking: BLOCK_M, TILE_N, num_warps, num_stages
 ) -> torch.Tensor:
     """Causal attention of a varlen batch over each request's compacted + live keys.
@@ -768,7 +769,10 @@ def paged_attention_batched(
     ``max_query_len``/``max_seq_len`` avoid a device sync (vLLM has both on the host);
     under CUDA graphs pass a fixed ``num_splits`` (and ``max_seq_len`` for statistics) so the
     grids do not change. ``page_bits`` lists the formats that may occur (fewer = smaller
-    kernel); a page of a format not listed would be skipped.
+    kernel); a page of a format not listed would be skipped. ``stats_tags=False`` runs the
+    statistics pass as if every page were full: right when no row with statistics has a
+    quantized page (the backend's case: only never-compacted rows vote or demote), and
+    then statistics need only ``block_size`` slots per page.
     """
     T, H_q, D = q.shape
     nb, H_kv, BS, D2 = kv_cache.shape
@@ -845,7 +849,10 @@ def paged_attention_batched(
         assert stat.dtype == torch.float32 and stat.stride(2) == 1 and stat.shape[1] == H_kv
         if want_mass and has_obs:
             assert obs_cache.stride() == mass_cache.stride() and obs_cache.shape == mass_cache.shape
-        need = max(caps.values()) if page_tag is not None else BS
+        if page_tag is not None and not stats_tags:
+            common = dict(_launch_consts(D, BS, G, kv_cache.dtype, False, tuple(page_bits), decode,
+                                         _freeze(config))[0], H_Q=H_q)
+        need = max(caps.values()) if page_tag is not None and stats_tags else BS
         assert stat.shape[2] >= need, f"stat tensors need {need} slots per page"
         st = stat_table if stat_table is not None else block_table
         assert st.dtype == torch.int32 and st.stride(1) == 1

@@ -9,16 +9,26 @@ become the null block; the worker keeps stale ids there but never reads them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_kvcomp.layout import NO_PLAN, Plan, make_plan
+from vllm_kvcomp.ops import quant
 from vllm_kvcomp.spec import CompressionSpec
 
 # request_id -> the request's resolved spec; filled by the scheduler hook in plugin.py
 # (engine-core process). Absent = not compressed.
 REQUEST_SPECS: dict[str, CompressionSpec] = {}
+
+
+def page_capacity_fn(spec) -> Callable[[int], int]:
+    """bits -> tokens a quantized page of this cache holds (scheduler and workers agree)."""
+    import torch
+
+    es = torch.empty((), dtype=spec.dtype).element_size()
+    return lambda bits: quant.page_capacity(bits, spec.block_size, spec.head_size, es)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,7 +52,8 @@ class KVCompManager(FullAttentionManager):
         plan = self._plans.get(request_id)
         if plan is None or plan.num_prompt_tokens != num_prompt_tokens:
             spec = REQUEST_SPECS.get(request_id)
-            plan = make_plan(spec, num_prompt_tokens, self.block_size) if spec else NO_PLAN
+            plan = (make_plan(spec, num_prompt_tokens, self.block_size, page_capacity_fn(self.kv_cache_spec))
+                    if spec else NO_PLAN)
             self._plans[request_id] = plan
         return plan
 

@@ -30,12 +30,12 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
-from vllm_kvcomp.allocator import KVCompSpec
+from vllm_kvcomp.allocator import KVCompSpec, page_capacity_fn
 from vllm_kvcomp.layout import NO_PLAN, Layout, Plan, make_plan
-from vllm_kvcomp.ops import reference as ref
+from vllm_kvcomp.ops import quant, reference as ref
 from vllm_kvcomp.triton_kernels import api
 from vllm_kvcomp.policies import Policy, ScoreContext
-from vllm_kvcomp.spec import resolve_request_spec
+from vllm_kvcomp.spec import parse_spec, resolve_request_spec
 
 logger = init_logger(__name__)
 
@@ -85,6 +85,13 @@ def published_rows() -> list[RowInfo]:
     return getattr(_rows, "value", [])
 
 
+def demotes(server_spec: str | None) -> bool:
+    """Whether an engine keeps quantized pages (its server policy demotes, e.g. mikv):
+    then attention reads page tags and per-request ``mikv`` overrides are allowed."""
+    spec = parse_spec(server_spec)
+    return spec is not None and spec.policy.action == "demote"
+
+
 # The last built metadata with compaction due; ``compact_step`` consumes it after the forward.
 _pending = threading.local()
 
@@ -99,6 +106,7 @@ class RowStep:
     new: Layout  # layout after this step's compaction
     policy: Policy
     obs_queries: int  # queries whose attention SnapKV-style policies vote with
+    split: tuple[int, int] | None = None  # new layout's (full-precision, demoted) tokens (grouping key)
 
 
 @dataclass
@@ -132,11 +140,13 @@ class CompressGroup:
 
     policy: Policy
     rows: list[RowStep]
-    cap: int  # kept slots after compaction
+    cap: int  # kept slots after compaction (demoting policies: full-precision ones)
     cand_blk: torch.Tensor  # [G, n] block of each candidate (old compacted, then folded live)
     cand_off: torch.Tensor  # [G, n] offset in that block
     dst_blk: torch.Tensor  # [G, 1, cap] destination blocks of the kept tokens
     dst_off: torch.Tensor  # [1, 1, cap]
+    n_quant: int = 0  # demoting policies: tokens written to quantized pages after the cap
+    block_rows: torch.Tensor | None = None  # [G, max_blocks] the rows' block tables
 
 
 def make_group(policy: Policy, rows: list[RowStep], block_table: torch.Tensor, idx: torch.Tensor,
@@ -149,7 +159,7 @@ def make_group(policy: Policy, rows: list[RowStep], block_table: torch.Tensor, i
     dpos = torch.arange(cap, device=bt.device)
     return CompressGroup(policy, rows, cap, cand_blk=bt.gather(1, cand // block_size),
                          cand_off=cand % block_size, dst_blk=bt[:, dpos // block_size][:, None, :],
-                         dst_off=(dpos % block_size)[None, None, :])
+                         dst_off=(dpos % block_size)[None, None, :], block_rows=bt)
 
 
 class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
@@ -171,6 +181,7 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
         # mass flag. Written in place each step: a FULL CUDA graph baked in these addresses.
         self.max_rows = vllm_config.scheduler_config.max_num_seqs
         self._meta = torch.zeros(self.num_layers + 3, self.max_rows, dtype=torch.int32, device=device)
+        self._page_cap = page_capacity_fn(kv_cache_spec)
 
     def _plan(self, row: RowInfo) -> tuple[Plan, Policy | None]:
         key = (row.num_prompt_tokens, _override(row.extra_args))
@@ -179,7 +190,7 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
             if len(self._plans) > 4096:
                 self._plans.clear()
             spec = resolve_request_spec(self.server_spec, row.extra_args)
-            hit = self._plans[key] = ((make_plan(spec, row.num_prompt_tokens, self.block_size),
+            hit = self._plans[key] = ((make_plan(spec, row.num_prompt_tokens, self.block_size, self._page_cap),
                                       spec.policy) if spec is not None else (NO_PLAN, None))
         return hit
 
@@ -221,11 +232,11 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
                 first = max(prompt - max(policy.window, 1), seq_len - q_len)
                 obs_q[i] = max(0, min(seq_len, prompt) - first) if seq_len - q_len < prompt else 0
             if new != old:
-                compress.append(RowStep(i, seq_len, old, new, policy, obs_q[i]))
+                compress.append(RowStep(i, seq_len, old, new, policy, obs_q[i], plan.split(new)))
         by_shape: dict[tuple, list[RowStep]] = {}
         for row in compress:
             d = row.new.live_start - row.old.live_start
-            by_shape.setdefault((row.policy, row.old.kept, d, row.new.kept), []).append(row)
+            by_shape.setdefault((row.policy, row.old.kept, d, row.split), []).append(row)
         # Host side: the persistent block [L + 3, b], then the groups' rows. One
         # host->device copy from pinned memory (a pageable copy would synchronise the host
         # with the GPU and stall the launch queue), one device copy into the buffers.
@@ -246,11 +257,13 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
         meta.copy_(dev_flat[: (L + 3) * b].view(L + 3, b), non_blocking=True)
         block_table = cm.block_table_tensor[:b]
         groups, at = [], (L + 3) * b
-        for (policy, k0, d, cap), rows in by_shape.items():
+        for (policy, k0, d, (cap, n_quant)), rows in by_shape.items():
             g = len(rows)
             idx, ls0 = dev_flat[at: at + g].long(), dev_flat[at + g: at + 2 * g].long()
             at += 2 * g
-            groups.append(make_group(policy, rows, block_table, idx, ls0, k0, d, cap, self.block_size))
+            grp = make_group(policy, rows, block_table, idx, ls0, k0, d, cap, self.block_size)
+            grp.n_quant = n_quant
+            groups.append(grp)
         md = KVCompMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             block_table=block_table,
@@ -319,6 +332,9 @@ class KVCompImpl(AttentionImpl):
         cfg = get_current_vllm_config_or_none()  # set while vLLM builds the model
         self._num_layers = (cfg.model_config.get_num_layers(cfg.parallel_config)
                             if cfg is not None and cfg.model_config is not None else None)
+        # Quantized pages (mikv): attention then reads each compacted page through its tag.
+        self._demotes = cfg is not None and demotes((cfg.additional_config or {}).get("kv_compression"))
+        self._tags: torch.Tensor | None = None
 
     def _stat(self, kv_cache: torch.Tensor, name: str) -> torch.Tensor:
         # Per-slot statistics beside the KV cache: float32 [num_blocks, H_kv, bs]
@@ -334,6 +350,16 @@ class KVCompImpl(AttentionImpl):
             self._stats[name] = t
         return t
 
+    def tags(self, kv_cache: torch.Tensor) -> torch.Tensor | None:
+        """Per-block page precision (0 = full, else bits), one tensor for all layers (a
+        request's layout is the same in every layer); None when nothing demotes."""
+        if not self._demotes:
+            return None
+        t = self._tags
+        if t is None or t.shape[0] != kv_cache.shape[0] or t.device != kv_cache.device:
+            t = self._tags = _stat_pool("tags", kv_cache, 1, (kv_cache.shape[0],), torch.int8)
+        return t
+
     def _set_layer(self, layer) -> None:
         if self._layer_idx is None:
             self._layer_idx = _layer_index(getattr(layer, "layer_name", ""))
@@ -344,6 +370,7 @@ class KVCompImpl(AttentionImpl):
         # CUDA graph capture.
         api.write_kv(kv_cache, key, value, slot_mapping, self._stat(kv_cache, "mass"),
                      self._stat(kv_cache, "obs"))
+        self.tags(kv_cache)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: KVCompMetadata | None,
                 output, output_scale=None, output_block_scale=None, **kw):
@@ -365,7 +392,10 @@ class KVCompImpl(AttentionImpl):
             q, kv_cache, md.block_table, md.query_start_loc, md.seq_lens,
             md.kept_by_layer[self._layer_idx or 0], md.live_start, self.scale, out=out,
             mass_cache=mass, obs_cache=obs, obs_queries=md.obs_queries if obs is not None else None,
-            mass_rows=md.mass_rows, max_query_len=md.max_query_len, max_seq_len=md.max_seq_len)
+            mass_rows=md.mass_rows, max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
+            # only rows never compacted vote (a demoting policy compresses once), and no
+            # demoting policy uses mass: statistics never meet a quantized page
+            page_tag=self.tags(kv_cache), stats_tags=False)
         return output
 
 
@@ -374,14 +404,16 @@ class KVCompImpl(AttentionImpl):
 _STAT_POOLS: dict[str, dict[tuple, torch.Tensor]] = {}
 
 
-def _stat_pool(name: str, kv_cache: torch.Tensor, num_layers: int) -> torch.Tensor:
+def _stat_pool(name: str, kv_cache: torch.Tensor, num_layers: int, shape: tuple | None = None,
+               dtype=torch.float32) -> torch.Tensor:
+    """``[num_layers, *kv_cache.shape[:3]]`` (or ``shape``) zeros, one per engine and name."""
     key = (kv_cache.untyped_storage().data_ptr(), tuple(kv_cache.shape[:3]), kv_cache.device, num_layers)
     pools = _STAT_POOLS.setdefault(name, {})
     t = pools.get(key)
     if t is None:
         while len(pools) >= 4:  # engines gone (profiling caches, earlier engines)
             pools.pop(next(iter(pools)))
-        t = pools[key] = torch.zeros((num_layers, *kv_cache.shape[:3]), dtype=torch.float32,
+        t = pools[key] = torch.zeros(shape or (num_layers, *kv_cache.shape[:3]), dtype=dtype,
                                      device=kv_cache.device)
     return t
 
@@ -396,6 +428,7 @@ class LayerStack:
     mass: torch.Tensor | None  # [L, num_blocks, H_kv, bs]
     obs: torch.Tensor | None
     key: tuple = ()
+    tags: torch.Tensor | None = None  # per-block page precision (engines that demote)
 
 
 def stack_layers(layers) -> LayerStack:
@@ -408,7 +441,8 @@ def stack_layers(layers) -> LayerStack:
     obs = _strided_stack([i._stats.get("obs") for i in impls]) if kv is not None else None
     if mass is None or obs is None:
         kv = None
-    return LayerStack([(p[1], p[2]) for p in pairs], kv, mass, obs, _stack_key(layers))
+    tags = impls[0].tags(pairs[0][2]) if impls else None
+    return LayerStack([(p[1], p[2]) for p in pairs], kv, mass, obs, _stack_key(layers), tags)
 
 
 def _stack_key(layers) -> tuple:
@@ -454,12 +488,18 @@ def compact_step(layers: list) -> None:
         stack = _stacks[id(layers)] = stack_layers(layers)
     t0 = _mark(md.seq_lens.device) if _TIMING else None
     for group in md.groups:
+        if group.policy.action == "demote":
+            compact_group_mixed(stack, group)
+            continue
         if stack.kv is not None and group.policy.can_stack_layers():
             compact_group_layers(stack.kv, stack.mass, stack.obs if md.has_obs else None, group)
         else:
             for impl, kv in stack.layers:
                 compact_group(kv, impl._stat(kv, "mass"), impl._stat(kv, "obs") if md.has_obs else None,
                               group, impl._layer_idx, md.num_layers)
+        if stack.tags is not None:  # these blocks may have held another request's quantized pages
+            bs = stack.layers[0][1].shape[2]
+            stack.tags[group.dst_blk[..., ::bs].reshape(-1).long()] = quant.FULL
     if md.obs_slots is not None:  # votes accumulate per slot: leave them all zero
         blk, off = md.obs_slots
         if stack.obs is not None:
@@ -510,6 +550,34 @@ def compact_group(kv_cache, mass, obs, grp: CompressGroup, layer: int, num_layer
     kv_cache[dst_blk, heads, dst_off] = sel
     # The mass moves with its token (H2O keeps accumulating it after compaction).
     mass[dst_blk, heads, dst_off] = mass[cblk, :, coff].permute(0, 2, 1).gather(2, keep)
+
+
+def compact_group_mixed(stack: LayerStack, grp: CompressGroup) -> None:
+    """Demoting policies (mikv), once per request at the end of its prompt: per layer, the
+    best ``grp.cap`` candidates stay full precision, the next ``grp.n_quant`` are quantized
+    into the pages after them (``compact_mixed``: the Triton kernel on the GPU, the PyTorch
+    reference on CPU), the rest are dropped. Page tags are shared by all layers (every
+    layer writes the same ones)."""
+    g, n = grp.cand_blk.shape
+    policy = grp.policy
+    assert stack.tags is not None, "a demoting policy on an engine without page tags"
+    assert not any(r.old.kept for r in grp.rows), "demoting policies compress once (prompt only)"
+    cand = torch.arange(n, device=grp.cand_blk.device)  # candidates = positions [0, live_start)
+    for impl, kv in stack.layers:
+        h = kv.shape[1]
+        obs = impl._stat(kv, "obs")
+        ctx = ScoreContext(layer_idx=impl._layer_idx or 0, num_candidates=n, keys=None, attn_mass=None,
+                           obs_attn=obs[grp.cand_blk, :, grp.cand_off].permute(0, 2, 1).reshape(g * h, n),
+                           num_kv_heads=h)
+        if policy.can_stack():
+            full, demoted = policy.select_mixed(ctx, grp.cap, grp.n_quant)
+        else:  # shared scores combine a request's heads
+            parts = [policy.select_mixed(ctx.rows(i * h, (i + 1) * h), grp.cap, grp.n_quant) for i in range(g)]
+            full, demoted = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        full, demoted = full.view(g, h, grp.cap), demoted.view(g, h, grp.n_quant)
+        for i in range(g):
+            api.compact_mixed(kv, None, stack.tags, grp.block_rows[i], 0, cand, full[i], demoted[i],
+                              policy.bits)
 
 
 def compact_group_layers(kv, mass, obs, grp: CompressGroup) -> None:

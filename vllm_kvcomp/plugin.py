@@ -335,9 +335,16 @@ def _hook_request_validation() -> None:
                     "(e.g. streaming:1.0 to keep the full cache by default)",
                     parameter=CONFIG_KEY, value=value)
             try:
-                parse_spec(str(value))
+                spec = parse_spec(str(value))
             except KVCompSpecError as e:
                 raise VLLMValidationError(str(e), parameter=CONFIG_KEY, value=value) from None
+            server = parse_spec(compression_text(self.vllm_config))
+            if spec is not None and spec.policy.action == "demote" and server.policy.action != "demote":
+                # attention reads page tags only where the server set them up (CUDA graphs)
+                raise VLLMValidationError(
+                    f"per-request {spec.policy.name} (quantized pages) needs a server started with a "
+                    f"demoting --kv-compression policy (e.g. {spec.policy.name}:1.0); this one runs "
+                    f"{server.policy.name}", parameter=CONFIG_KEY, value=value)
         return validate(self, params, *args, **kwargs)
 
     validate_kvcomp._kvcomp = True

@@ -152,14 +152,83 @@ def read_page(kv_cache: torch.Tensor, block: int, head: int, bits: int, n: int) 
     return k, v
 
 
+def _pages_u8(kv_cache: torch.Tensor) -> torch.Tensor:
+    """All pages as bytes: a writable uint8 view ``[num_blocks, H_kv, P]``."""
+    assert kv_cache.stride(3) == 1 and kv_cache.stride(2) == kv_cache.shape[3], "page must be contiguous"
+    return kv_cache.view(torch.uint8).flatten(2)
+
+
+def _meta(pages: torch.Tensor, off: int, cnt: int) -> torch.Tensor:
+    """fp16 ``[..., cnt]`` stored at byte ``off`` of each page (bytes ``[..., P]``)."""
+    return pages[..., off:off + 2 * cnt].contiguous().view(META_DTYPE).float()
+
+
+def read_pages(kv_cache: torch.Tensor, blocks: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``read_page`` for many pages at once: ``(k, v)`` float32 ``[P, H_kv, cap, D]``, all
+    ``cap`` slots of blocks ``blocks [P]`` (slots past a page's count hold garbage)."""
+    bs, d = kv_cache.shape[2], kv_cache.shape[3] // 2
+    blocks = blocks.long()
+    if bits == FULL:
+        kv = kv_cache[blocks].float()
+        return kv[..., :d], kv[..., d:]
+    o = page_offsets(bits, bs, d, kv_cache.element_size())
+    cap, row = o["cap"], o["row"]
+    pages = _pages_u8(kv_cache)[blocks]  # copy [P, H, bytes]
+    kq = unpack(pages[..., o["kq"]:o["kq"] + cap * row].unflatten(-1, (cap, row)), bits).float()
+    vq = unpack(pages[..., o["vq"]:o["vq"] + cap * row].unflatten(-1, (cap, row)), bits).float()
+    k = kq * _meta(pages, o["ks"], d)[:, :, None, :] + _meta(pages, o["kz"], d)[:, :, None, :]
+    v = vq * _meta(pages, o["vs"], cap)[..., None] + _meta(pages, o["vz"], cap)[..., None]
+    return k, v
+
+
+def write_pages(kv_cache: torch.Tensor, blocks: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                bits: int) -> None:
+    """``write_page`` for many pages at once: ``k, v [P, H_kv, n, D]`` (``n <= cap``, the
+    same count in every page) into blocks ``blocks [P]`` at ``bits``."""
+    bs, d = kv_cache.shape[2], kv_cache.shape[3] // 2
+    o = page_offsets(bits, bs, d, kv_cache.element_size())
+    n = k.shape[2]
+    assert 0 < n <= o["cap"], (n, o["cap"])
+    kq, ks, kz = quantize_group(k, bits, dim=2)  # keys: per channel over the page's tokens
+    vq, vs, vz = quantize_group(v, bits, dim=3)  # values: per token
+    row = o["row"]
+    b = blocks.long()
+    u8 = _pages_u8(kv_cache)
+    u8[b, :, o["kq"]:o["kq"] + n * row] = pack(kq, bits).flatten(2)
+    u8[b, :, o["vq"]:o["vq"] + n * row] = pack(vq, bits).flatten(2)
+    u8[b, :, o["ks"]:o["ks"] + 2 * d] = ks.contiguous().view(torch.uint8)
+    u8[b, :, o["kz"]:o["kz"] + 2 * d] = kz.contiguous().view(torch.uint8)
+    u8[b, :, o["vs"]:o["vs"] + 2 * n] = vs.contiguous().view(torch.uint8)
+    u8[b, :, o["vz"]:o["vz"] + 2 * n] = vz.contiguous().view(torch.uint8)
+
+
+def read_region(kv_cache: torch.Tensor, page_tag: torch.Tensor | None, block_row: torch.Tensor,
+                kept: int) -> torch.Tensor:
+    """float32 ``[H_kv, kept, 2D]``: a request's compacted tokens in order, read through
+    the tags with one vectorised read per precision (the CPU path's hot loop)."""
+    hkv, d2 = kv_cache.shape[1], kv_cache.shape[3]
+    pages = compacted_pages(kv_cache, page_tag, block_row, kept)
+    out = torch.empty(hkv, kept, d2, device=kv_cache.device)
+    for tag in sorted({p[1] for p in pages}):
+        mine = [p for p in pages if p[1] == tag]
+        blocks = block_row[torch.tensor([p[0] for p in mine], device=block_row.device)]
+        k, v = read_pages(kv_cache, blocks, tag)
+        kv = torch.cat([k, v], -1)  # [P, H, cap, 2D]
+        for i, (_, _, first, n) in enumerate(mine):
+            out[:, first:first + n] = kv[i, :, :n]
+    return out
+
+
 # ----------------------------------------------------------------------------- mapping
 def compacted_pages(kv_cache: torch.Tensor, page_tag: torch.Tensor | None, block_row: torch.Tensor,
                     kept: int) -> list[tuple[int, int, int, int]]:
     """The compacted region's pages in order: ``(entry j, tag, first token, count)``."""
     caps = capacities(kv_cache)
+    upper = -(-kept // kv_cache.shape[2])  # the region never spans more entries than this
+    tags = [FULL] * upper if page_tag is None else page_tag[block_row[:upper].long()].tolist()
     pages, off, j = [], 0, 0
     while off < kept:
-        tag = 0 if page_tag is None else int(page_tag[int(block_row[j])])
+        tag = tags[j]
         n = min(caps[tag], kept - off)
         pages.append((j, tag, off, n))
         off, j = off + n, j + 1
@@ -209,14 +278,8 @@ def gather_kv(kv_cache: torch.Tensor, page_tag: torch.Tensor | None, block_row: 
     pos = positions.long()
     comp = pos < kept
     if bool(comp.any()):
-        for j, tag, first, n in compacted_pages(kv_cache, page_tag, block_row, kept):
-            sel = comp & (pos >= first) & (pos < first + n)
-            if not bool(sel.any()):
-                continue
-            idx = pos[sel] - first
-            for h in range(hkv):
-                k, v = read_page(kv_cache, int(block_row[j]), h, tag, n)
-                out[h, sel] = torch.cat([k[idx], v[idx]], -1)
+        region = read_region(kv_cache, page_tag, block_row, kept)
+        out[:, comp] = region[:, pos[comp]]
     live = ~comp
     if bool(live.any()):
         p = pos[live]
@@ -286,15 +349,20 @@ def compact_mixed(kv_cache: torch.Tensor, mass_cache: torch.Tensor | None, page_
         mq = m.gather(1, keep_quant) if m is not None else None
         if mq is not None:
             assert mass_cache.shape[2] >= cap, "mass_cache must have a slot per quantized-page token"
-        j = n_full // bs
-        for first in range(0, n_quant, cap):
-            n = min(cap, n_quant - first)
-            b = int(block_row[j])
-            for h in range(hkv):
-                write_page(kv_cache, b, h, sel[h, first:first + n, :d], sel[h, first:first + n, d:], bits)
-            page_tag[b] = bits
-            if mq is not None:
-                mass_cache[b, :, :n] = mq[:, first:first + n]
-            j += 1
+        j0 = n_full // bs
+        n_pages = -(-n_quant // cap)
+        blocks = block_row[j0:j0 + n_pages].long()
+        whole = n_quant // cap  # pages filled to capacity: one batched write
+        if whole:
+            q = sel[:, : whole * cap].unflatten(1, (whole, cap)).transpose(0, 1)  # [P, H, cap, 2D]
+            write_pages(kv_cache, blocks[:whole], q[..., :d], q[..., d:], bits)
+        if n_quant % cap:
+            q = sel[None, :, whole * cap:]
+            write_pages(kv_cache, blocks[whole:], q[..., :d], q[..., d:], bits)
+        page_tag[blocks] = bits
+        if mq is not None:
+            for p in range(n_pages):
+                n = min(cap, n_quant - p * cap)
+                mass_cache[blocks[p], :, :n] = mq[:, p * cap:p * cap + n]
     return n_full + n_quant
 

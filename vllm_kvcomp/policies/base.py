@@ -64,7 +64,7 @@ class Policy(BaseModel):
     needs: ClassVar[frozenset[str]] = frozenset()
     # Re-compress during decode as new tokens arrive (keeps the request within budget).
     recompress: ClassVar[bool] = False
-    action: ClassVar[str] = "evict"
+    action: ClassVar[str] = "evict"  # or "demote": losers go to quantized pages (mikv)
     # score()/select() treat dim 0 as independent (request, head) rows, so the backend may
     # stack several requests; a policy that combines heads sets this False.
     batchable: ClassVar[bool] = True
