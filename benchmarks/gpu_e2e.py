@@ -6,7 +6,7 @@ same model, same KV-cache memory, same KV-bound workload, all in one run.
     python benchmarks/gpu_e2e.py --smoke --out results/smoke  # small, with checks
 
 Two engines are built, one after the other: vanilla (TRITON_ATTN), then the plugin with a
-keep-all server spec (``streaming:1.0``) whose requests carry each configuration as a
+keep-all server spec (``streaming:1.0``; ``--server-spec mikv:1.0`` for quantized pages) whose requests carry each configuration as a
 per-request override (``vllm_xargs`` / ``extra_args``) -- so the plugin's model is compiled
 and graph-captured once for every policy and budget. Engines run in this process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0) so vLLM's own scheduler and block pool are read
@@ -80,7 +80,7 @@ class Bench:
             kernel_config={"ir_op_priority": {"rms_norm": ["native"], "fused_add_rms_norm": ["native"]}},
         )
         if plugin:
-            kw["additional_config"] = {"kv_compression": "streaming:1.0"}
+            kw["additional_config"] = {"kv_compression": args.server_spec}
         t0 = time.perf_counter()
         self.llm = LLM(**kw)
         self.init_s = time.perf_counter() - t0
@@ -215,6 +215,9 @@ def main(argv=None) -> int:
     p.add_argument("--check-eager", default="",
                    help="specs separated by ;: after the run, an eager plugin engine decodes the same "
                         "prompts greedily and must match the CUDA-graph engine's tokens")
+    p.add_argument("--server-spec", default="streaming:1.0",
+                   help="the plugin engine's keep-all server spec; mikv:1.0 sets up quantized pages "
+                        "(needed for mikv configurations; evicting ones then run with page tags too)")
     p.add_argument("--out", default="results/gpu")
     args = p.parse_args(argv)
     if args.smoke:
@@ -230,7 +233,7 @@ def main(argv=None) -> int:
     env = dict(gpu=torch.cuda.get_device_name(0), vllm=vllm.__version__, torch=torch.__version__,
                triton=triton.__version__, mode="eager" if args.eager else "torch.compile+cudagraphs",
                **{k: getattr(args, k) for k in ("shape", "prompt_len", "output_len", "num_requests",
-                                                 "kv_gib", "block_size", "max_num_seqs")})
+                                                 "kv_gib", "block_size", "max_num_seqs", "server_spec")})
     print("ENV", json.dumps(env), flush=True)
     model_dir = make_model_dir(args.shape, args.prompt_len + args.output_len + 64)
 
@@ -274,7 +277,7 @@ def main(argv=None) -> int:
             b.run(spec, min(4, args.num_requests), seed=5, output_len=40)
             rec = b.run(spec, args.num_requests)
             rec["ttft_light_s"] = b.ttft_probe(spec)
-            emit(dict(engine="plugin", backend=b.backend, spec=spec or "streaming:1.0 (keep all)",
+            emit(dict(engine="plugin", backend=b.backend, spec=spec or f"{args.server_spec} (keep all)",
                       blocks=b.total_blocks, init_s=round(b.init_s, 1), graph_mode=b.graph_mode, **rec))
         except Exception as e:  # noqa: BLE001 -- keep measuring the other configurations
             import traceback
