@@ -217,6 +217,8 @@ def test_mikv_overrides_need_a_demoting_server_and_evicting_ones_clear_stale_tag
     # Blocks freed by a mikv request keep their tags (stale quantized-page tags): an
     # evicting compaction must tag the pages it writes full, whatever they held before.
     with Engine(tiny_model, "mikv:0.25") as eng:
+        with pytest.raises(VLLMValidationError, match="pages are 4-bit"):
+            eng.add("y", prompt_ids(10), max_tokens=2, extra_args={"kv_compression": "mikv:0.5,bits=2"})
         eng.generate([prompt_ids(1200, 4)], 4)
         tags = _tags(eng)
         assert int((tags == 4).sum()) > 0
@@ -225,3 +227,34 @@ def test_mikv_overrides_need_a_demoting_server_and_evicting_ones_clear_stale_tag
         got = [list(o.outputs[0].token_ids) for o in eng.generate(
             [prompt_ids(900, 3)], 16, extra_args={"kv_compression": "snapkv:0.25"})]
         assert got == expected
+
+
+def test_cake_layer_budgets_reach_every_layer_and_are_forgotten(tiny_model, monkeypatch):
+    """CAKE's budgets are decided on the worker at compaction and read back for the
+    request's later steps. The tiny random model attends uniformly (equal entropies), so
+    the budgets are pinned here to PyramidKV's shape: with the same held capacity the
+    outputs must then equal pyramidkv's -- each layer reads exactly its own budget. The
+    entropy rule itself: test_policies.py::test_cake_gives_broad_layers_more_budget."""
+    from vllm_kvcomp import backend
+    from vllm_kvcomp.policies import POLICIES
+    from vllm_kvcomp.policies.cake import CAKEPolicy
+
+    pyramid = POLICIES["pyramidkv"]()  # beta 20: holds (2 - 1/20) x the budget
+
+    def pyramid_budgets(self, votes, capacity):
+        L, R = votes.shape[:2]
+        return torch.tensor([[pyramid.layer_capacity(l, L, capacity) for l in range(L)]] * R)
+
+    monkeypatch.setattr(CAKEPolicy, "layer_budgets", pyramid_budgets)
+    prompts = [prompt_ids(1500, 1), prompt_ids(900, 2)]
+    outs = {}
+    for spec in ("pyramidkv:0.25", "cake:0.25,max_scale=1.95"):
+        with Engine(tiny_model, spec) as eng:
+            outs[spec] = [list(o.outputs[0].token_ids) for o in eng.generate(prompts, 24)]
+            if spec.startswith("cake"):
+                assert len(backend.LAYER_KEPT) == 2
+                kept = next(iter(backend.LAYER_KEPT.values())).tolist()
+                assert kept[0] > kept[1]  # pyramid: the lower layer keeps more
+                eng.generate([prompt_ids(40)], 2)  # workers learn of finished requests next step
+                assert len(backend.LAYER_KEPT) == 0
+    assert outs["pyramidkv:0.25"] == outs["cake:0.25,max_scale=1.95"]

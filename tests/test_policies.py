@@ -163,3 +163,23 @@ def test_mikv_keeps_the_best_full_demotes_the_next_drops_the_rest():
     assert demoted.tolist() == [[20, 30]] * 2  # the next two, in position order
     with pytest.raises(Exception, match="8, 4 or 2"):
         parse_spec("mikv:0.25,bits=3")
+
+
+def test_cake_gives_broad_layers_more_budget_within_bounds():
+    """Layer budgets follow the entropy of each layer's votes: a layer whose window
+    attends everywhere keeps more than one that attends to a few tokens; budgets sum to
+    the average budget x layers and stay within [sinks + window, capacity]."""
+    n, cap = 512, 256
+    votes = torch.zeros(3, 2, 2, n)  # [L, R, H, n]
+    votes[0] = 1.0  # layer 0: uniform (max entropy)
+    votes[1, :, :, ::8] = 1.0  # layer 1: every 8th token
+    votes[2, :, :, 100] = 1.0  # layer 2: one token
+    votes[2, :, :, 200] = 0.5
+    policy = POLICIES["cake"](max_scale=2.0)
+    b = policy.layer_budgets(votes, cap)
+    assert b.shape == (2, 3)
+    for row in b.tolist():
+        assert row[0] > row[1] > row[2]
+        assert all(policy.min_tokens() <= x <= cap for x in row)
+        assert abs(sum(row) - 3 * cap / 2.0) <= 3
+    assert policy.capacity_scale() == 2.0

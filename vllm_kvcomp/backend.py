@@ -95,6 +95,16 @@ def demotes(server_spec: str | None) -> bool:
 # The last built metadata with compaction due; ``compact_step`` consumes it after the forward.
 _pending = threading.local()
 
+# Adaptive layer budgets (CAKE), decided at a request's compaction on this worker:
+# request id -> int32 [L] tokens each layer kept. Read by the builder for the request's
+# later steps; dropped when the request finishes (plugin.py).
+LAYER_KEPT: dict[str, torch.Tensor] = {}
+
+
+def forget_requests(req_ids) -> None:
+    for r in req_ids or ():
+        LAYER_KEPT.pop(r, None)
+
 
 @dataclass
 class RowStep:
@@ -107,6 +117,7 @@ class RowStep:
     policy: Policy
     obs_queries: int  # queries whose attention SnapKV-style policies vote with
     split: tuple[int, int] | None = None  # new layout's (full-precision, demoted) tokens (grouping key)
+    req_id: str = ""
 
 
 @dataclass
@@ -222,7 +233,7 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
             old, new = plan.layout(seq_len - q_len), plan.layout(seq_len)
             kept[i], live[i] = old.kept, old.live_start
             if policy.per_layer and old.kept:
-                layered.append((i, policy))
+                layered.append((i, policy, info.req_id))
             mass_rows[i] = int("attn_mass" in policy.needs)
             if "obs_attn" in policy.needs and plan.capacity:
                 # The prompt's last `window` queries vote, in whichever prefill chunks they
@@ -232,7 +243,7 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
                 first = max(prompt - max(policy.window, 1), seq_len - q_len)
                 obs_q[i] = max(0, min(seq_len, prompt) - first) if seq_len - q_len < prompt else 0
             if new != old:
-                compress.append(RowStep(i, seq_len, old, new, policy, obs_q[i], plan.split(new)))
+                compress.append(RowStep(i, seq_len, old, new, policy, obs_q[i], plan.split(new), info.req_id))
         by_shape: dict[tuple, list[RowStep]] = {}
         for row in compress:
             d = row.new.live_start - row.old.live_start
@@ -242,8 +253,14 @@ class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
         # with the GPU and stall the launch queue), one device copy into the buffers.
         host = torch.empty(L + 3, b, dtype=torch.int32)
         host[:L] = torch.tensor(kept, dtype=torch.int32)
-        for i, policy in layered:  # each layer reads only the slots it filled
-            host[:L, i] = self._layer_capacities(policy, kept[i])
+        for i, policy, req_id in layered:  # each layer reads only the slots it filled
+            if policy.adaptive_layers:
+                caps = LAYER_KEPT.get(req_id)
+                if caps is None:  # never guess: unwritten slots would be read
+                    raise RuntimeError(f"kv-compression: no layer budgets recorded for request {req_id}")
+                host[:L, i] = caps
+            else:
+                host[:L, i] = self._layer_capacities(policy, kept[i])
         host[L] = torch.tensor(live, dtype=torch.int32)
         host[L + 1] = torch.tensor(obs_q, dtype=torch.int32)
         host[L + 2] = torch.tensor(mass_rows, dtype=torch.int32)
@@ -333,8 +350,13 @@ class KVCompImpl(AttentionImpl):
         self._num_layers = (cfg.model_config.get_num_layers(cfg.parallel_config)
                             if cfg is not None and cfg.model_config is not None else None)
         # Quantized pages (mikv): attention then reads each compacted page through its tag.
-        self._demotes = cfg is not None and demotes((cfg.additional_config or {}).get("kv_compression"))
+        server = parse_spec((cfg.additional_config or {}).get("kv_compression")) if cfg is not None else None
+        self._demotes = server is not None and server.policy.action == "demote"
         self._tags: torch.Tensor | None = None
+        # The one quantized format this engine's pages use (the server's bits): the kernel
+        # is compiled for it alone (each format adds a loop; all three made decode ~30%
+        # slower on the H100 even with no quantized page in the batch).
+        self._page_bits = (server.policy.bits,) if self._demotes else ()
 
     def _stat(self, kv_cache: torch.Tensor, name: str) -> torch.Tensor:
         # Per-slot statistics beside the KV cache: float32 [num_blocks, H_kv, bs]
@@ -395,7 +417,7 @@ class KVCompImpl(AttentionImpl):
             mass_rows=md.mass_rows, max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
             # only rows never compacted vote (a demoting policy compresses once), and no
             # demoting policy uses mass: statistics never meet a quantized page
-            page_tag=self.tags(kv_cache), stats_tags=False)
+            page_tag=self.tags(kv_cache), page_bits=self._page_bits, stats_tags=False)
         return output
 
 
@@ -491,6 +513,9 @@ def compact_step(layers: list) -> None:
         if group.policy.action == "demote":
             compact_group_mixed(stack, group)
             continue
+        if group.policy.adaptive_layers:
+            compact_group_adaptive(stack, group)
+            continue
         if stack.kv is not None and group.policy.can_stack_layers():
             compact_group_layers(stack.kv, stack.mass, stack.obs if md.has_obs else None, group)
         else:
@@ -515,13 +540,35 @@ def discard_pending() -> None:
     _pending.md = None
 
 
-def compact_group(kv_cache, mass, obs, grp: CompressGroup, layer: int, num_layers: int) -> None:
+def compact_group_adaptive(stack: LayerStack, grp: CompressGroup) -> None:
+    """Layer budgets from the request's own votes (CAKE), then each layer compacts its
+    ``budget[row, layer]`` best tokens into its first slots. The budgets go to the host
+    once per request (one sync at the end of its prompt) so later steps' metadata tells
+    each layer how many slots it reads."""
+    g, n = grp.cand_blk.shape
+    votes = torch.stack([impl._stat(kv, "obs")[grp.cand_blk, :, grp.cand_off].permute(0, 2, 1)
+                         for impl, kv in stack.layers])  # [L, G, H, n]
+    budgets = grp.policy.layer_budgets(votes, grp.cap)  # [G, L]
+    for i, row in enumerate(grp.rows):
+        LAYER_KEPT[row.req_id] = budgets[i].to(device="cpu", dtype=torch.int32)
+    caps = budgets.tolist()
+    for i, row in enumerate(grp.rows):
+        one = CompressGroup(grp.policy, [row], grp.cap, grp.cand_blk[i:i + 1], grp.cand_off[i:i + 1],
+                            grp.dst_blk[i:i + 1], grp.dst_off)
+        for (impl, kv), cap in zip(stack.layers, caps[i]):
+            compact_group(kv, impl._stat(kv, "mass"), impl._stat(kv, "obs"), one, impl._layer_idx,
+                          len(stack.layers), cap=cap)
+
+
+def compact_group(kv_cache, mass, obs, grp: CompressGroup, layer: int, num_layers: int,
+                  cap: int | None = None) -> None:
     """Fold each row's old compacted tokens and newly-old live tokens (the candidates)
     into its first ``cap`` slots (fewer for a layer with a smaller layer budget), keeping
     the policy's choice per KV head. ``mass`` moves with its token."""
     g, n = grp.cand_blk.shape
     h, dd, policy = kv_cache.shape[1], kv_cache.shape[3] // 2, grp.policy
-    cap = policy.layer_capacity(layer, num_layers, grp.cap) if policy.per_layer else grp.cap
+    if cap is None:
+        cap = policy.layer_capacity(layer, num_layers, grp.cap) if policy.per_layer else grp.cap
     cblk, coff = grp.cand_blk, grp.cand_off
     dst_blk, dst_off = grp.dst_blk[..., :cap], grp.dst_off[..., :cap]
 
@@ -561,6 +608,7 @@ def compact_group_mixed(stack: LayerStack, grp: CompressGroup) -> None:
     g, n = grp.cand_blk.shape
     policy = grp.policy
     assert stack.tags is not None, "a demoting policy on an engine without page tags"
+    assert (policy.bits,) == stack.layers[0][0]._page_bits, "the engine's pages use the server's bits"
     assert not any(r.old.kept for r in grp.rows), "demoting policies compress once (prompt only)"
     cand = torch.arange(n, device=grp.cand_blk.device)  # candidates = positions [0, live_start)
     for impl, kv in stack.layers:

@@ -185,7 +185,7 @@ def _hook_model_runner() -> None:
     """Publish each batch row's request (prompt length, per-request override) to the
     metadata builder, which only gets CommonAttentionMetadata. Model runner V1 (CPU, and
     CUDA with VLLM_USE_V2_MODEL_RUNNER=0) and V2 (CUDA default) differ here."""
-    from vllm_kvcomp.backend import RowInfo, compact_step, discard_pending, publish_rows
+    from vllm_kvcomp.backend import RowInfo, compact_step, discard_pending, forget_requests, publish_rows
 
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1Runner
 
@@ -208,6 +208,8 @@ def _hook_model_runner() -> None:
                 layers = self.__dict__["_kvcomp_layers"] = [
                     m for m in ctx.values() if hasattr(m, "impl") and hasattr(m, "kv_cache")]
             compact_step(layers)
+            so = args[0] if args else kwargs.get("scheduler_output")
+            forget_requests(getattr(so, "finished_req_ids", None))
             return result
 
         execute_kvcomp._kvcomp = True
@@ -345,6 +347,11 @@ def _hook_request_validation() -> None:
                     f"per-request {spec.policy.name} (quantized pages) needs a server started with a "
                     f"demoting --kv-compression policy (e.g. {spec.policy.name}:1.0); this one runs "
                     f"{server.policy.name}", parameter=CONFIG_KEY, value=value)
+            if spec is not None and spec.policy.action == "demote" and spec.policy.bits != server.policy.bits:
+                raise VLLMValidationError(
+                    f"bits={spec.policy.bits} in a per-request {spec.policy.name}: this server's quantized "
+                    f"pages are {server.policy.bits}-bit (its --kv-compression sets bits)",
+                    parameter=CONFIG_KEY, value=value)
         return validate(self, params, *args, **kwargs)
 
     validate_kvcomp._kvcomp = True

@@ -132,15 +132,15 @@ class Runner:
     """One vLLM engine (LLM) serving every configuration through per-request overrides."""
 
     def __init__(self, model: str, max_model_len: int, seed: int, max_num_seqs: int, batch_tokens: int,
-                 chunked_prefill: bool = True):
+                 chunked_prefill: bool = True, dtype: str = "float32", server_spec: str = SERVER_SPEC):
         from vllm import LLM
 
         from vllm_kvcomp.accuracy.forced import ForceTokensLogitsProcessor
 
-        self.llm = LLM(model=model, dtype="float32", max_model_len=max_model_len, block_size=BLOCK,
+        self.llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, block_size=BLOCK,
                        enforce_eager=True, seed=seed, max_num_seqs=max_num_seqs,
                        max_num_batched_tokens=batch_tokens, enable_chunked_prefill=chunked_prefill,
-                       additional_config={"kv_compression": SERVER_SPEC},
+                       additional_config={"kv_compression": server_spec},
                        logits_processors=[ForceTokensLogitsProcessor])
         self.eng = self.llm.llm_engine
         try:
@@ -240,15 +240,24 @@ def record_key(case_id: str, policy: str, budget: float) -> str:
     return f"{case_id}|{policy}|{budget:g}"
 
 
-def make_record(case: dict, cfg: dict, out, blocks: int | None, model: str) -> dict:
+def server_spec_for(configs: list[dict]) -> str:
+    """Keep-all by default; demoting policies (mikv) need quantized pages set up server-wide."""
+    from vllm_kvcomp.spec import parse_spec
+
+    demote = any(cfg["spec"] and parse_spec(cfg["spec"]).policy.action == "demote" for cfg in configs)
+    return "mikv:1.0" if demote else SERVER_SPEC
+
+
+def make_record(case: dict, cfg: dict, out, blocks: int | None, model: str, server_spec: str = SERVER_SPEC,
+                dtype: str = "float32") -> dict:
     from vllm_kvcomp.accuracy import scoring
 
     comp = out.outputs[0]
     rec = dict(case_id=case["id"], task=case["task"], policy=cfg["policy"], budget=cfg["budget"],
-               spec=cfg["spec"] or SERVER_SPEC, length=case["length"], depth=case.get("depth"),
+               spec=cfg["spec"] or server_spec, length=case["length"], depth=case.get("depth"),
                answer=case["answer"] if case["scoring"] != "ppl" else None,
                kv_blocks=blocks, prompt_blocks=math.ceil(case["length"] / BLOCK),
-               model=os.path.basename(os.path.normpath(model)))
+               model=os.path.basename(os.path.normpath(model)), dtype=dtype)
     if case["scoring"] == "ppl":
         lps = [lp[t].logprob for lp, t in zip(comp.logprobs, comp.token_ids)]
         if list(comp.token_ids) != list(case["answer_ids"]):
@@ -321,8 +330,10 @@ def cmd_run(a) -> int:
         return 0
     max_len = max(c["length"] + int(c.get("max_tokens", 16)) for c in cases) + BLOCK
     t0 = time.time()
+    server_spec = server_spec_for(configs)
     runner = Runner(model, max_model_len=max(max_len, 2048), seed=a.seed, max_num_seqs=a.max_num_seqs,
-                    batch_tokens=max(a.batch_tokens, max_len), chunked_prefill=a.chunked_prefill)
+                    batch_tokens=max(a.batch_tokens, max_len), chunked_prefill=a.chunked_prefill,
+                    dtype=a.dtype, server_spec=server_spec)
     meta_path = os.path.join(a.output, "meta.json")
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {"runs": []}
     smallest = min((cfg for cfg in configs if cfg["spec"]), key=lambda c: c["budget"], default=None)
@@ -342,7 +353,7 @@ def cmd_run(a) -> int:
     with open(results, "a") as f:
         def on_done(key, out, blocks):
             case, cfg = by_key[key]
-            f.write(json.dumps(make_record(case, cfg, out, blocks, model)) + "\n")
+            f.write(json.dumps(make_record(case, cfg, out, blocks, model, server_spec, a.dtype)) + "\n")
             f.flush()
             bar.update(1)
         # Chunks bound how much is lost when interrupted, and let the bar move early.
@@ -355,7 +366,7 @@ def cmd_run(a) -> int:
     elapsed = time.time() - t0
     meta["runs"].append(dict(
         argv=["vllm-kvcomp-accuracy"] + sys.argv[1:], records=len(jobs), seconds=round(elapsed, 1),
-        model=model, machine=machine(), override_check=check, server_spec=SERVER_SPEC))
+        model=model, machine=machine(), override_check=check, server_spec=server_spec, dtype=a.dtype))
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=1)
     print(f"{len(jobs)} records in {elapsed:.0f} s -> {results}", flush=True)
@@ -419,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--budgets", nargs="+", default=[str(b) for b in DEFAULT_BUDGETS],
                    help="budgets (<1 fraction kept, >1 tokens; 1.0 = the full cache)")
     r.add_argument("--output", required=True, help="results folder (results.jsonl, meta.json)")
+    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="model and KV-cache dtype (quantized pages hold 2x more tokens in a float32 "
+                        "cache than in bfloat16: mikv results depend on it)")
     r.add_argument("--max-num-seqs", type=int, default=32, help="requests vLLM runs at once")
     r.add_argument("--batch-tokens", type=int, default=8192, help="max tokens per engine step")
     r.add_argument("--chunk", type=int, default=2048, help="requests submitted at a time")

@@ -82,6 +82,9 @@ class Policy(BaseModel):
     per_layer: ClassVar[bool] = False
     # Scores depend on ctx.layer_idx (e.g. a per-layer head profile).
     layer_aware: ClassVar[bool] = False
+    # Layer budgets computed from the request's own statistics at compaction (CAKE):
+    # ``layer_budgets()``; the workers remember them per request.
+    adaptive_layers: ClassVar[bool] = False
 
     def capacity_scale(self) -> float:
         """Slots a request holds per unit of budget: layer budgets above the average need
