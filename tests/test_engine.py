@@ -213,7 +213,10 @@ def test_mikv_overrides_need_a_demoting_server_and_evicting_ones_clear_stale_tag
         with pytest.raises(VLLMValidationError, match="needs a server started with a demoting"):
             eng.add("x", prompt_ids(10), max_tokens=2, extra_args={"kv_compression": "mikv:0.5"})
         assert _tags(eng) is None
-        expected = [list(o.outputs[0].token_ids) for o in eng.generate([prompt_ids(900, 3)], 16)]
+        # every evicting path: all layers at once (snapkv), adaptive layer budgets (cake)
+        overrides = ["snapkv:0.25", "cake:0.25"]
+        expected = [[list(o.outputs[0].token_ids) for o in eng.generate(
+            [prompt_ids(900, 3)], 16, extra_args={"kv_compression": spec})] for spec in overrides]
     # Blocks freed by a mikv request keep their tags (stale quantized-page tags): an
     # evicting compaction must tag the pages it writes full, whatever they held before.
     with Engine(tiny_model, "mikv:0.25") as eng:
@@ -224,8 +227,8 @@ def test_mikv_overrides_need_a_demoting_server_and_evicting_ones_clear_stale_tag
         assert int((tags == 4).sum()) > 0
         with torch.inference_mode():  # the engine made it an inference tensor
             tags.fill_(4)  # every block looks like a leftover 4-bit page
-        got = [list(o.outputs[0].token_ids) for o in eng.generate(
-            [prompt_ids(900, 3)], 16, extra_args={"kv_compression": "snapkv:0.25"})]
+        got = [[list(o.outputs[0].token_ids) for o in eng.generate(
+            [prompt_ids(900, 3)], 16, extra_args={"kv_compression": spec})] for spec in overrides]
         assert got == expected
 
 

@@ -515,8 +515,7 @@ def compact_step(layers: list) -> None:
             continue
         if group.policy.adaptive_layers:
             compact_group_adaptive(stack, group)
-            continue
-        if stack.kv is not None and group.policy.can_stack_layers():
+        elif stack.kv is not None and group.policy.can_stack_layers():
             compact_group_layers(stack.kv, stack.mass, stack.obs if md.has_obs else None, group)
         else:
             for impl, kv in stack.layers:
