@@ -127,9 +127,9 @@ def _batched_reference(q, kv_cache, block_table, query_start_loc, seq_lens, kept
             out[s:e] = o
             pos = reference.request_key_positions(k, ls, sl, q.device)
             if m is not None:
-                reference.add_mass(mass_cache, st[r], pos, m)
+                reference.add_mass(mass_cache, st[r], pos, m, bs)
             if ob is not None:
-                reference.add_mass(obs_cache, st[r], pos, ob)
+                reference.add_mass(obs_cache, st[r], pos, ob, bs)
             continue
         o, m, ob = quant.paged_attention_mixed(q[s:e], kv_cache, page_tag, block_table[r], k, ls, sl, scale,
                                                want_m, w)

@@ -32,7 +32,9 @@ from .paged_attention import _pow2, _unpack
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@triton.jit
+# Counts vary per request: not specialised on (Triton would otherwise compile a variant
+# per divisibility class -- ==1, %16 -- in the middle of serving).
+@triton.jit(do_not_specialize=["n_sel"])
 def _gather_kernel(kv_ptr, kvb_ptr, kvh_ptr, src_blk_ptr, src_slot_ptr, src_tag_ptr, tmp_ptr,
                    mass_ptr, tmp_mass_ptr, n_sel, stride_kb, stride_kh, stride_mb, stride_mh,
                    D: tl.constexpr, ELEM: tl.constexpr, CAP8: tl.constexpr, CAP4: tl.constexpr,
@@ -92,7 +94,7 @@ def _round_to(x, dtype, INTERP: tl.constexpr):
         return x.to(dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_sel", "first"])
 def _store_full_kernel(kv_ptr, tmp_ptr, dst_blk_ptr, tmp_mass_ptr, mass_ptr, n_sel, first,
                        stride_kb, stride_kh, stride_mb, stride_mh,
                        D: tl.constexpr, BS: tl.constexpr, HAS_MASS: tl.constexpr, INTERP: tl.constexpr):
@@ -130,7 +132,7 @@ def _pack(c, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
     return tl.sum(c3 << shifts[None, None, :], 2).to(tl.uint8)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_sel", "first", "n_tok"])
 def _store_quant_kernel(kvb_ptr, kvh_ptr, tmp_ptr, dst_blk_ptr, tmp_mass_ptr, mass_ptr, n_sel, first, n_tok,
                         stride_kb, stride_kh, stride_mb, stride_mh,
                         D: tl.constexpr, ELEM: tl.constexpr, BITS: tl.constexpr, CAP: tl.constexpr,

@@ -313,7 +313,9 @@ def _find_request(pid, qsl_ptr, num_reqs, BLOCK_Q: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- forward
-@triton.jit
+# The batch's row count is not specialised on (==1, %16 variants would JIT-compile in the
+# middle of serving, seconds each for the tagged kernel).
+@triton.jit(do_not_specialize=["num_reqs"])
 def _fwd_kernel(
     q_ptr, kv_ptr, kvb_ptr, kvh_ptr, tag_ptr,
     bt_ptr, qsl_ptr, seq_ptr, kept_ptr, live_ptr,

@@ -244,8 +244,12 @@ def server_spec_for(configs: list[dict]) -> str:
     """Keep-all by default; demoting policies (mikv) need quantized pages set up server-wide."""
     from vllm_kvcomp.spec import parse_spec
 
-    demote = any(cfg["spec"] and parse_spec(cfg["spec"]).policy.action == "demote" for cfg in configs)
-    return "mikv:1.0" if demote else SERVER_SPEC
+    bits = {parse_spec(cfg["spec"]).policy.bits for cfg in configs
+            if cfg["spec"] and parse_spec(cfg["spec"]).policy.action == "demote"}
+    if len(bits) > 1:  # an engine's quantized pages have one format
+        raise SystemExit(f"mikv with bits {sorted(bits)} in one run: one engine serves one page "
+                         f"format; run each bits setting separately")
+    return f"mikv:1.0,bits={bits.pop()}" if bits else SERVER_SPEC
 
 
 def make_record(case: dict, cfg: dict, out, blocks: int | None, model: str, server_spec: str = SERVER_SPEC,

@@ -143,11 +143,12 @@ def paged_attention(
 
 
 def add_mass(mass_cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor,
-             mass: torch.Tensor) -> None:
-    """Accumulate ``mass[H_kv, n]`` into the per-slot statistics at ``positions``."""
-    bs = mass_cache.shape[2]
-    slots = slots_for(block_row, positions, bs)
-    mass_cache[slots // bs, :, slots % bs] += mass.t()
+             mass: torch.Tensor, block_size: int | None = None) -> None:
+    """Accumulate ``mass[H_kv, n]`` into the per-slot statistics at ``positions``
+    (``block_size``: the cache's, when the statistics have more slots per block than it)."""
+    bs = block_size or mass_cache.shape[2]
+    blk = block_row[positions // bs].long()
+    mass_cache[blk, :, positions % bs] += mass.t()
 
 
 def read_mass(mass_cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
