@@ -183,3 +183,19 @@ def compact_mixed(kv_cache, mass_cache, page_tag, block_row, kept, cand_position
     from .compaction import compact_mixed as _cm
 
     return _cm(kv_cache, mass_cache, page_tag, block_row, kept, cand_positions, keep_full, keep_quant, bits)
+
+
+def compact_mixed_layers(kv, page_tag, block_rows, n_cand, keep_full, keep_quant, bits):
+    """A prompt's first mixed compaction, for rows ``block_rows [G, W]`` in all layers of
+    ``kv [L, nb, H, bs, 2D]`` (see compaction.compact_mixed_layers)."""
+    if not use_triton(kv):
+        cand = torch.arange(n_cand, device=kv.device)
+        for layer in range(kv.shape[0]):
+            for g in range(block_rows.shape[0]):
+                quant.compact_mixed(kv[layer], None, page_tag, block_rows[g], 0, cand, keep_full[layer, g],
+                                    keep_quant[layer, g], bits)
+        return
+    from .compaction import compact_mixed_layers as _cml
+
+    _cml(kv, page_tag, block_rows, n_cand, keep_full, keep_quant, bits)
+

@@ -36,17 +36,20 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # per divisibility class -- ==1, %16 -- in the middle of serving).
 @triton.jit(do_not_specialize=["n_sel"])
 def _gather_kernel(kv_ptr, kvb_ptr, kvh_ptr, src_blk_ptr, src_slot_ptr, src_tag_ptr, tmp_ptr,
-                   mass_ptr, tmp_mass_ptr, n_sel, stride_kb, stride_kh, stride_mb, stride_mh,
-                   D: tl.constexpr, ELEM: tl.constexpr, CAP8: tl.constexpr, CAP4: tl.constexpr,
-                   CAP2: tl.constexpr, HAS_MASS: tl.constexpr):
-    h = tl.program_id(0)
+                   mass_ptr, tmp_mass_ptr, n_sel, stride_kb, stride_kh, stride_mb, stride_mh, stride_l, n_rows,
+                   HKV: tl.constexpr, D: tl.constexpr, ELEM: tl.constexpr, CAP8: tl.constexpr,
+                   CAP4: tl.constexpr, CAP2: tl.constexpr, HAS_MASS: tl.constexpr):
+    # program 0 = (layer, row, KV head): one call compacts several requests in every layer
+    pid = tl.program_id(0)
+    h = pid % HKV
+    layer = (pid // HKV) // n_rows
     i = tl.program_id(1)
-    idx = h * n_sel + i
+    idx = pid * n_sel + i
     b = tl.load(src_blk_ptr + idx).to(tl.int64)
     t = tl.load(src_slot_ptr + idx)
     tag = tl.load(src_tag_ptr + idx)
     offs_d = tl.arange(0, D)
-    page = b * stride_kb + h * stride_kh
+    page = layer.to(tl.int64) * stride_l + b * stride_kb + h * stride_kh
     dst = tmp_ptr + idx.to(tl.int64) * (2 * D)
     if tag == 0:
         k = tl.load(kv_ptr + page + t * (2 * D) + offs_d).to(tl.float32)
@@ -96,16 +99,21 @@ def _round_to(x, dtype, INTERP: tl.constexpr):
 
 @triton.jit(do_not_specialize=["n_sel", "first"])
 def _store_full_kernel(kv_ptr, tmp_ptr, dst_blk_ptr, tmp_mass_ptr, mass_ptr, n_sel, first,
-                       stride_kb, stride_kh, stride_mb, stride_mh,
-                       D: tl.constexpr, BS: tl.constexpr, HAS_MASS: tl.constexpr, INTERP: tl.constexpr):
-    h = tl.program_id(0)
+                       stride_kb, stride_kh, stride_mb, stride_mh, stride_l, n_rows, stride_row,
+                       HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, HAS_MASS: tl.constexpr,
+                       INTERP: tl.constexpr):
+    pid = tl.program_id(0)  # (layer, row, KV head)
+    h = pid % HKV
+    row = (pid // HKV) % n_rows
+    layer = (pid // HKV) // n_rows
     i = tl.program_id(1)
     offs = tl.arange(0, 2 * D)
-    b = tl.load(dst_blk_ptr + i // BS).to(tl.int64)
-    x = tl.load(tmp_ptr + (h * n_sel + first + i).to(tl.int64) * (2 * D) + offs)
-    tl.store(kv_ptr + b * stride_kb + h * stride_kh + (i % BS) * (2 * D) + offs, _round_to(x, kv_ptr.dtype.element_ty, INTERP))
+    b = tl.load(dst_blk_ptr + row * stride_row + i // BS).to(tl.int64)
+    x = tl.load(tmp_ptr + (pid * n_sel + first + i).to(tl.int64) * (2 * D) + offs)
+    page = layer.to(tl.int64) * stride_l + b * stride_kb + h * stride_kh
+    tl.store(kv_ptr + page + (i % BS) * (2 * D) + offs, _round_to(x, kv_ptr.dtype.element_ty, INTERP))
     if HAS_MASS:
-        tl.store(mass_ptr + b * stride_mb + h * stride_mh + i % BS, tl.load(tmp_mass_ptr + h * n_sel + first + i))
+        tl.store(mass_ptr + b * stride_mb + h * stride_mh + i % BS, tl.load(tmp_mass_ptr + pid * n_sel + first + i))
 
 
 @triton.jit
@@ -134,21 +142,24 @@ def _pack(c, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit(do_not_specialize=["n_sel", "first", "n_tok"])
 def _store_quant_kernel(kvb_ptr, kvh_ptr, tmp_ptr, dst_blk_ptr, tmp_mass_ptr, mass_ptr, n_sel, first, n_tok,
-                        stride_kb, stride_kh, stride_mb, stride_mh,
-                        D: tl.constexpr, ELEM: tl.constexpr, BITS: tl.constexpr, CAP: tl.constexpr,
-                        QT: tl.constexpr, HAS_MASS: tl.constexpr):
+                        stride_kb, stride_kh, stride_mb, stride_mh, stride_l, n_rows, stride_row,
+                        HKV: tl.constexpr, D: tl.constexpr, ELEM: tl.constexpr, BITS: tl.constexpr,
+                        CAP: tl.constexpr, QT: tl.constexpr, HAS_MASS: tl.constexpr):
     """Page p of a run of quantized pages: scratch tokens [first + p*CAP, ... + count)."""
-    h = tl.program_id(0)
+    pid = tl.program_id(0)  # (layer, row, KV head)
+    h = pid % HKV
+    row = (pid // HKV) % n_rows
+    layer = (pid // HKV) // n_rows
     p = tl.program_id(1)
     ROW: tl.constexpr = D * BITS // 8
     KS: tl.constexpr = 2 * CAP * ROW
     VS: tl.constexpr = KS + 4 * D
-    b = tl.load(dst_blk_ptr + p).to(tl.int64)
-    page_byte = (b * stride_kb + h * stride_kh) * ELEM
+    b = tl.load(dst_blk_ptr + row * stride_row + p).to(tl.int64)
+    page_byte = (layer.to(tl.int64) * stride_l + b * stride_kb + h * stride_kh) * ELEM
     half = page_byte // 2
     t_first = p * CAP
     count = tl.minimum(CAP, n_tok - t_first)
-    src = tmp_ptr + (h * n_sel + first + t_first).to(tl.int64) * (2 * D)
+    src = tmp_ptr + (pid * n_sel + first + t_first).to(tl.int64) * (2 * D)
     offs_d = tl.arange(0, D)
     offs_r = tl.arange(0, ROW)
     # pass 1: per-channel key range over the page's tokens
@@ -176,7 +187,7 @@ def _store_quant_kernel(kvb_ptr, kvh_ptr, tmp_ptr, dst_blk_ptr, tmp_mass_ptr, ma
         tl.store(kvh_ptr + half + VS // 2 + t, tl.reshape(vs, (QT,)).to(tl.float16), mask=ok)
         tl.store(kvh_ptr + half + VS // 2 + CAP + t, tl.reshape(vz, (QT,)).to(tl.float16), mask=ok)
         if HAS_MASS:
-            m = tl.load(tmp_mass_ptr + h * n_sel + first + t_first + t, mask=ok)
+            m = tl.load(tmp_mass_ptr + pid * n_sel + first + t_first + t, mask=ok)
             tl.store(mass_ptr + b * stride_mb + h * stride_mh + t, m, mask=ok)
     s = tl.math.div_rn(mx - mn, tl.full([D], (1 << BITS) - 1, tl.float32))
     tl.store(kvh_ptr + half + KS // 2 + offs_d, s.to(tl.float16))
@@ -256,13 +267,13 @@ def compact_mixed(kv_cache: torch.Tensor, mass_cache: torch.Tensor | None, page_
     ms = (mass.stride(0), mass.stride(1)) if has_mass else (0, 0)
     _gather_kernel[(hkv, n_sel)](
         kv_cache, kvb, kvh, src_blk, src_slot, src_tag, tmp, mass, tmp_mass, n_sel,
-        kv_cache.stride(0), kv_cache.stride(1), *ms,
-        D=d, ELEM=es, CAP8=caps[8], CAP4=caps[4], CAP2=caps[2], HAS_MASS=has_mass, num_warps=1)
+        kv_cache.stride(0), kv_cache.stride(1), *ms, 0, 1,
+        HKV=hkv, D=d, ELEM=es, CAP8=caps[8], CAP4=caps[4], CAP2=caps[2], HAS_MASS=has_mass, num_warps=1)
     row = block_row.to(torch.int32)
     if n_full:
         _store_full_kernel[(hkv, n_full)](
-            kv_cache, tmp, row, tmp_mass, mass, n_sel, 0, kv_cache.stride(0), kv_cache.stride(1), *ms,
-            D=d, BS=bs, HAS_MASS=has_mass, INTERP=_INTERPRET, num_warps=1)
+            kv_cache, tmp, row, tmp_mass, mass, n_sel, 0, kv_cache.stride(0), kv_cache.stride(1), *ms, 0, 1, 0,
+            HKV=hkv, D=d, BS=bs, HAS_MASS=has_mass, INTERP=_INTERPRET, num_warps=1)
         if page_tag is not None:
             page_tag[block_row[: -(-n_full // bs)].long()] = 0
     if n_quant:
@@ -274,10 +285,62 @@ def compact_mixed(kv_cache: torch.Tensor, mass_cache: torch.Tensor | None, page_
         qt = min(_pow2(cap), 64 if d <= 128 else 32)
         _store_quant_kernel[(hkv, n_pages)](
             kvb, kvh, tmp, dst, tmp_mass, mass, n_sel, n_full, n_quant,
-            kv_cache.stride(0), kv_cache.stride(1), *ms,
-            D=d, ELEM=es, BITS=bits, CAP=cap, QT=qt, HAS_MASS=has_mass, num_warps=4)
+            kv_cache.stride(0), kv_cache.stride(1), *ms, 0, 1, 0,
+            HKV=hkv, D=d, ELEM=es, BITS=bits, CAP=cap, QT=qt, HAS_MASS=has_mass, num_warps=4)
         page_tag[dst.long()] = bits
     return n_sel
+
+
+def compact_mixed_layers(kv: torch.Tensor, page_tag: torch.Tensor, block_rows: torch.Tensor, n_cand: int,
+                         keep_full: torch.Tensor, keep_quant: torch.Tensor, bits: int) -> None:
+    """``compact_mixed`` of a prompt's first compaction for several requests in every layer
+    at once (three launches in all): ``kv [L, nb, H_kv, bs, 2D]`` (layers equally spaced in
+    one allocation), ``block_rows [G, W]``, candidates = positions ``[0, n_cand)`` of each
+    row (nothing compacted before), ``keep_full [L, G, H_kv, n_full]`` and ``keep_quant
+    [L, G, H_kv, n_quant]`` index them. Tags are per block, so every layer writes the same."""
+    from vllm_kvcomp.ops.quant import BITS, page_capacity
+
+    L, nb, hkv, bs, d2 = kv.shape
+    d = d2 // 2
+    _check_cache(kv[0])
+    G = block_rows.shape[0]
+    n_full, n_quant = keep_full.shape[-1], keep_quant.shape[-1]
+    assert keep_full.shape[:3] == (L, G, hkv) and keep_quant.shape[:3] == (L, G, hkv)
+    assert bits in BITS and n_full % bs == 0
+    n_sel = n_full + n_quant
+    if n_sel == 0:
+        return
+    dev = kv.device
+    rows = block_rows.to(torch.int32).contiguous()
+    pos = torch.arange(n_cand, device=dev)
+    src_blk_all = rows.long()[:, pos // bs]  # [G, n_cand]
+    sel = torch.cat([keep_full, keep_quant], -1).long()  # [L, G, H, n_sel]
+    src_blk = src_blk_all[None, :, None, :].expand(L, G, hkv, n_cand).gather(3, sel).to(torch.int32).contiguous()
+    src_slot = (sel % bs).to(torch.int32).contiguous()  # position p sits at slot p % bs
+    src_tag = torch.zeros_like(src_slot, dtype=torch.int8)
+    tmp = torch.empty(L * G * hkv, n_sel, d2, device=dev, dtype=torch.float32)
+    es = kv.element_size()
+    caps = {b: page_capacity(b, bs, d, es) for b in BITS}
+    kvb, kvh = kv.view(torch.uint8), kv.view(torch.float16)
+    sl, sb, sh = kv.stride(0), kv.stride(1), kv.stride(2)
+    grid0 = L * G * hkv
+    _gather_kernel[(grid0, n_sel)](
+        kv, kvb, kvh, src_blk, src_slot, src_tag, tmp, tmp, tmp, n_sel, sb, sh, 0, 0, sl, G,
+        HKV=hkv, D=d, ELEM=es, CAP8=caps[8], CAP4=caps[4], CAP2=caps[2], HAS_MASS=False, num_warps=1)
+    if n_full:
+        _store_full_kernel[(grid0, n_full)](
+            kv, tmp, rows, tmp, tmp, n_sel, 0, sb, sh, 0, 0, sl, G, rows.stride(0),
+            HKV=hkv, D=d, BS=bs, HAS_MASS=False, INTERP=_INTERPRET, num_warps=1)
+        page_tag[rows[:, : n_full // bs].reshape(-1).long()] = 0
+    if n_quant:
+        cap = caps[bits]
+        n_pages = -(-n_quant // cap)
+        dst = rows[:, n_full // bs:]  # row r's quantized pages: its next n_pages entries
+        qt = min(_pow2(cap), 64 if d <= 128 else 32)
+        _store_quant_kernel[(grid0, n_pages)](
+            kvb, kvh, tmp, dst, tmp, tmp, n_sel, n_full, n_quant, sb, sh, 0, 0, sl, G, rows.stride(0),
+            HKV=hkv, D=d, ELEM=es, BITS=bits, CAP=cap, QT=qt, HAS_MASS=False, num_warps=4)
+        page_tag[dst[:, :n_pages].reshape(-1).long()] = bits
 
 
 def compact(kv_cache: torch.Tensor, mass_cache: torch.Tensor | None, block_row: torch.Tensor,

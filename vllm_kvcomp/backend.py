@@ -610,6 +610,7 @@ def compact_group_mixed(stack: LayerStack, grp: CompressGroup) -> None:
     assert (policy.bits,) == stack.layers[0][0]._page_bits, "the engine's pages use the server's bits"
     assert not any(r.old.kept for r in grp.rows), "demoting policies compress once (prompt only)"
     cand = torch.arange(n, device=grp.cand_blk.device)  # candidates = positions [0, live_start)
+    picks = []
     for impl, kv in stack.layers:
         h = kv.shape[1]
         obs = impl._stat(kv, "obs")
@@ -621,7 +622,12 @@ def compact_group_mixed(stack: LayerStack, grp: CompressGroup) -> None:
         else:  # shared scores combine a request's heads
             parts = [policy.select_mixed(ctx.rows(i * h, (i + 1) * h), grp.cap, grp.n_quant) for i in range(g)]
             full, demoted = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        full, demoted = full.view(g, h, grp.cap), demoted.view(g, h, grp.n_quant)
+        picks.append((full.view(g, h, grp.cap), demoted.view(g, h, grp.n_quant)))
+    if stack.kv is not None:  # every layer and request in three launches
+        api.compact_mixed_layers(stack.kv, stack.tags, grp.block_rows, n, torch.stack([p[0] for p in picks]),
+                                 torch.stack([p[1] for p in picks]), policy.bits)
+        return
+    for (impl, kv), (full, demoted) in zip(stack.layers, picks):
         for i in range(g):
             api.compact_mixed(kv, None, stack.tags, grp.block_rows[i], 0, cand, full[i], demoted[i],
                               policy.bits)

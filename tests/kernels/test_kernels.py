@@ -401,3 +401,30 @@ def test_write_kv_matches_reference(dtype):
     api.write_kv(kv, key, value, torch.tensor(slots, device=DEV), mass, obs)
     assert torch.equal(kv, want_kv)
     assert torch.equal(mass, want_mass) and torch.equal(obs, want_obs)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_compact_mixed_all_layers_and_rows_at_once(bits):
+    """compact_mixed_layers (the backend's one call for a step's mikv rows in every layer)
+    writes exactly the bytes and tags of quant.compact_mixed run layer by layer, row by row."""
+    from vllm_kvcomp.triton_kernels.compaction import compact_mixed_layers
+
+    L, nb, hkv, bs, d, G, n = 3, 40, 2, 16, 32, 2, 150
+    g = torch.Generator().manual_seed(3)
+    backing = torch.randn(L, nb, hkv, bs, 2 * d, generator=g).to(DEV)
+    rows = (torch.randperm(nb - 1, generator=g)[:2 * 12] + 1).view(G, 12).int().to(DEV)
+    full, quant_n = 32, 60
+    order = torch.rand(L, G, hkv, n, generator=g).argsort(-1).to(DEV)
+    keep_full = order[..., :full].sort(-1).values
+    keep_quant = order[..., full:full + quant_n].sort(-1).values
+    ref, tag_ref = backing.clone(), torch.zeros(nb, dtype=torch.int8, device=DEV)
+    cand = torch.arange(n, device=DEV)
+    for layer in range(L):
+        for r in range(G):
+            quant.compact_mixed(ref[layer], None, tag_ref, rows[r], 0, cand, keep_full[layer, r],
+                                keep_quant[layer, r], bits)
+    got, tag_got = backing.clone(), torch.zeros(nb, dtype=torch.int8, device=DEV)
+    compact_mixed_layers(got, tag_got, rows, n, keep_full, keep_quant, bits)
+    assert torch.equal(tag_got, tag_ref) and int((tag_got == bits).sum()) == G * -(-quant_n // quant.page_capacity(bits, bs, d, 4))
+    used = torch.cat([rows[r, :4] for r in range(G)]).long()  # entries the compaction wrote
+    assert torch.equal(got[:, used].view(torch.uint8), ref[:, used].view(torch.uint8))
