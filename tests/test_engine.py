@@ -249,6 +249,7 @@ def test_cake_layer_budgets_reach_every_layer_and_are_forgotten(tiny_model, monk
         return torch.tensor([[pyramid.layer_capacity(l, L, capacity) for l in range(L)]] * R)
 
     monkeypatch.setattr(CAKEPolicy, "layer_budgets", pyramid_budgets)
+    backend.LAYER_KEPT.clear()  # earlier engines in this process may have left finished requests
     prompts = [prompt_ids(1500, 1), prompt_ids(900, 2)]
     outs = {}
     for spec in ("pyramidkv:0.25", "cake:0.25,max_scale=1.95"):
