@@ -159,8 +159,14 @@ def render(agg: dict, meta: dict, results_rel: str) -> str:
             continue
         p, c = bb
         verdict = "met" if c["pct"] >= target else "**not met**"
-        out.append(f"- {b:g} kept (target >= {100 * target:.0f}% of full): best is `{p}` at "
-                   f"{100 * c['pct']:.1f}% of full overall (score {c['score']:.3f} vs {c['full']:.3f}) -- {verdict}.")
+        line = (f"- {b:g} kept (target >= {100 * target:.0f}% of full): best is `{p}` at "
+                f"{100 * c['pct']:.1f}% of full overall (score {c['score']:.3f} vs {c['full']:.3f}) -- {verdict}.")
+        if p.startswith("mikv") and "float32" in dtypes:
+            # a quantized page's capacity depends on the cache dtype: say what was kept
+            line += (" Caveat: in a float32 cache a 4-bit page holds 7.4x a page's tokens, so this "
+                     "budget keeps about twice the tokens it would in bfloat16 (what GPUs serve); "
+                     "see the bfloat16 run (docs/accuracy_bf16/).")
+        out.append(line)
     out += ["", "## Overall (mean of the task scores; % of full = its ratio to the full cache's)", ""]
     out += table(agg, "overall")
     out += ["", "## Per task (score, % of full)", ""]
