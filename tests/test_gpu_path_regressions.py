@@ -53,7 +53,7 @@ def test_compaction_after_the_forward_covers_all_layers_at_once(tiny_model):
         outs = eng.generate([prompt_ids(600, s) for s in range(3)], 8)
         assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
         layers = _runner(eng).__dict__["_kvcomp_layers"]
-        stack = backend._stacks[id(layers)]
+        stack = _runner(eng).__dict__["_kvcomp_stack"]  # cached on the runner: dies with it
         assert stack.kv is not None, "layers' KV caches should stack as one view"
         assert stack.kv.shape[0] == len(layers) == len(stack.layers)
         for i, (impl, kv) in enumerate(stack.layers):
@@ -83,3 +83,21 @@ def test_step_metadata_lives_at_fixed_addresses(tiny_model, monkeypatch):
         outs = eng.generate([prompt_ids(500, s) for s in range(3)], 40)
         assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
     assert len(seen) >= 40 and len(set(seen)) == 1
+
+
+def test_closed_engines_release_their_kv_cache(tiny_model):
+    """The all-layer view of the KV caches is cached on the model runner, not in a module
+    global: closed engines must give their 1 GiB KV cache back (the suite once ran out of
+    memory, one cache kept alive per engine)."""
+    import gc
+
+    def rss_gib():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**30
+
+    sizes = []
+    for spec in ("snapkv:0.25", "mikv:0.25", "cake:0.25"):
+        with Engine(tiny_model, spec) as eng:
+            eng.generate([prompt_ids(1200, 1)], 4)
+        gc.collect()
+        sizes.append(rss_gib())
+    assert sizes[-1] - sizes[0] < 0.5, sizes  # each engine's KV cache is 1 GiB

@@ -493,21 +493,26 @@ def _strided_stack(ts) -> torch.Tensor | None:
     return t0.as_strided((len(ts), *t0.shape), (step, *t0.stride()), t0.storage_offset())
 
 
-_stacks: dict[int, LayerStack] = {}  # id(the runner's layer list) -> its stack
+# Where a caller without a holder of its own keeps its stack: one entry, so at most one
+# engine's caches are referenced from here (a stack holds views of the KV caches).
+_stacks: dict[str, LayerStack] = {}
 
 
-def compact_step(layers: list) -> None:
+def compact_step(layers: list, holder: dict | None = None) -> None:
     """Compaction of the step whose metadata was built last: called after the model's
     forward (plugin.py). ``layers``: the model's attention layers (their ``impl`` and
-    ``kv_cache``; the same list object every step, its stack is cached). Stream order puts
-    it after this step's attention and before the next step's, which reads the new layouts."""
+    ``kv_cache``; the same list object every step). ``holder``: where the layers' stack is
+    cached -- the model runner's ``__dict__``, so it dies with the runner and its caches.
+    Stream order puts it after this step's attention and before the next step's, which
+    reads the new layouts."""
     md = getattr(_pending, "md", None)
     _pending.md = None
     if md is None:
         return
-    stack = _stacks.get(id(layers))
+    holder = _stacks if holder is None else holder
+    stack = holder.get("_kvcomp_stack")
     if stack is None or stack.key != _stack_key(layers):
-        stack = _stacks[id(layers)] = stack_layers(layers)
+        stack = holder["_kvcomp_stack"] = stack_layers(layers)
     t0 = _mark(md.seq_lens.device) if _TIMING else None
     for group in md.groups:
         if group.policy.action == "demote":

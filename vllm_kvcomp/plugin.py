@@ -207,7 +207,7 @@ def _hook_model_runner() -> None:
                 ctx = self.vllm_config.compilation_config.static_forward_context
                 layers = self.__dict__["_kvcomp_layers"] = [
                     m for m in ctx.values() if hasattr(m, "impl") and hasattr(m, "kv_cache")]
-            compact_step(layers)
+            compact_step(layers, self.__dict__)
             so = args[0] if args else kwargs.get("scheduler_output")
             forget_requests(getattr(so, "finished_req_ids", None))
             return result
