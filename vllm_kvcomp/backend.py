@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, fields
 
 import torch
@@ -366,7 +367,7 @@ class KVCompImpl(AttentionImpl):
         if t is None or t.shape != kv_cache.shape[:3] or t.device != kv_cache.device:
             i, L = self._layer_idx, self._num_layers
             if i is not None and L and 0 <= i < L:
-                t = _stat_pool(name, kv_cache, L)[i]
+                t = _stat_pool(name, kv_cache, L, owner=self)[i]
             else:
                 t = torch.zeros(kv_cache.shape[:3], dtype=torch.float32, device=kv_cache.device)
             self._stats[name] = t
@@ -379,7 +380,7 @@ class KVCompImpl(AttentionImpl):
             return None
         t = self._tags
         if t is None or t.shape[0] != kv_cache.shape[0] or t.device != kv_cache.device:
-            t = self._tags = _stat_pool("tags", kv_cache, 1, (kv_cache.shape[0],), torch.int8)
+            t = self._tags = _stat_pool("tags", kv_cache, 1, (kv_cache.shape[0],), torch.int8, owner=self)
         return t
 
     def _set_layer(self, layer) -> None:
@@ -422,22 +423,25 @@ class KVCompImpl(AttentionImpl):
 
 
 # Per-engine statistics, keyed by the KV cache's backing storage (vLLM puts all layers of
-# a cache in one allocation): name -> {key: [L, num_blocks, H_kv, bs] float32}.
-_STAT_POOLS: dict[str, dict[tuple, torch.Tensor]] = {}
+# a cache in one allocation): name -> {key: ([L, num_blocks, H_kv, bs] float32, owner)}.
+# ``owner`` (a weak reference to the first layer impl that asked) tells a live engine's
+# pool from a dead engine's whose freed cache address a new engine happens to reuse.
+_STAT_POOLS: dict[str, dict[tuple, tuple[torch.Tensor, weakref.ref]]] = {}
 
 
 def _stat_pool(name: str, kv_cache: torch.Tensor, num_layers: int, shape: tuple | None = None,
-               dtype=torch.float32) -> torch.Tensor:
+               dtype=torch.float32, owner=None) -> torch.Tensor:
     """``[num_layers, *kv_cache.shape[:3]]`` (or ``shape``) zeros, one per engine and name."""
     key = (kv_cache.untyped_storage().data_ptr(), tuple(kv_cache.shape[:3]), kv_cache.device, num_layers)
     pools = _STAT_POOLS.setdefault(name, {})
-    t = pools.get(key)
-    if t is None:
+    hit = pools.get(key)
+    if hit is None or hit[1]() is None:  # none, or left by an engine that is gone
+        pools.pop(key, None)
         while len(pools) >= 4:  # engines gone (profiling caches, earlier engines)
             pools.pop(next(iter(pools)))
-        t = pools[key] = torch.zeros(shape or (num_layers, *kv_cache.shape[:3]), dtype=dtype,
-                                     device=kv_cache.device)
-    return t
+        t = torch.zeros(shape or (num_layers, *kv_cache.shape[:3]), dtype=dtype, device=kv_cache.device)
+        hit = pools[key] = (t, weakref.ref(owner) if owner is not None else (lambda t=t: t))
+    return hit[0]
 
 
 @dataclass
