@@ -48,11 +48,14 @@ def test_layer_views_stack_without_copy():
     assert _strided_stack([views[0], torch.randn(NB, H, BS, 2 * D)]) is None  # other storage
 
 
-@pytest.mark.parametrize("name", sorted(n for n in POLICIES if POLICIES[n](**EXTRA.get(n, {})).can_stack_layers()))
+@pytest.mark.parametrize("name", sorted(n for n in POLICIES if POLICIES[n](**EXTRA.get(n, {})).can_stack_layers())
+                         + ["snapkv+shared"])
 def test_all_layers_at_once_equals_layer_by_layer(name):
     """compact_group_layers (every layer in one set of launches, only kept tokens gathered)
-    moves exactly what compact_group does layer by layer, statistics included."""
-    policy = POLICIES[name](**EXTRA.get(name, {}))
+    moves exactly what compact_group does layer by layer, statistics included (shared:
+    each request's heads averaged within its own rows of the stacked scores)."""
+    base, _, shared = name.partition("+")
+    policy = POLICIES[base](**EXTRA.get(base, {}), **({"shared": True} if shared else {}))
     L = 3
     g = torch.Generator().manual_seed(2)
     kv = torch.randn(L, NB, H, BS, 2 * D, generator=g)

@@ -96,8 +96,9 @@ class Policy(BaseModel):
         return capacity
 
     def can_stack(self) -> bool:
-        """Whether the backend may stack several requests on dim 0 ([R*H_kv, n])."""
-        return self.batchable and not self.shared  # shared averages over a request's heads
+        """Whether the backend may stack several requests on dim 0 ([R*H_kv, n]); ``shared``
+        averages within each request's ``num_kv_heads`` rows, so it stacks too."""
+        return self.batchable
 
     def can_stack_layers(self) -> bool:
         """Whether the backend may also stack all layers ([L*R*H_kv, n], one capacity)."""
@@ -119,13 +120,17 @@ class Policy(BaseModel):
         Per-head selection can drop a token from the heads that do not look at it now
         but need it later (e.g. copying a number digit by digit); sharing keeps it in all."""
         s = self.score(ctx).float()
-        if not self.shared or s.shape[0] == 1:
+        h = ctx.num_kv_heads or s.shape[0]
+        if not self.shared or h == 1:
             return s.clone()
-        if bool((s >= 0).all()):
-            s = s / s.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-        else:
-            s = (s - s.mean(dim=-1, keepdim=True)) / s.std(dim=-1, keepdim=True).clamp_min(1e-12)
-        return s.mean(dim=0, keepdim=True).expand_as(s).clone()
+        # groups of h rows are one request's heads (several requests/layers may be stacked);
+        # each group is normalised its own way, with no host sync
+        g = s.view(-1, h, s.shape[-1])
+        nonneg = (g >= 0).flatten(1).all(-1)[:, None, None]
+        norm = g / g.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        std = (g - g.mean(dim=-1, keepdim=True)) / g.std(dim=-1, keepdim=True).clamp_min(1e-12)
+        g = torch.where(nonneg, norm, std)
+        return g.mean(dim=1, keepdim=True).expand_as(g).reshape(s.shape).clone()
 
     def select(self, ctx: ScoreContext, capacity: int) -> torch.Tensor:
         """[H_kv, capacity] indices into the candidates, sorted (position order kept)."""
