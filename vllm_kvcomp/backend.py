@@ -86,13 +86,6 @@ def published_rows() -> list[RowInfo]:
     return getattr(_rows, "value", [])
 
 
-def demotes(server_spec: str | None) -> bool:
-    """Whether an engine keeps quantized pages (its server policy demotes, e.g. mikv):
-    then attention reads page tags and per-request ``mikv`` overrides are allowed."""
-    spec = parse_spec(server_spec)
-    return spec is not None and spec.policy.action == "demote"
-
-
 # The last built metadata with compaction due; ``compact_step`` consumes it after the forward.
 _pending = threading.local()
 
@@ -367,7 +360,7 @@ class KVCompImpl(AttentionImpl):
         if t is None or t.shape != kv_cache.shape[:3] or t.device != kv_cache.device:
             i, L = self._layer_idx, self._num_layers
             if i is not None and L and 0 <= i < L:
-                t = _stat_pool(name, kv_cache, L, owner=self)[i]
+                t = _stat_pool(name, kv_cache, L, self)[i]
             else:
                 t = torch.zeros(kv_cache.shape[:3], dtype=torch.float32, device=kv_cache.device)
             self._stats[name] = t
@@ -380,7 +373,7 @@ class KVCompImpl(AttentionImpl):
             return None
         t = self._tags
         if t is None or t.shape[0] != kv_cache.shape[0] or t.device != kv_cache.device:
-            t = self._tags = _stat_pool("tags", kv_cache, 1, (kv_cache.shape[0],), torch.int8, owner=self)
+            t = self._tags = _stat_pool("tags", kv_cache, 1, self, (kv_cache.shape[0],), torch.int8)
         return t
 
     def _set_layer(self, layer) -> None:
@@ -429,8 +422,8 @@ class KVCompImpl(AttentionImpl):
 _STAT_POOLS: dict[str, dict[tuple, tuple[torch.Tensor, weakref.ref]]] = {}
 
 
-def _stat_pool(name: str, kv_cache: torch.Tensor, num_layers: int, shape: tuple | None = None,
-               dtype=torch.float32, owner=None) -> torch.Tensor:
+def _stat_pool(name: str, kv_cache: torch.Tensor, num_layers: int, owner, shape: tuple | None = None,
+               dtype=torch.float32) -> torch.Tensor:
     """``[num_layers, *kv_cache.shape[:3]]`` (or ``shape``) zeros, one per engine and name."""
     key = (kv_cache.untyped_storage().data_ptr(), tuple(kv_cache.shape[:3]), kv_cache.device, num_layers)
     pools = _STAT_POOLS.setdefault(name, {})
@@ -440,7 +433,7 @@ def _stat_pool(name: str, kv_cache: torch.Tensor, num_layers: int, shape: tuple 
         while len(pools) >= 4:  # engines gone (profiling caches, earlier engines)
             pools.pop(next(iter(pools)))
         t = torch.zeros(shape or (num_layers, *kv_cache.shape[:3]), dtype=dtype, device=kv_cache.device)
-        hit = pools[key] = (t, weakref.ref(owner) if owner is not None else (lambda t=t: t))
+        hit = pools[key] = (t, weakref.ref(owner))
     return hit[0]
 
 
@@ -548,19 +541,20 @@ def discard_pending() -> None:
     _pending.md = None
 
 
+def _votes(stack: LayerStack, grp: CompressGroup) -> torch.Tensor:
+    """``[L, G, H_kv, n]`` SnapKV votes of the group's candidates in every layer."""
+    return torch.stack([impl._stat(kv, "obs")[grp.cand_blk, :, grp.cand_off].permute(0, 2, 1)
+                        for impl, kv in stack.layers])
+
+
 def compact_group_adaptive(stack: LayerStack, grp: CompressGroup) -> None:
     """Layer budgets from the request's own votes (CAKE), then each layer compacts its
     ``budget[row, layer]`` best tokens into its first slots. The budgets go to the host
     once per request (one sync at the end of its prompt) so later steps' metadata tells
     each layer how many slots it reads."""
-    g, n = grp.cand_blk.shape
-    votes = torch.stack([impl._stat(kv, "obs")[grp.cand_blk, :, grp.cand_off].permute(0, 2, 1)
-                         for impl, kv in stack.layers])  # [L, G, H, n]
-    budgets = grp.policy.layer_budgets(votes, grp.cap)  # [G, L]
+    caps = grp.policy.layer_budgets(_votes(stack, grp), grp.cap).tolist()  # [G][L], the one sync
     for i, row in enumerate(grp.rows):
-        LAYER_KEPT[row.req_id] = budgets[i].to(device="cpu", dtype=torch.int32)
-    caps = budgets.tolist()
-    for i, row in enumerate(grp.rows):
+        LAYER_KEPT[row.req_id] = torch.tensor(caps[i], dtype=torch.int32)
         one = CompressGroup(grp.policy, [row], grp.cap, grp.cand_blk[i:i + 1], grp.cand_off[i:i + 1],
                             grp.dst_blk[i:i + 1], grp.dst_off)
         for (impl, kv), cap in zip(stack.layers, caps[i]):
@@ -608,7 +602,7 @@ def compact_group(kv_cache, mass, obs, grp: CompressGroup, layer: int, num_layer
 
 
 def compact_group_mixed(stack: LayerStack, grp: CompressGroup) -> None:
-    """Demoting policies (mikv), once per request at the end of its prompt: per layer, the
+    """Demoting policies (mikv), once per request at the end of its prompt: in each layer the
     best ``grp.cap`` candidates stay full precision, the next ``grp.n_quant`` are quantized
     into the pages after them (``compact_mixed``: the Triton kernel on the GPU, the PyTorch
     reference on CPU), the rest are dropped. Page tags are shared by all layers (every
@@ -618,28 +612,21 @@ def compact_group_mixed(stack: LayerStack, grp: CompressGroup) -> None:
     assert stack.tags is not None, "a demoting policy on an engine without page tags"
     assert (policy.bits,) == stack.layers[0][0]._page_bits, "the engine's pages use the server's bits"
     assert not any(r.old.kept for r in grp.rows), "demoting policies compress once (prompt only)"
-    cand = torch.arange(n, device=grp.cand_blk.device)  # candidates = positions [0, live_start)
-    picks = []
-    for impl, kv in stack.layers:
-        h = kv.shape[1]
-        obs = impl._stat(kv, "obs")
-        ctx = ScoreContext(layer_idx=impl._layer_idx or 0, num_candidates=n, keys=None, attn_mass=None,
-                           obs_attn=obs[grp.cand_blk, :, grp.cand_off].permute(0, 2, 1).reshape(g * h, n),
-                           num_kv_heads=h)
-        if policy.can_stack():
-            full, demoted = policy.select_mixed(ctx, grp.cap, grp.n_quant)
-        else:  # shared scores combine a request's heads
-            parts = [policy.select_mixed(ctx.rows(i * h, (i + 1) * h), grp.cap, grp.n_quant) for i in range(g)]
-            full, demoted = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        picks.append((full.view(g, h, grp.cap), demoted.view(g, h, grp.n_quant)))
+    assert policy.can_stack_layers(), "rows of every layer are scored together"
+    votes = _votes(stack, grp)  # candidates = positions [0, live_start)
+    L, h = votes.shape[0], votes.shape[2]
+    ctx = ScoreContext(layer_idx=-1, num_candidates=n, keys=None, attn_mass=None,
+                       obs_attn=votes.reshape(L * g * h, n), num_kv_heads=h)
+    full, demoted = policy.select_mixed(ctx, grp.cap, grp.n_quant)  # one top-k for all layers
+    full, demoted = full.view(L, g, h, grp.cap), demoted.view(L, g, h, grp.n_quant)
     if stack.kv is not None:  # every layer and request in three launches
-        api.compact_mixed_layers(stack.kv, stack.tags, grp.block_rows, n, torch.stack([p[0] for p in picks]),
-                                 torch.stack([p[1] for p in picks]), policy.bits)
+        api.compact_mixed_layers(stack.kv, stack.tags, grp.block_rows, n, full, demoted, policy.bits)
         return
-    for (impl, kv), (full, demoted) in zip(stack.layers, picks):
+    cand = torch.arange(n, device=grp.cand_blk.device)
+    for layer, (impl, kv) in enumerate(stack.layers):
         for i in range(g):
-            api.compact_mixed(kv, None, stack.tags, grp.block_rows[i], 0, cand, full[i], demoted[i],
-                              policy.bits)
+            api.compact_mixed(kv, None, stack.tags, grp.block_rows[i], 0, cand, full[layer, i],
+                              demoted[layer, i], policy.bits)
 
 
 def compact_group_layers(kv, mass, obs, grp: CompressGroup) -> None:

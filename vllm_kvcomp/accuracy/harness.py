@@ -244,8 +244,8 @@ def server_spec_for(configs: list[dict]) -> str:
     """Keep-all by default; demoting policies (mikv) need quantized pages set up server-wide."""
     from vllm_kvcomp.spec import parse_spec
 
-    bits = {parse_spec(cfg["spec"]).policy.bits for cfg in configs
-            if cfg["spec"] and parse_spec(cfg["spec"]).policy.action == "demote"}
+    policies = [parse_spec(cfg["spec"]).policy for cfg in configs if cfg["spec"]]
+    bits = {p.bits for p in policies if p.action == "demote"}
     if len(bits) > 1:  # an engine's quantized pages have one format
         raise SystemExit(f"mikv with bits {sorted(bits)} in one run: one engine serves one page "
                          f"format; run each bits setting separately")

@@ -71,12 +71,6 @@ def capacities(kv_cache: torch.Tensor) -> dict[int, int]:
     return {t: page_capacity(t, bs, d2 // 2, es) for t in (FULL,) + BITS}
 
 
-def _page_u8(kv_cache: torch.Tensor, block: int, head: int) -> torch.Tensor:
-    """The bytes of page (block, head) as a writable uint8 view."""
-    assert kv_cache.stride(3) == 1 and kv_cache.stride(2) == kv_cache.shape[3], "page must be contiguous"
-    return kv_cache[block, head].view(torch.uint8).view(-1)
-
-
 # ----------------------------------------------------------------------------- quantize
 def _round(x: torch.Tensor) -> torch.Tensor:
     return torch.floor(x + 0.5)  # half up: the Triton kernels do the same
@@ -116,40 +110,8 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 def write_page(kv_cache: torch.Tensor, block: int, head: int, k: torch.Tensor, v: torch.Tensor, bits: int) -> None:
     """Quantize ``k, v [n, D]`` (n <= capacity) into page (block, head) at ``bits``."""
-    bs, d = kv_cache.shape[2], kv_cache.shape[3] // 2
-    o = page_offsets(bits, bs, d, kv_cache.element_size())
-    n = k.shape[0]
-    assert 0 < n <= o["cap"], (n, o["cap"])
-    page = _page_u8(kv_cache, block, head)
-    kq, ks, kz = quantize_group(k, bits, dim=0)  # keys: per channel over the page's tokens
-    vq, vs, vz = quantize_group(v, bits, dim=1)  # values: per token
-    row = o["row"]
-    page[o["kq"]:o["kq"] + n * row] = pack(kq, bits).flatten()
-    page[o["vq"]:o["vq"] + n * row] = pack(vq, bits).flatten()
-    page[o["ks"]:o["ks"] + 2 * d] = ks.view(torch.uint8)
-    page[o["kz"]:o["kz"] + 2 * d] = kz.view(torch.uint8)
-    page[o["vs"]:o["vs"] + 2 * n] = vs.view(torch.uint8)
-    page[o["vz"]:o["vz"] + 2 * n] = vz.view(torch.uint8)
-
-
-def read_page(kv_cache: torch.Tensor, block: int, head: int, bits: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dequantize the first ``n`` tokens of a page: ``(k, v)`` float32 ``[n, D]``."""
-    bs, d = kv_cache.shape[2], kv_cache.shape[3] // 2
-    if bits == FULL:
-        kv = kv_cache[block, head, :n].float()
-        return kv[:, :d], kv[:, d:]
-    o = page_offsets(bits, bs, d, kv_cache.element_size())
-    page = _page_u8(kv_cache, block, head)
-    row = o["row"]
-
-    def meta(off: int, cnt: int) -> torch.Tensor:
-        return page[off:off + 2 * cnt].view(META_DTYPE).float()
-
-    kq = unpack(page[o["kq"]:o["kq"] + n * row].view(n, row), bits).float()
-    vq = unpack(page[o["vq"]:o["vq"] + n * row].view(n, row), bits).float()
-    k = kq * meta(o["ks"], d) + meta(o["kz"], d)
-    v = vq * meta(o["vs"], n)[:, None] + meta(o["vz"], n)[:, None]
-    return k, v
+    blocks = torch.tensor([block], device=kv_cache.device)
+    write_pages(kv_cache[:, head:head + 1], blocks, k[None, None], v[None, None], bits)
 
 
 def _pages_u8(kv_cache: torch.Tensor) -> torch.Tensor:
