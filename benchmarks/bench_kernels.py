@@ -177,7 +177,7 @@ def bench_quant(cfg, sweep=False):
         c = Decode(B, ctx, bits=bits)
         name = {None: "bf16 live", 0: "bf16 pages (tag path)", 8: "int8", 4: "int4", 2: "int2"}[bits]
         kw = dict(config=cfg) if not bits else {}
-        if bits and not sweep:
+        if bits and not (sweep and bits == 4):  # the others reuse int4's best
             kw = RESULTS.get("quant_best_int4", {})
         if bits == 4 and sweep:  # the others reuse int4's best tiles
             def trial(qcfg, splits):
@@ -189,21 +189,15 @@ def bench_quant(cfg, sweep=False):
                 RESULTS.setdefault("quant_sweep_int4", []).append(dict(qcfg, splits=splits, ms=t))
                 print("  int4", qcfg, "splits", splits, f"{t:.4f} ms", flush=True)
                 return t
-            # stage 1: pages per tile x warps; stage 2: splits x pipeline depth
+            # warps x pipeline depth of the quantized loop x splits (None: the launcher's heuristic)
             best = None
-            for ppt in (1, 2, 4):
-                for warps in (4, 8):
-                    qcfg = dict(PPT=ppt, num_warps=warps, num_stages=2)
-                    t = trial(qcfg, 1)
-                    if t is not None and (best is None or t < best[1]):
-                        best = (dict(config=qcfg, num_splits=1), t)
-            base_cfg = dict(best[0]["config"])
-            for splits in (1, 2, 4):
-                for stages in (2, 3, 4):
-                    qcfg = dict(base_cfg, num_stages=stages)
-                    t = trial(qcfg, splits)
-                    if t is not None and t < best[1]:
-                        best = (dict(config=qcfg, num_splits=splits), t)
+            for warps in (4, 8):
+                for qstages in (2, 3):
+                    for splits in (None, 1, 2, 4):
+                        qcfg = dict(num_warps=warps, QSTAGES=qstages)
+                        t = trial(qcfg, splits)
+                        if t is not None and (best is None or t < best[1]):
+                            best = (dict(config=qcfg, num_splits=splits), t)
             kw = best[0]
             RESULTS["quant_best_int4"] = kw
         t = ms(lambda: c.run(**kw))

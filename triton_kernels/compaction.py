@@ -13,8 +13,8 @@ runs in two phases, like the reference (gather to a copy, then scatter):
   _store_full_kernel   one program per (KV head, destination token): scratch -> full page.
   _store_quant_kernel  one program per (KV head, destination page): two passes over the
                        page's tokens in tiles of QT -- per-channel key min/max, then codes;
-                       values are per token. Codes are packed with a reshape to
-                       [QT, D/(8/bits), 8/bits] and a shift-sum.
+                       values are per token. Codes are packed in planes (channel c in byte
+                       c % ROW at bit (c // ROW) * bits) with a reshape and a shift-sum.
 
 Where a source lives is resolved on the host side with torch ops on the device (cumsum of
 page capacities + searchsorted): no host round trip beyond the request's ``kept``.
@@ -131,13 +131,15 @@ def _quantize(x, mn, mx, BITS: tl.constexpr):
 
 @triton.jit
 def _pack(c, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """[N, D] codes -> [N, ROW] bytes in planes (docs/page_format.md): channel c goes to byte
+    c % ROW at bit (c // ROW) * BITS."""
     PER: tl.constexpr = 8 // BITS
     ROW: tl.constexpr = D // PER
     if BITS == 8:
         return c.to(tl.uint8)
-    c3 = tl.reshape(c, (N, ROW, PER))
+    c3 = tl.reshape(c, (N, PER, ROW))
     shifts = tl.arange(0, PER) * BITS
-    return tl.sum(c3 << shifts[None, None, :], 2).to(tl.uint8)
+    return tl.sum(c3 << shifts[None, :, None], 1).to(tl.uint8)
 
 
 @triton.jit(do_not_specialize=["n_sel", "first", "n_tok"])

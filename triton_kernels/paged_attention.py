@@ -119,16 +119,19 @@ def _tokens_before(bt_row, tag_ptr, e0, BS: tl.constexpr, CAP8: tl.constexpr, CA
 
 @triton.jit
 def _unpack(x, BITS: tl.constexpr, P: tl.constexpr, N: tl.constexpr, D: tl.constexpr):
-    """[P, N, D*BITS/8] int32 bytes -> [P, N, D] codes; channel c sits in byte c // (8/BITS)
-    at bit (c % (8/BITS)) * BITS. A join makes the pair dimension minor, so the reshape keeps
-    channel order (int2: bytes -> nibbles -> pairs)."""
+    """[P, N, ROW] int32 bytes -> [P, N, D] codes (ROW = D*BITS/8). Planes format: channel c
+    sits in byte c % ROW at bit (c // ROW) * BITS, so plane i (channels [i*ROW, (i+1)*ROW))
+    is one shift and mask of the row's bytes. Join + permute put the planes back in channel
+    order (a layout shuffle: only the statistics pass and compaction use this; the forward
+    reads plane by plane, _attend_qrun)."""
+    ROW: tl.constexpr = D * BITS // 8
     if BITS == 8:
         return x
     elif BITS == 4:
-        return tl.reshape(tl.join(x & 15, x >> 4), (P, N, D))
+        return tl.reshape(tl.permute(tl.join(x & 15, x >> 4), (0, 1, 3, 2)), (P, N, D))
     else:
-        nib = tl.reshape(tl.join(x & 15, x >> 4), (P, N, D // 2))
-        return tl.reshape(tl.join(nib & 3, nib >> 2), (P, N, D))
+        j = tl.join(tl.join(x & 3, (x >> 4) & 3), tl.join((x >> 2) & 3, x >> 6))  # [.., ROW, y, x]: plane 2y + x
+        return tl.reshape(tl.permute(j, (0, 1, 3, 4, 2)), (P, N, D))
 
 
 @triton.jit
@@ -195,20 +198,6 @@ def _qkeys(kvb_ptr, kvh_ptr, page_byte, t, valid, dtype, BITS: tl.constexpr, CAP
 
 
 @triton.jit
-def _qvalues(kvb_ptr, kvh_ptr, page_byte, t, valid, dtype, BITS: tl.constexpr, CAP: tl.constexpr,
-             D: tl.constexpr, MAG: tl.constexpr, F32: tl.constexpr):
-    """Value codes [PPT, QT, D] (model dtype) and per-token scale/zero [PPT, QT]."""
-    ROW: tl.constexpr = D * BITS // 8
-    VS: tl.constexpr = 2 * CAP * ROW + 4 * D
-    vb = tl.load(kvb_ptr + page_byte[:, None, None] + CAP * ROW + t[None, :, None] * ROW
-                 + tl.arange(0, ROW)[None, None, :], mask=valid[:, :, None], other=0)
-    half = page_byte[:, None] // 2 + VS // 2 + t[None, :]
-    vs = tl.load(kvh_ptr + half, mask=valid, other=0.0).to(tl.float32)
-    vz = tl.load(kvh_ptr + half + CAP, mask=valid, other=0.0).to(tl.float32)
-    return _codes(_unpack(vb.to(tl.int32), BITS, vb.shape[0], vb.shape[1], D), dtype, MAG, F32), vs, vz
-
-
-@triton.jit
 def _qk_quant(qf, kq, ks, kz, scale2, dtype, F32: tl.constexpr):
     """log2-domain scores [PPT, M, QT] of fp32 query rows [M, D] against quantized keys
     [PPT, QT, D], scales folded: s = (q*KS).KQ + q.KZ per page. q*KS goes to the dot as
@@ -265,34 +254,132 @@ def _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb, str
 
 
 @triton.jit
-def _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh, j0, j1, jbase, n_tok,
-                 scale2, ELEM: tl.constexpr, BITS: tl.constexpr, CAP: tl.constexpr, QT: tl.constexpr,
-                 PPT: tl.constexpr, D: tl.constexpr, MAG: tl.constexpr, F32: tl.constexpr):
+def _qtile(bt_row, h, stride_kb, stride_kh, it, jbase, n_tok, ELEM: tl.constexpr, CAP: tl.constexpr,
+           QT: tl.constexpr):
+    """Tile ``it`` of a run of quantized pages that starts at entry jbase with n_tok tokens
+    (each page full but the last): one page, or a QT slice of it when the page is larger.
+    Returns (page byte offset, slots [QT], valid [QT])."""
+    TPP: tl.constexpr = (CAP + QT - 1) // QT
+    j = jbase + it // TPP
+    b = tl.load(bt_row + j).to(tl.int64)
+    t = (it % TPP) * QT + tl.arange(0, QT)
+    return (b * stride_kb + h * stride_kh) * ELEM, t, t < tl.minimum(CAP, n_tok - (j - jbase) * CAP)
+
+
+@triton.jit
+def _rows(kvb_ptr, row_byte, valid, B0: tl.constexpr, W: tl.constexpr):
+    """Bytes [B0, B0 + W) of the code rows starting at row_byte [QT]: int32 [QT, W]."""
+    return tl.load(kvb_ptr + row_byte[:, None] + B0 + tl.arange(0, W)[None, :], mask=valid[:, None],
+                   other=0).to(tl.int32)
+
+
+@triton.jit
+def _deq_keys(c, kvh_ptr, ks_half, C0: tl.constexpr, W: tl.constexpr, D: tl.constexpr, dtype, F32: tl.constexpr):
+    """Keys of channels [C0, C0 + W) in the model dtype: codes * KS + KZ (fp32 FMA, one
+    rounding). Dequantizing K costs less than folding KS into q: that needs a second (lo)
+    dot to stay accurate and a reduction for KZ every page (measured 1.6x slower)."""
+    offs = C0 + tl.arange(0, W)
+    ks = tl.load(kvh_ptr + ks_half + offs).to(tl.float32)
+    kz = tl.load(kvh_ptr + ks_half + D + offs).to(tl.float32)
+    return _mm_in(c.to(tl.float32) * ks[None, :] + kz[None, :], dtype, F32)
+
+
+@triton.jit
+def _join_planes(a0, a1, a2, a3, NP: tl.constexpr, M: tl.constexpr, D: tl.constexpr):
+    """Plane accumulators [M, D/NP] -> [M, D] in channel order (once per run)."""
+    if NP == 1:
+        return a0
+    elif NP == 2:
+        return tl.reshape(tl.permute(tl.join(a0, a1), (0, 2, 1)), (M, D))
+    else:
+        return tl.reshape(tl.permute(tl.join(tl.join(a0, a2), tl.join(a1, a3)), (0, 2, 3, 1)), (M, D))
+
+
+@triton.jit
+def _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh, j0, j1,
+                 jbase, n_tok, scale2, dtype, ELEM: tl.constexpr, BITS: tl.constexpr, CAP: tl.constexpr,
+                 QT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, MAG: tl.constexpr, F32: tl.constexpr,
+                 QSTAGES: tl.constexpr):
     """Entries [j0, j1) of a run of quantized pages (all visible: compacted region).
 
-    One flat loop over tiles of PPT pages x QT slots, no branch in it, so Triton can
-    software-pipeline the loads across pages; batched (3-D) dots keep each page's
-    per-channel key scales folded into q (_qk_quant) and its value scales into p:
-    o += sum_pages (p*VS).VQ + sum(p*VZ).
+    One flat loop over tiles (one page each), no branch in it, so Triton pipelines the
+    loads across pages. The codes are read *plane by plane* (page format: plane i of a code
+    row holds channels [i*ROW, (i+1)*ROW) at bit i*BITS), so unpacking is a shift and a
+    mask in the layout they were loaded in -- no join/reshape per tile, which made this path
+    instruction-bound (1.2 ms vs 0.49 ms for int4 at 64 x 8192, docs/kernels.md). NP planes
+    -> NP dots per side, NP accumulators of D/NP channels, joined once at the end:
+    int8 1 plane, int4 2, int2 4 (1 through _unpack when D/4 < 16, the smallest dot).
+    Keys are dequantized (per-channel scales) into the dot operand; values' per-token scales
+    are folded into p: o += (p*VS).VQ + sum(p*VZ).
     """
+    ROW: tl.constexpr = D * BITS // 8
+    NP: tl.constexpr = 8 // BITS if D * BITS // 8 >= 16 else 1
+    W: tl.constexpr = D // NP
+    KS: tl.constexpr = 2 * CAP * ROW
+    VS: tl.constexpr = KS + 4 * D
     TPP: tl.constexpr = (CAP + QT - 1) // QT
-    qf = q.to(tl.float32)
-    for it in range((j0 - jbase) // PPT * TPP, tl.cdiv(j1 - jbase, PPT) * TPP):
-        page_byte, t, valid, j = _qpages_at(bt_row, h, stride_kb, stride_kh, it, j1, jbase, n_tok, ELEM, CAP, QT,
-                                            PPT)
-        valid = valid & (j >= j0)[:, None]
-        kq, ks, kz = _qkeys(kvb_ptr, kvh_ptr, page_byte, t, valid, q.dtype, BITS, CAP, D, MAG, F32)
-        vq, vs, vz = _qvalues(kvb_ptr, kvh_ptr, page_byte, t, valid, q.dtype, BITS, CAP, D, MAG, F32)
-        s = _qk_quant(qf, kq, ks, kz, scale2, q.dtype, F32)
-        s = tl.where(valid[:, None, :], s, float("-inf"))  # [PPT, M, QT]
-        m_new = tl.maximum(m_i, tl.max(tl.max(s, 2), 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[None, :, None])
-        l_i = l_i * alpha + tl.sum(tl.sum(p, 2), 0)
-        m_i = m_new
-        o = tl.sum(_bdot(_mm_in(p * vs[:, None, :], q.dtype, F32), vq, F32), 0)
-        acc = acc * alpha[:, None] + o + tl.sum(tl.sum(p * vz[:, None, :], 2), 0)[:, None]
+    offs_w = tl.arange(0, W)
+    q0 = tl.load(q_ptr + q_off[:, None] + offs_w[None, :], mask=row_ok[:, None], other=0.0)
+    q1 = q0
+    q2 = q0
+    q3 = q0
+    if NP >= 2:
+        q1 = tl.load(q_ptr + q_off[:, None] + W + offs_w[None, :], mask=row_ok[:, None], other=0.0)
+    if NP == 4:
+        q2 = tl.load(q_ptr + q_off[:, None] + 2 * W + offs_w[None, :], mask=row_ok[:, None], other=0.0)
+        q3 = tl.load(q_ptr + q_off[:, None] + 3 * W + offs_w[None, :], mask=row_ok[:, None], other=0.0)
+    a0 = tl.zeros([BLOCK_M, W], tl.float32)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    grow = tl.full([BLOCK_M], 1.0, tl.float32)  # how much the incoming acc is rescaled
+    for it in tl.range((j0 - jbase) * TPP, (j1 - jbase) * TPP, num_stages=QSTAGES):
+        page_byte, t, valid = _qtile(bt_row, h, stride_kb, stride_kh, it, jbase, n_tok, ELEM, CAP, QT)
+        ks_half = page_byte // 2 + KS // 2
+        kr = page_byte + t * ROW
+        vr = kr + CAP * ROW
+        if NP == 1:
+            kc = tl.reshape(_unpack(tl.reshape(_rows(kvb_ptr, kr, valid, 0, ROW), (1, QT, ROW)), BITS, 1, QT, D),
+                            (QT, D))
+            vc = tl.reshape(_unpack(tl.reshape(_rows(kvb_ptr, vr, valid, 0, ROW), (1, QT, ROW)), BITS, 1, QT, D),
+                            (QT, D))
+            s = _dot(q0, tl.trans(_deq_keys(kc, kvh_ptr, ks_half, 0, D, D, dtype, F32)), F32)
+        elif BITS == 4:  # both planes in one byte
+            kx = _rows(kvb_ptr, kr, valid, 0, W)
+            vx = _rows(kvb_ptr, vr, valid, 0, W)
+            k0 = kx & 15
+            k1 = kx >> 4
+            v0 = vx & 15
+            v1 = vx >> 4
+        else:  # int2, four planes in one byte
+            kx = _rows(kvb_ptr, kr, valid, 0, W)
+            vx = _rows(kvb_ptr, vr, valid, 0, W)
+        if NP == 2:
+            s = _dot(q0, tl.trans(_deq_keys(k0, kvh_ptr, ks_half, 0, W, D, dtype, F32)), F32)
+            s += _dot(q1, tl.trans(_deq_keys(k1, kvh_ptr, ks_half, W, W, D, dtype, F32)), F32)
+        if NP == 4:
+            s = _dot(q0, tl.trans(_deq_keys(kx & 3, kvh_ptr, ks_half, 0, W, D, dtype, F32)), F32)
+            s += _dot(q1, tl.trans(_deq_keys((kx >> 2) & 3, kvh_ptr, ks_half, W, W, D, dtype, F32)), F32)
+            s += _dot(q2, tl.trans(_deq_keys((kx >> 4) & 3, kvh_ptr, ks_half, 2 * W, W, D, dtype, F32)), F32)
+            s += _dot(q3, tl.trans(_deq_keys(kx >> 6, kvh_ptr, ks_half, 3 * W, W, D, dtype, F32)), F32)
+        s = tl.where(valid[None, :], s * scale2, float("-inf"))
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+        vs = tl.load(kvh_ptr + page_byte // 2 + VS // 2 + t, mask=valid, other=0.0).to(tl.float32)
+        vz = tl.load(kvh_ptr + page_byte // 2 + VS // 2 + CAP + t, mask=valid, other=0.0).to(tl.float32)
+        pv = _mm_in(p * vs[None, :], dtype, F32)
+        z = tl.sum(p * vz[None, :], 1)[:, None]
+        grow = grow * alpha
+        if NP == 1:
+            a0 = a0 * alpha[:, None] + _dot(pv, _codes(vc, dtype, MAG, F32), F32) + z
+        if NP == 2:
+            a0 = a0 * alpha[:, None] + _dot(pv, _codes(v0, dtype, MAG, F32), F32) + z
+            a1 = a1 * alpha[:, None] + _dot(pv, _codes(v1, dtype, MAG, F32), F32) + z
+        if NP == 4:
+            a0 = a0 * alpha[:, None] + _dot(pv, _codes(vx & 3, dtype, MAG, F32), F32) + z
+            a1 = a1 * alpha[:, None] + _dot(pv, _codes((vx >> 2) & 3, dtype, MAG, F32), F32) + z
+            a2 = a2 * alpha[:, None] + _dot(pv, _codes((vx >> 4) & 3, dtype, MAG, F32), F32) + z
+            a3 = a3 * alpha[:, None] + _dot(pv, _codes(vx >> 6, dtype, MAG, F32), F32) + z
+    acc = acc * grow[:, None] + _join_planes(a0, a1, a2, a3, NP, BLOCK_M, D)
     return acc, m_i, l_i
 
 
@@ -326,8 +413,8 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, TILE_P: tl.constexpr,
     NUM_SPLITS: tl.constexpr, HAS_TAGS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
     HAS2: tl.constexpr, ELEM: tl.constexpr, MAG: tl.constexpr, MAG8: tl.constexpr, CAP8: tl.constexpr, CAP4: tl.constexpr,
-    CAP2: tl.constexpr, QT8: tl.constexpr, QT4: tl.constexpr, QT2: tl.constexpr, PPT8: tl.constexpr,
-    PPT4: tl.constexpr, PPT2: tl.constexpr, SCAN: tl.constexpr, WRITE_LSE: tl.constexpr, F32: tl.constexpr,
+    CAP2: tl.constexpr, QT8: tl.constexpr, QT4: tl.constexpr, QT2: tl.constexpr,
+    SCAN: tl.constexpr, WRITE_LSE: tl.constexpr, F32: tl.constexpr, QSTAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -385,16 +472,19 @@ def _fwd_kernel(
             n_q = kept - nf * BS
             if HAS4:
                 if qbits == 4:
-                    acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh,
-                                                 j0, ce1, nf, n_q, scale2, ELEM, 4, CAP4, QT4, PPT4, D, MAG, F32)
+                    acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
+                                                 stride_kb, stride_kh, j0, ce1, nf, n_q, scale2, q.dtype, ELEM, 4,
+                                                 CAP4, QT4, D, BLOCK_M, MAG, F32, QSTAGES)
             if HAS2:
                 if qbits == 2:
-                    acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh,
-                                                 j0, ce1, nf, n_q, scale2, ELEM, 2, CAP2, QT2, PPT2, D, MAG, F32)
+                    acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
+                                                 stride_kb, stride_kh, j0, ce1, nf, n_q, scale2, q.dtype, ELEM, 2,
+                                                 CAP2, QT2, D, BLOCK_M, MAG, F32, QSTAGES)
             if HAS8:
                 if qbits == 8:
-                    acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh,
-                                                 j0, ce1, nf, n_q, scale2, ELEM, 8, CAP8, QT8, PPT8, D, MAG8, F32)
+                    acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
+                                                 stride_kb, stride_kh, j0, ce1, nf, n_q, scale2, q.dtype, ELEM, 8,
+                                                 CAP8, QT8, D, BLOCK_M, MAG8, F32, QSTAGES)
     else:
         # any order: one page at a time, dispatching on its tag
         off = _tokens_before(bt_row, tag_ptr, e0, BS, CAP8, CAP4, CAP2, SCAN)
@@ -408,16 +498,19 @@ def _fwd_kernel(
                                                   TILE_P, F32)
             if HAS4:
                 if tag == 4:
-                    acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb,
-                                                 stride_kh, j, j + 1, j, cnt, scale2, ELEM, 4, CAP4, QT4, 1, D, MAG, F32)
+                    acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
+                                                 stride_kb, stride_kh, j, j + 1, j, cnt, scale2, q.dtype, ELEM,
+                                                 4, CAP4, QT4, D, BLOCK_M, MAG, F32, QSTAGES)
             if HAS2:
                 if tag == 2:
-                    acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb,
-                                                 stride_kh, j, j + 1, j, cnt, scale2, ELEM, 2, CAP2, QT2, 1, D, MAG, F32)
+                    acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
+                                                 stride_kb, stride_kh, j, j + 1, j, cnt, scale2, q.dtype, ELEM,
+                                                 2, CAP2, QT2, D, BLOCK_M, MAG, F32, QSTAGES)
             if HAS8:
                 if tag == 8:
-                    acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q, kvb_ptr, kvh_ptr, bt_row, h, stride_kb,
-                                                 stride_kh, j, j + 1, j, cnt, scale2, ELEM, 8, CAP8, QT8, 1, D, MAG8, F32)
+                    acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
+                                                 stride_kb, stride_kh, j, j + 1, j, cnt, scale2, q.dtype, ELEM,
+                                                 8, CAP8, QT8, D, BLOCK_M, MAG8, F32, QSTAGES)
             off += cap
     le0 = tl.maximum(e0, nc) - nc + lb0
     le1 = tl.maximum(e1, nc) - nc + lb0
@@ -698,9 +791,7 @@ def _launch_consts(D, BS, G, dtype, has_tags, page_bits, decode, config):
     caps = {b: page_capacity(b, BS, D, es) for b in (8, 4, 2)}
     qts = {b: min(_pow2(c), 128 if D <= 128 else 64) for b, c in caps.items()}
     # Quantized tiles: one page (padded to QT slots) per step. Several pages per step
-    # (batched 3-D dots, config["PPT"]) measured 2-4x slower on the H100 (docs/kernels.md).
-    ppt = (config or {}).get("PPT", 1)
-    ppts = {b: ppt if qts[b] >= caps[b] else 1 for b in caps}
+    # (batched 3-D dots, or one 2-D tile over two pages) measured 1.6-4x slower on the H100.
     f32 = _INTERPRET or dtype == torch.float32
     mag = {torch.bfloat16: 128, torch.float16: 1024, torch.float32: 0}[dtype]
     assert set(page_bits) <= {8, 4, 2}
@@ -715,7 +806,10 @@ def _launch_consts(D, BS, G, dtype, has_tags, page_bits, decode, config):
         BLOCK_M = max(64 if D > 128 else 128, _pow2(G))
     TILE_N = 64 if D <= 128 else 32
     num_warps, num_stages = (4, 3) if decode else (4, 2)
+    # quantized runs pipeline 2 deep (3 measured slower: more registers for the unpacked codes)
+    qstages = 2
     if config:
+        qstages = config.get("QSTAGES", qstages)
         BLOCK_M = config.get("BLOCK_M", BLOCK_M)
         TILE_N = config.get("TILE_N", TILE_N)
         num_warps = config.get("num_warps", num_warps)
@@ -726,8 +820,7 @@ def _launch_consts(D, BS, G, dtype, has_tags, page_bits, decode, config):
                   HAS4=has_tags and 4 in page_bits, HAS2=has_tags and 2 in page_bits, ELEM=es, MAG=mag,
                   MAG8=0 if mag == 128 else mag,
                   CAP8=caps[8], CAP4=caps[4], CAP2=caps[2], QT8=qts[8], QT4=qts[4], QT2=qts[2], SCAN=64, F32=f32)
-    ppt_args = dict(PPT8=ppts[8], PPT4=ppts[4], PPT2=ppts[2])
-    return common, caps, (BLOCK_M, TILE_N, num_warps, num_stages, ppt_args)
+    return common, caps, (BLOCK_M, TILE_N, num_warps, num_stages, qstages)
 
 
 def paged_attention_batched(
@@ -752,7 +845,7 @@ def paged_attention_batched(
     num_splits: int | None = None,
     page_bits: tuple[int, ...] = (8, 4, 2),  # formats that may appear in compacted regions
     stats_tags: bool = True,  # False: rows with statistics have no quantized pages (caller's promise)
-    config: dict | None = None,  # tile overrides for benchmarking: BLOCK_M, TILE_N, num_warps, num_stages
+    config: dict | None = None,  # tile overrides for benchmarking: BLOCK_M, TILE_N, num_warps, num_stages, QSTAGES
 ) -> torch.Tensor:
     """Causal attention of a varlen batch over each request's compacted + live keys.
 
@@ -816,7 +909,7 @@ def paged_attention_batched(
     # layer matters: attention runs between CUDA graph pieces).
     common, caps, tiling = _launch_consts(D, BS, G, kv_cache.dtype, page_tag is not None,
                                           tuple(page_bits), decode, _freeze(config))
-    BLOCK_M, TILE_N, num_warps, num_stages, ppt_args = tiling
+    BLOCK_M, TILE_N, num_warps, num_stages, qstages = tiling
     BLOCK_Q = BLOCK_M // G
     n_qtiles = T // BLOCK_Q + B
     if num_splits is None:
@@ -841,8 +934,8 @@ def paged_attention_batched(
         out, lse, pacc, pml, scale2, B, block_table.shape[1],
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         out.stride(0), out.stride(1),
-        NUM_SPLITS=num_splits, WRITE_LSE=write_lse, num_warps=num_warps, num_stages=num_stages, **common,
-        **ppt_args)
+        NUM_SPLITS=num_splits, WRITE_LSE=write_lse, num_warps=num_warps, num_stages=num_stages, QSTAGES=qstages,
+        **common)
     if num_splits > 1:
         _reduce_kernel[(T, H_q)](pacc, pml, out, lse, out.stride(0), out.stride(1), H_Q=H_q, D=D,
                                  NUM_SPLITS=num_splits, SPLITS_P2=_pow2(num_splits), WRITE_LSE=write_lse)

@@ -153,9 +153,9 @@ def test_mixed_precision_pages(d, bs, g, dtype, q_lens):
     _check_batch(b, splits=None if q_lens[1] > 1 else 3)
 
 
-@pytest.mark.parametrize("ppt,splits", [(2, 3), (4, None)])
-def test_mixed_multi_page_tiles(ppt, splits):
-    """Quantized tiles of several pages (batched dots), split boundaries inside a tile."""
+@pytest.mark.parametrize("splits", [3, None])
+def test_mixed_multi_page_runs(splits):
+    """Long runs of quantized pages of each format, split boundaries inside a run."""
     bs, d = 16, 64
     plans = [[0, 4, 4, 4, 4, 4], [2, 2, 2], [8] * 5, [4, 2]]
     reqs = []
@@ -163,8 +163,8 @@ def test_mixed_multi_page_tiles(ppt, splits):
         caps = sum(quant.page_capacity(t, bs, d, 2) for t in plan)
         live = -(-caps // bs) * bs + bs
         reqs.append(Req(1 + i % 2, live + 20, live_start=live, plan=plan, obs=1))
-    b = make_batch(reqs, hkv=2, g=2, d=d, bs=bs, dtype=torch.bfloat16, device=DEV, seed=ppt, tags=True)
-    _check_batch(b, splits=splits, config={"PPT": ppt})
+    b = make_batch(reqs, hkv=2, g=2, d=d, bs=bs, dtype=torch.bfloat16, device=DEV, seed=splits or 0, tags=True)
+    _check_batch(b, splits=splits)
 
 
 def test_api_per_request_matches_reference():

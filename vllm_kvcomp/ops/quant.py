@@ -13,7 +13,7 @@ same ``P`` bytes to hold ``page_capacity(bits, ...)`` tokens at ``bits`` in {8, 
 * keys   (KIVI): per channel over the page's tokens  k = KQ[t, c] * KS[c] + KZ[c]
 * values: per token (one group = the head dim)        v = VQ[t, c] * VS[t] + VZ[t]
 * codes are unsigned (0 .. 2^bits - 1), asymmetric min/max, round half up;
-  packing: channel c sits in byte c // (8/bits) at bit (c % (8/bits)) * bits.
+  packing in planes: channel c sits in byte c % ROW at bit (c // ROW) * bits, ROW = D*bits/8.
 
 The precision of each page is a per-block tag ``page_tag: int8[num_blocks]`` (0 = full,
 else the bits); all heads of a block share it. A request's *compacted region* is its
@@ -94,17 +94,20 @@ def quantize_group(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, 
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """[..., D] uint8 codes -> [..., D*bits/8] bytes (channel c in byte c // (8/bits))."""
+    """[..., D] codes -> [..., ROW] bytes, ROW = D*bits/8, in *planes*: channel c sits in
+    byte c % ROW at bit (c // ROW) * bits. Plane i (channels [i*ROW, (i+1)*ROW)) is then one
+    shift and mask of a row's bytes -- what lets the attention kernel unpack codes in the
+    layout it loaded them in (docs/page_format.md)."""
     per = 8 // bits
-    c = codes.to(torch.int32).unflatten(-1, (-1, per))
+    c = codes.to(torch.int32).unflatten(-1, (per, -1))
     shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * bits
-    return (c << shifts).sum(-1).to(torch.uint8)
+    return (c << shifts[:, None]).sum(-2).to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per = 8 // bits
     shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
-    c = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
+    c = (packed.to(torch.int32)[..., None, :] >> shifts[:, None]) & ((1 << bits) - 1)
     return c.flatten(-2).to(torch.uint8)
 
 
