@@ -189,12 +189,12 @@ def bench_quant(cfg, sweep=False):
                 RESULTS.setdefault("quant_sweep_int4", []).append(dict(qcfg, splits=splits, ms=t))
                 print("  int4", qcfg, "splits", splits, f"{t:.4f} ms", flush=True)
                 return t
-            # warps x pipeline depth of the quantized loop x splits (None: the launcher's heuristic)
+            # pipeline depth (kernel, quantized loop) x splits (4 warps; 8 measured 1.8x slower) (None: the launcher's heuristic)
             best = None
-            for warps in (4, 8):
-                for qstages in (2, 3):
-                    for splits in (None, 1, 2, 4):
-                        qcfg = dict(num_warps=warps, QSTAGES=qstages)
+            for stages in (2, 3):
+                for qstages in (1, 2, 3):
+                    for splits in (None, 2):
+                        qcfg = dict(num_warps=4, num_stages=stages, QSTAGES=qstages)
                         t = trial(qcfg, splits)
                         if t is not None and (best is None or t < best[1]):
                             best = (dict(config=qcfg, num_splits=splits), t)
@@ -207,6 +207,23 @@ def bench_quant(cfg, sweep=False):
         row(f"quant {name} B{B} ctx{ctx}", ms=t, ms_one_format=t_one, speedup_vs_bf16=base / t,
             GBps=c.bytes / t / 1e6, cfg=str(kw))
         del c
+    # an engine with quantized pages compiles its prefill tiles smaller (32 query rows):
+    # prefill of a fresh prompt through the tag path vs without tags
+    B_, L = S(4), S(4096)
+    n_ent = L // 16
+    kv = torch.randn(B_ * n_ent + 1, 8, 16, 256, device=DEV, dtype=DT)
+    tag = torch.zeros(kv.shape[0], dtype=torch.int8, device=DEV)
+    bt = (torch.randperm(kv.shape[0] - 1, device=DEV).int() + 1)[: B_ * n_ent].view(B_, n_ent).contiguous()
+    qq = torch.randn(B_ * L, 32, 128, device=DEV, dtype=DT)
+    qsl = torch.arange(B_ + 1, dtype=torch.int32, device=DEV) * L
+    seq = torch.full((B_,), L, dtype=torch.int32, device=DEV)
+    z = torch.zeros(B_, dtype=torch.int32, device=DEV)
+    t0 = ms(lambda: paged_attention_batched(qq, kv, bt, qsl, seq, z, z, 128 ** -0.5, max_query_len=L,
+                                            max_seq_len=L), rep=30)
+    t1 = ms(lambda: paged_attention_batched(qq, kv, bt, qsl, seq, z, z, 128 ** -0.5, max_query_len=L,
+                                            max_seq_len=L, page_tag=tag, page_bits=(4,)), rep=30)
+    row(f"prefill B{B_} L{L} with tags (int4 engine)", ms=t1, no_tags_ms=t0, slowdown=t1 / t0)
+    del kv, qq
     # bigger pages -> bigger quantized tiles (is the small-page path latency-bound?)
     for bs in (32, 64):
         base = None

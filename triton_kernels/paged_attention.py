@@ -808,6 +808,11 @@ def _launch_consts(D, BS, G, dtype, has_tags, page_bits, decode, config):
     num_warps, num_stages = (4, 3) if decode else (4, 2)
     # quantized runs pipeline 2 deep (3 measured slower: more registers for the unpacked codes)
     qstages = 2
+    if has_tags and not decode:
+        # The plane-wise quantized loop keeps NP extra [BLOCK_M, D/NP] accumulators and
+        # planes of q live: at 64-128 query rows Triton 3.6 produced wrong results and
+        # illegal addresses on the H100 (tests/kernels, bf16); 32 rows are right.
+        BLOCK_M = max(32, _pow2(G))
     if config:
         qstages = config.get("QSTAGES", qstages)
         BLOCK_M = config.get("BLOCK_M", BLOCK_M)

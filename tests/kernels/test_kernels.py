@@ -39,6 +39,10 @@ def _check_batch(b, *, splits=None, stats=True, tol=None, config=None):
                             mass_cache=mass if stats else None, obs_cache=obs if stats else None,
                             obs_queries=b.obs, num_splits=splits, config=config)
     tol = tol or TOL[b.q.dtype]
+    if b.page_tag is not None and CUDA and b.q.dtype == torch.bfloat16:
+        # the kernel rounds dequantized keys to bf16 (what a full page holds anyway); the
+        # reference keeps them in fp32: up to 9e-3 seen on the H100, the int4 step is ~7%
+        tol = max(tol, 1.2e-2)
     stol = STAT_TOL[b.page_tag is not None]
     qsl = b.qsl.tolist()
     for i, r in enumerate(b.reqs):
