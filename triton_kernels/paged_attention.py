@@ -135,16 +135,6 @@ def _unpack(x, BITS: tl.constexpr, P: tl.constexpr, N: tl.constexpr, D: tl.const
 
 
 @triton.jit
-def _bdot(a, b, F32: tl.constexpr):
-    """Batched [P, M, K] x [P, K, N]; P == 1 goes through a plain 2-D dot."""
-    if a.shape[0] == 1:
-        r = _dot(tl.reshape(a, (a.shape[1], a.shape[2])), tl.reshape(b, (b.shape[1], b.shape[2])), F32)
-        return tl.reshape(r, (1, a.shape[1], b.shape[2]))
-    else:
-        return _dot(a, b, F32)
-
-
-@triton.jit
 def _codes(x, dtype, MAG: tl.constexpr, F32: tl.constexpr):
     """int32 codes -> the same small integers in the model dtype, exactly, without an
     int->float conversion (a quarter-rate instruction): OR the code into the mantissa of
@@ -195,21 +185,6 @@ def _qkeys(kvb_ptr, kvh_ptr, page_byte, t, valid, dtype, BITS: tl.constexpr, CAP
     ks = tl.load(kvh_ptr + half + offs_d[None, :]).to(tl.float32)
     kz = tl.load(kvh_ptr + half + D + offs_d[None, :]).to(tl.float32)
     return _codes(_unpack(kb.to(tl.int32), BITS, kb.shape[0], kb.shape[1], D), dtype, MAG, F32), ks, kz
-
-
-@triton.jit
-def _qk_quant(qf, kq, ks, kz, scale2, dtype, F32: tl.constexpr):
-    """log2-domain scores [PPT, M, QT] of fp32 query rows [M, D] against quantized keys
-    [PPT, QT, D], scales folded: s = (q*KS).KQ + q.KZ per page. q*KS goes to the dot as
-    hi + lo parts in the model dtype (~2^-16 relative: as accurate as the full path)."""
-    qs = qf[None, :, :] * ks[:, None, :]
-    hi = _mm_in(qs, dtype, F32)
-    kt = tl.trans(kq, 0, 2, 1)
-    s = _bdot(hi, kt, F32)
-    if not F32:
-        s += _bdot(_mm_in(qs - hi.to(tl.float32), dtype, F32), kt, F32)
-    corr = tl.sum(qf[None, :, :] * kz[:, None, :], 2)
-    return (s + corr[:, :, None]) * scale2
 
 
 @triton.jit
@@ -579,8 +554,9 @@ def _stats_rows(k, ks, kz, QUANT: tl.constexpr, keys_ok, kpos, CAUSAL: tl.conste
         q_off = (q_start + tok).to(tl.int64) * stride_qt + hq * stride_qh
         q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         lse = tl.load(lse_ptr + (q_start + tok).to(tl.int64) * H_Q + hq, mask=row_ok, other=0.0)
-        if QUANT:
-            s = tl.reshape(_qk_quant(q.to(tl.float32), k, ks, kz, scale2, q.dtype, F32), (BLOCK_M, N))
+        if QUANT:  # keys dequantized and rounded as the forward's _deq_keys, so the LSE matches
+            kd = tl.reshape(k, (N, D)).to(tl.float32) * tl.reshape(ks, (1, D)) + tl.reshape(kz, (1, D))
+            s = _dot(q, tl.trans(_mm_in(kd, q.dtype, F32)), F32) * scale2
         else:
             s = _dot(q, tl.trans(k), F32) * scale2
         keep = row_ok[:, None] & keys_ok[None, :]
@@ -806,12 +782,13 @@ def _launch_consts(D, BS, G, dtype, has_tags, page_bits, decode, config):
         BLOCK_M = max(64 if D > 128 else 128, _pow2(G))
     TILE_N = 64 if D <= 128 else 32
     num_warps, num_stages = (4, 3) if decode else (4, 2)
-    # quantized runs pipeline 2 deep (3 measured slower: more registers for the unpacked codes)
+    # quantized runs pipeline 2 deep (1: 1.6x slower, 3: within 2%; docs/kernels.md)
     qstages = 2
     if has_tags and not decode:
         # The plane-wise quantized loop keeps NP extra [BLOCK_M, D/NP] accumulators and
-        # planes of q live: at 64-128 query rows Triton 3.6 produced wrong results and
-        # illegal addresses on the H100 (tests/kernels, bf16); 32 rows are right.
+        # planes of q live: at 64 and 128 query rows (4 or 8 warps) Triton 3.6 produced wrong
+        # results and illegal addresses on the H100 (tests/kernels, bf16); 32 rows are right.
+        # Cost: a fresh prompt's prefill attention in such an engine is 2.2x slower.
         BLOCK_M = max(32, _pow2(G))
     if config:
         qstages = config.get("QSTAGES", qstages)
