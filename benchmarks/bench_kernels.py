@@ -126,6 +126,17 @@ class Decode:
                                        max_seq_len=int(self.seq.max()), **kw)
 
 
+def prefill_case(B, L, hkv=8, g=4, d=128, bs=16):
+    """B fresh prompts of L tokens in random blocks: (q, kv, block_table, qsl, seq_lens, zeros)."""
+    n_ent = L // bs
+    kv = torch.randn(B * n_ent + 1, hkv, bs, 2 * d, device=DEV, dtype=DT)
+    bt = (torch.randperm(B * n_ent, device=DEV).int() + 1).view(B, n_ent).contiguous()
+    q = torch.randn(B * L, hkv * g, d, device=DEV, dtype=DT)
+    qsl = torch.arange(B + 1, dtype=torch.int32, device=DEV) * L
+    seq = torch.full((B,), L, dtype=torch.int32, device=DEV)
+    return q, kv, bt, qsl, seq, torch.zeros(B, dtype=torch.int32, device=DEV)
+
+
 # ----------------------------------------------------------------------------- sections
 def bench_copy():
     n = S(1 << 31)  # 2 GiB
@@ -179,7 +190,7 @@ def bench_quant(cfg, sweep=False):
         kw = dict(config=cfg) if not bits else {}
         if bits and not (sweep and bits == 4):  # the others reuse int4's best
             kw = RESULTS.get("quant_best_int4", {})
-        if bits == 4 and sweep:  # the others reuse int4's best tiles
+        if bits == 4 and sweep:
             def trial(qcfg, splits):
                 try:
                     t = ms(lambda: c.run(config=qcfg, num_splits=splits, page_bits=(4,)), rep=50)
@@ -189,7 +200,8 @@ def bench_quant(cfg, sweep=False):
                 RESULTS.setdefault("quant_sweep_int4", []).append(dict(qcfg, splits=splits, ms=t))
                 print("  int4", qcfg, "splits", splits, f"{t:.4f} ms", flush=True)
                 return t
-            # pipeline depth (kernel, quantized loop) x splits (4 warps; 8 measured 1.8x slower) (None: the launcher's heuristic)
+            # pipeline depth (kernel, quantized loop) x splits (None: the launcher's heuristic);
+            # 4 warps (8 measured 1.8x slower)
             best = None
             for stages in (2, 3):
                 for qstages in (1, 2, 3):
@@ -210,14 +222,8 @@ def bench_quant(cfg, sweep=False):
     # an engine with quantized pages compiles its prefill tiles smaller (32 query rows):
     # prefill of a fresh prompt through the tag path vs without tags
     B_, L = S(4), S(4096)
-    n_ent = L // 16
-    kv = torch.randn(B_ * n_ent + 1, 8, 16, 256, device=DEV, dtype=DT)
+    qq, kv, bt, qsl, seq, z = prefill_case(B_, L)
     tag = torch.zeros(kv.shape[0], dtype=torch.int8, device=DEV)
-    bt = (torch.randperm(kv.shape[0] - 1, device=DEV).int() + 1)[: B_ * n_ent].view(B_, n_ent).contiguous()
-    qq = torch.randn(B_ * L, 32, 128, device=DEV, dtype=DT)
-    qsl = torch.arange(B_ + 1, dtype=torch.int32, device=DEV) * L
-    seq = torch.full((B_,), L, dtype=torch.int32, device=DEV)
-    z = torch.zeros(B_, dtype=torch.int32, device=DEV)
     t0 = ms(lambda: paged_attention_batched(qq, kv, bt, qsl, seq, z, z, 128 ** -0.5, max_query_len=L,
                                             max_seq_len=L), rep=30)
     t1 = ms(lambda: paged_attention_batched(qq, kv, bt, qsl, seq, z, z, 128 ** -0.5, max_query_len=L,
@@ -264,15 +270,8 @@ def bench_sdpa(cfg, sweep=False):
     best = None
     for B, L in ((4, 4096), (1, 16384)):
         B, L = S(B), S(L)
-        hkv, g, d, bs = 8, 4, 128, 16
-        n_ent = L // bs
-        nb = B * n_ent + 1
-        kv = torch.randn(nb, hkv, bs, 2 * d, device=DEV, dtype=DT)
-        bt = (torch.randperm(nb - 1, device=DEV).int() + 1)[: B * n_ent].view(B, n_ent).contiguous()
-        qq = torch.randn(B * L, hkv * g, d, device=DEV, dtype=DT)
-        qsl = torch.arange(B + 1, dtype=torch.int32, device=DEV) * L
-        seq = torch.full((B,), L, dtype=torch.int32, device=DEV)
-        z = torch.zeros(B, dtype=torch.int32, device=DEV)
+        hkv, g, d = 8, 4, 128
+        qq, kv, bt, qsl, seq, z = prefill_case(B, L, hkv, g, d)
         out = torch.empty_like(qq)
         flops = 4 * B * hkv * g * L * L * d / 2
         configs_all = [dict(BLOCK_M=bm, TILE_N=tile, num_warps=w, num_stages=st)
