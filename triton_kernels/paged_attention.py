@@ -252,7 +252,9 @@ def _rows(kvb_ptr, row_byte, valid, B0: tl.constexpr, W: tl.constexpr):
 def _deq_keys(c, kvh_ptr, ks_half, C0: tl.constexpr, W: tl.constexpr, D: tl.constexpr, dtype, F32: tl.constexpr):
     """Keys of channels [C0, C0 + W) in the model dtype: codes * KS + KZ (fp32 FMA, one
     rounding). Dequantizing K costs less than folding KS into q: that needs a second (lo)
-    dot to stay accurate and a reduction for KZ every page (measured 1.6x slower)."""
+    dot to stay accurate and a reduction for KZ every page (measured 1.6x slower). The
+    int->float conversion stays: the exponent trick (as _codes) measured 1-4% slower here,
+    bf16 arithmetic 5% faster but 1.6e-2 off the reference (benchmarks/probe_qtile.py)."""
     offs = C0 + tl.arange(0, W)
     ks = tl.load(kvh_ptr + ks_half + offs).to(tl.float32)
     kz = tl.load(kvh_ptr + ks_half + D + offs).to(tl.float32)
@@ -274,7 +276,7 @@ def _join_planes(a0, a1, a2, a3, NP: tl.constexpr, M: tl.constexpr, D: tl.conste
 def _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh, j0, j1,
                  jbase, n_tok, scale2, dtype, ELEM: tl.constexpr, BITS: tl.constexpr, CAP: tl.constexpr,
                  QT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, MAG: tl.constexpr, F32: tl.constexpr,
-                 QSTAGES: tl.constexpr):
+                 QSTAGES: tl.constexpr, PLANES: tl.constexpr):
     """Entries [j0, j1) of a run of quantized pages (all visible: compacted region).
 
     One flat loop over tiles (one page each), no branch in it, so Triton pipelines the
@@ -284,11 +286,14 @@ def _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, 
     instruction-bound (1.2 ms vs 0.49 ms for int4 at 64 x 8192, docs/kernels.md). NP planes
     -> NP dots per side, NP accumulators of D/NP channels, joined once at the end:
     int8 1 plane, int4 2, int2 4 (1 through _unpack when D/4 < 16, the smallest dot).
+    PLANES=False (prefill tiles of 64-128 query rows): one unpacked [QT, D] tile per side
+    (join/reshape, cheap next to 128-row dots) into the caller's accumulator -- NP extra
+    accumulators there miscompiled on the H100 with a pipelined loop (docs/kernels.md).
     Keys are dequantized (per-channel scales) into the dot operand; values' per-token scales
     are folded into p: o += (p*VS).VQ + sum(p*VZ).
     """
     ROW: tl.constexpr = D * BITS // 8
-    NP: tl.constexpr = 8 // BITS if D * BITS // 8 >= 16 else 1
+    NP: tl.constexpr = 8 // BITS if PLANES and D * BITS // 8 >= 16 else 1
     W: tl.constexpr = D // NP
     KS: tl.constexpr = 2 * CAP * ROW
     VS: tl.constexpr = KS + 4 * D
@@ -304,6 +309,8 @@ def _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, 
         q2 = tl.load(q_ptr + q_off[:, None] + 2 * W + offs_w[None, :], mask=row_ok[:, None], other=0.0)
         q3 = tl.load(q_ptr + q_off[:, None] + 3 * W + offs_w[None, :], mask=row_ok[:, None], other=0.0)
     a0 = tl.zeros([BLOCK_M, W], tl.float32)
+    if NP == 1:  # one accumulator: the incoming one
+        a0 = acc
     a1 = a0
     a2 = a0
     a3 = a0
@@ -354,7 +361,10 @@ def _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, 
             a1 = a1 * alpha[:, None] + _dot(pv, _codes((vx >> 2) & 3, dtype, MAG, F32), F32) + z
             a2 = a2 * alpha[:, None] + _dot(pv, _codes((vx >> 4) & 3, dtype, MAG, F32), F32) + z
             a3 = a3 * alpha[:, None] + _dot(pv, _codes(vx >> 6, dtype, MAG, F32), F32) + z
-    acc = acc * grow[:, None] + _join_planes(a0, a1, a2, a3, NP, BLOCK_M, D)
+    if NP == 1:
+        acc = a0
+    else:
+        acc = acc * grow[:, None] + _join_planes(a0, a1, a2, a3, NP, BLOCK_M, D)
     return acc, m_i, l_i
 
 
@@ -390,6 +400,7 @@ def _fwd_kernel(
     HAS2: tl.constexpr, ELEM: tl.constexpr, MAG: tl.constexpr, MAG8: tl.constexpr, CAP8: tl.constexpr, CAP4: tl.constexpr,
     CAP2: tl.constexpr, QT8: tl.constexpr, QT4: tl.constexpr, QT2: tl.constexpr,
     SCAN: tl.constexpr, WRITE_LSE: tl.constexpr, F32: tl.constexpr, QSTAGES: tl.constexpr,
+    PLANES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -449,17 +460,17 @@ def _fwd_kernel(
                 if qbits == 4:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
                                                  stride_kb, stride_kh, j0, ce1, nf, n_q, scale2, q.dtype, ELEM, 4,
-                                                 CAP4, QT4, D, BLOCK_M, MAG, F32, QSTAGES)
+                                                 CAP4, QT4, D, BLOCK_M, MAG, F32, QSTAGES, PLANES)
             if HAS2:
                 if qbits == 2:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
                                                  stride_kb, stride_kh, j0, ce1, nf, n_q, scale2, q.dtype, ELEM, 2,
-                                                 CAP2, QT2, D, BLOCK_M, MAG, F32, QSTAGES)
+                                                 CAP2, QT2, D, BLOCK_M, MAG, F32, QSTAGES, PLANES)
             if HAS8:
                 if qbits == 8:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
                                                  stride_kb, stride_kh, j0, ce1, nf, n_q, scale2, q.dtype, ELEM, 8,
-                                                 CAP8, QT8, D, BLOCK_M, MAG8, F32, QSTAGES)
+                                                 CAP8, QT8, D, BLOCK_M, MAG8, F32, QSTAGES, PLANES)
     else:
         # any order: one page at a time, dispatching on its tag
         off = _tokens_before(bt_row, tag_ptr, e0, BS, CAP8, CAP4, CAP2, SCAN)
@@ -475,17 +486,17 @@ def _fwd_kernel(
                 if tag == 4:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
                                                  stride_kb, stride_kh, j, j + 1, j, cnt, scale2, q.dtype, ELEM,
-                                                 4, CAP4, QT4, D, BLOCK_M, MAG, F32, QSTAGES)
+                                                 4, CAP4, QT4, D, BLOCK_M, MAG, F32, QSTAGES, PLANES)
             if HAS2:
                 if tag == 2:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
                                                  stride_kb, stride_kh, j, j + 1, j, cnt, scale2, q.dtype, ELEM,
-                                                 2, CAP2, QT2, D, BLOCK_M, MAG, F32, QSTAGES)
+                                                 2, CAP2, QT2, D, BLOCK_M, MAG, F32, QSTAGES, PLANES)
             if HAS8:
                 if tag == 8:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
                                                  stride_kb, stride_kh, j, j + 1, j, cnt, scale2, q.dtype, ELEM,
-                                                 8, CAP8, QT8, D, BLOCK_M, MAG8, F32, QSTAGES)
+                                                 8, CAP8, QT8, D, BLOCK_M, MAG8, F32, QSTAGES, PLANES)
             off += cap
     le0 = tl.maximum(e0, nc) - nc + lb0
     le1 = tl.maximum(e1, nc) - nc + lb0
@@ -784,25 +795,35 @@ def _launch_consts(D, BS, G, dtype, has_tags, page_bits, decode, config):
     num_warps, num_stages = (4, 3) if decode else (4, 2)
     # quantized runs pipeline 2 deep (1: 1.6x slower, 3: within 2%; docs/kernels.md)
     qstages = 2
-    if has_tags and not decode:
-        # The plane-wise quantized loop keeps NP extra [BLOCK_M, D/NP] accumulators and
-        # planes of q live: at 64 and 128 query rows (4 or 8 warps) Triton 3.6 produced wrong
-        # results and illegal addresses on the H100 (tests/kernels, bf16); 32 rows are right.
-        # Cost: a fresh prompt's prefill attention in such an engine is 2.2x slower.
-        BLOCK_M = max(32, _pow2(G))
+    # Plane-wise quantized loop for decode tiles (16-32 rows); prefill tiles read unpacked
+    # tiles (_attend_qrun): planes at 64/128 rows with a 2-deep pipeline gave wrong results
+    # and illegal addresses on the H100 (Triton 3.6); unpacked tiles at 128 rows make a fresh
+    # prompt's prefill in an engine with quantized pages 1.10x of no tags (planes at 32 rows,
+    # the earlier workaround: 2.3x).
+    planes = None
+    # Register cap of decode launches that read quantized pages: the tag paths compile to
+    # 220-255 registers per thread (2 programs of 4 warps per SM); capped at 128 (4 per SM,
+    # some spills) int4 decode ran 0.83 -> 0.66 ms and int8 1.75 -> 1.26 ms at 64 x 8192,
+    # full pages through tags 0.97 -> 0.96, but int2 0.75 -> 0.80 and caps of 144-168 were
+    # slower than none (H100, benchmarks/probe_qtile.py --part maxnreg): int2 engines keep none.
+    maxnreg = 128 if decode and has_tags and 2 not in page_bits else None
     if config:
         qstages = config.get("QSTAGES", qstages)
         BLOCK_M = config.get("BLOCK_M", BLOCK_M)
         TILE_N = config.get("TILE_N", TILE_N)
         num_warps = config.get("num_warps", num_warps)
         num_stages = config.get("num_stages", num_stages)
+        planes = config.get("PLANES", planes)
+        maxnreg = config.get("maxnreg", maxnreg)
+    if planes is None:
+        planes = BLOCK_M <= 32
     BLOCK_Q = BLOCK_M // G
     common = dict(D=D, BS=BS, G=G, BLOCK_M=BLOCK_M, BLOCK_Q=BLOCK_Q, TILE_N=TILE_N,
                   TILE_P=min(TILE_N, BS), HAS_TAGS=has_tags, HAS8=has_tags and 8 in page_bits,
                   HAS4=has_tags and 4 in page_bits, HAS2=has_tags and 2 in page_bits, ELEM=es, MAG=mag,
                   MAG8=0 if mag == 128 else mag,
                   CAP8=caps[8], CAP4=caps[4], CAP2=caps[2], QT8=qts[8], QT4=qts[4], QT2=qts[2], SCAN=64, F32=f32)
-    return common, caps, (BLOCK_M, TILE_N, num_warps, num_stages, qstages)
+    return common, caps, (BLOCK_M, TILE_N, num_warps, num_stages, qstages, planes, maxnreg)
 
 
 def paged_attention_batched(
@@ -827,7 +848,8 @@ def paged_attention_batched(
     num_splits: int | None = None,
     page_bits: tuple[int, ...] = (8, 4, 2),  # formats that may appear in compacted regions
     stats_tags: bool = True,  # False: rows with statistics have no quantized pages (caller's promise)
-    config: dict | None = None,  # tile overrides for benchmarking: BLOCK_M, TILE_N, num_warps, num_stages, QSTAGES
+    config: dict | None = None,  # overrides for benchmarking: BLOCK_M, TILE_N, num_warps, num_stages, QSTAGES,
+    #                              PLANES, maxnreg
 ) -> torch.Tensor:
     """Causal attention of a varlen batch over each request's compacted + live keys.
 
@@ -891,7 +913,7 @@ def paged_attention_batched(
     # layer matters: attention runs between CUDA graph pieces).
     common, caps, tiling = _launch_consts(D, BS, G, kv_cache.dtype, page_tag is not None,
                                           tuple(page_bits), decode, _freeze(config))
-    BLOCK_M, TILE_N, num_warps, num_stages, qstages = tiling
+    BLOCK_M, TILE_N, num_warps, num_stages, qstages, planes, maxnreg = tiling
     BLOCK_Q = BLOCK_M // G
     n_qtiles = T // BLOCK_Q + B
     if num_splits is None:
@@ -917,6 +939,7 @@ def paged_attention_batched(
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, WRITE_LSE=write_lse, num_warps=num_warps, num_stages=num_stages, QSTAGES=qstages,
+        PLANES=planes, **({"maxnreg": maxnreg} if maxnreg and q.is_cuda else {}),
         **common)
     if num_splits > 1:
         _reduce_kernel[(T, H_q)](pacc, pml, out, lse, out.stride(0), out.stride(1), H_Q=H_q, D=D,

@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Exploration (GPU): quantized-page tiles of the forward kernel.
+
+1. int4 decode at equal tokens (64 x 8192) under launch variants, with registers per thread,
+   beside the standalone kernel of benchmarks/int4_variants.py (same bytes);
+2. correctness of each prefill tiling over quantized pages (query rows per tile, planes or
+   one unpacked tile) against the PyTorch reference, on chunked prefill over an int4 prefix;
+3. their speed: B requests, an int4 compacted prefix of P tokens, a chunk of L new queries.
+Writes one JSON line per measurement to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench_kernels import Decode, ms, prefill_case  # noqa: E402
+from tests.kernels.kvbatch import Req, make_batch, rel_err  # noqa: E402
+
+from vllm_kvcomp.ops import quant  # noqa: E402
+from vllm_kvcomp.triton_kernels.paged_attention import paged_attention_batched  # noqa: E402
+
+OUT = None
+
+
+def emit(**kv):
+    print(json.dumps(kv), flush=True)
+    with open(OUT, "a") as f:
+        f.write(json.dumps(kv) + "\n")
+
+
+def _compiled(kern):
+    """{key: CompiledKernel} of every variant compiled so far (Triton 3.x caches)."""
+    out = {}
+    for cache in kern.device_caches.values():
+        out.update(cache[0])
+    return out
+
+
+def decode_regs():
+    """Production int4 decode under launch variants, with its registers per thread, and the
+    exploration's best standalone kernel (same bytes) for comparison."""
+    from vllm_kvcomp.triton_kernels import paged_attention as pa
+    import int4_variants as iv
+    c0 = Decode(64, 8192)
+    base = ms(lambda: c0.run())
+    del c0
+    emit(what="decode bf16", ms=base)
+    c = Decode(64, 8192, bits=4)
+    for cfg in (None, dict(num_stages=2), dict(num_warps=2), dict(num_warps=8), dict(maxnreg=128),
+                dict(maxnreg=96), dict(QSTAGES=3, num_stages=2)):
+        before = set(_compiled(pa._fwd_kernel))
+        try:
+            t = ms(lambda: c.run(config=cfg, page_bits=(4,)), rep=100)
+        except Exception as e:  # noqa: BLE001
+            emit(what="decode int4", cfg=cfg, error=f"{type(e).__name__}: {str(e)[:200]}")
+            continue
+        new = [v for k, v in _compiled(pa._fwd_kernel).items() if k not in before]
+        regs = [(getattr(k, "n_regs", -1), getattr(k, "n_spills", -1)) for k in new]
+        emit(what="decode int4", cfg=cfg, ms=t, speedup=base / t, regs_spills=regs)
+    cap = quant.page_capacity(4, c.bs, c.d, 2)
+    out = torch.empty_like(c.q)
+    sk = c.kv.stride()
+
+    def go():
+        return iv._var_kernel[(64, c.hkv)](
+            c.q, c.kv.view(torch.uint8), c.kv.view(torch.float16), c.bt, out, 8192, c.d ** -0.5 * 1.4426950408889634,
+            sk[0], sk[1], c.bt.stride(0), H_Q=c.hkv * c.g, D=c.d, G=c.g, BLOCK_M=16, CAP=cap, QT=64, KMODE=2,
+            VMODE=0, SWAP=0, num_warps=4, num_stages=2)
+    h = go()
+    t = ms(go, rep=100)
+    emit(what="standalone int4 (halves, K dequant, w4 s2)", ms=t, speedup=base / t,
+         regs_spills=[(getattr(h, "n_regs", -1), getattr(h, "n_spills", -1))])
+
+
+def decode_maxnreg():
+    """A register cap per thread for the decode launch: more programs per SM vs spills."""
+    from vllm_kvcomp.triton_kernels import paged_attention as pa
+    for bits in (None, 0, 4, 2, 8):
+        c = Decode(64, 8192, bits=bits)
+        pb = {} if not bits else dict(page_bits=(bits,))
+        for cap in (None, 128, 144, 160, 168):
+            cfg = dict(maxnreg=cap) if cap else None
+            before = set(_compiled(pa._fwd_kernel))
+            t = ms(lambda: c.run(config=cfg, **pb), rep=100)
+            new = [v for k, v in _compiled(pa._fwd_kernel).items() if k not in before]
+            emit(what="decode maxnreg", bits=bits, maxnreg=cap, ms=t,
+                 regs_spills=[(getattr(k, "n_regs", -1), getattr(k, "n_spills", -1)) for k in new])
+        del c
+
+
+def prefix_batch(B, P, L, bits, device, seed=0):
+    """B requests: P tokens compacted into `bits` pages, then L new query tokens (live)."""
+    bs, d = 16, 128
+    cap = quant.page_capacity(bits, bs, d, 2)
+    npg = -(-P // cap)
+    live = -(-npg * cap // bs) * bs + bs
+    reqs = [Req(L, live + L, live_start=live, plan=[bits] * npg) for _ in range(B)]
+    return make_batch(reqs, hkv=8, g=4, d=d, bs=bs, dtype=torch.bfloat16, device=device, seed=seed, tags=True)
+
+
+CONFIGS = [
+    dict(BLOCK_M=32, PLANES=True),
+    dict(BLOCK_M=64, PLANES=False),
+    dict(BLOCK_M=128, PLANES=False),
+    dict(BLOCK_M=128, PLANES=False, num_warps=8),
+    dict(BLOCK_M=64, PLANES=True, QSTAGES=1),
+    dict(BLOCK_M=128, PLANES=True, QSTAGES=1),
+]
+
+
+def run_batch(b, cfg):
+    out = torch.empty_like(b.q)
+    paged_attention_batched(*b.args(), b.q.shape[-1] ** -0.5, page_tag=b.page_tag, out=out, config=cfg)
+    return out
+
+
+def check(cfg):
+    worst = 0.0
+    for bits in (4, 2, 8):
+        b = prefix_batch(3, 700, 300, bits, "cuda", seed=bits)
+        out = run_batch(b, cfg)
+        torch.cuda.synchronize()
+        qsl = b.qsl.tolist()
+        for i, r in enumerate(b.reqs):
+            o, _, _ = quant.paged_attention_mixed(b.q[qsl[i]:qsl[i + 1]], b.kv, b.page_tag, b.block_table[i],
+                                                  r.kept, r.live_start, r.seq_len, b.q.shape[-1] ** -0.5, True, 0)
+            worst = max(worst, rel_err(out[qsl[i]:qsl[i + 1]], o))
+    return worst
+
+
+def prefill_speed():
+    B, L = 4, 4096
+    qq, kv, bt, qsl, seq, z = prefill_case(B, L)
+    tag = torch.zeros(kv.shape[0], dtype=torch.int8, device="cuda")
+    t0 = ms(lambda: paged_attention_batched(qq, kv, bt, qsl, seq, z, z, 128 ** -0.5, max_query_len=L,
+                                            max_seq_len=L), rep=30)
+    emit(what="fresh prefill B4 L4096 no tags", ms=t0)
+    for cfg in CONFIGS[:4]:
+        t1 = ms(lambda: paged_attention_batched(qq, kv, bt, qsl, seq, z, z, 128 ** -0.5, max_query_len=L,
+                                                max_seq_len=L, page_tag=tag, page_bits=(4,), config=cfg), rep=30)
+        emit(what="fresh prefill B4 L4096 tags", cfg=cfg, ms=t1, vs_no_tags=t1 / t0)
+    del qq, kv
+    b = prefix_batch(4, 8192, 1024, 4, "cuda")
+    for cfg in CONFIGS[:4]:
+        t = ms(lambda: run_batch(b, cfg), rep=30)
+        emit(what="chunk 1024 over int4 prefix 8192, B4", cfg=cfg, ms=t)
+
+
+def main():
+    global OUT
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--part", default="regs,check,prefill")
+    a = ap.parse_args()
+    OUT = a.out
+    parts = a.part.split(",")
+    if "maxnreg" in parts:
+        decode_maxnreg()
+    if "regs" in parts:
+        decode_regs()
+    if "check" in parts:
+        for cfg in CONFIGS:
+            try:
+                emit(what="check", cfg=cfg, max_rel_err=check(cfg))
+            except Exception as e:  # noqa: BLE001 - an illegal address ends the process anyway
+                emit(what="check", cfg=cfg, error=f"{type(e).__name__}: {str(e)[:200]}")
+                raise
+    if "prefill" in parts:
+        prefill_speed()
+
+
+if __name__ == "__main__":
+    main()
