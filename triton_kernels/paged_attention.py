@@ -28,8 +28,8 @@ Kernels
 Scores are kept in the log2 domain (scale pre-multiplied by log2(e), exp2).
 
 Measured on an H100 (docs/kernels.md): bf16 decode reads K/V at 75-90% of the copy
-bandwidth; quantized pages are read plane by plane (page format: planes), int4 1.08x and
-int2 1.22x of bf16 at equal tokens -- still instruction-bound, not memory-bound.
+bandwidth; quantized pages are read plane by plane (page format: planes), int4 1.24x and
+int2 1.10x of bf16 at equal tokens -- bound by registers and instructions, not memory.
 """
 from __future__ import annotations
 
