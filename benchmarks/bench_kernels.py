@@ -219,8 +219,8 @@ def bench_quant(cfg, sweep=False):
         row(f"quant {name} B{B} ctx{ctx}", ms=t, ms_one_format=t_one, speedup_vs_bf16=base / t,
             GBps=c.bytes / t / 1e6, cfg=str(kw))
         del c
-    # an engine with quantized pages compiles its prefill tiles smaller (32 query rows):
-    # prefill of a fresh prompt through the tag path vs without tags
+    # prefill of a fresh prompt through the tag path (an engine with quantized pages) vs
+    # without tags: its tiles unpack quantized pages instead of reading them in planes
     B_, L = S(4), S(4096)
     qq, kv, bt, qsl, seq, z = prefill_case(B_, L)
     tag = torch.zeros(kv.shape[0], dtype=torch.int8, device=DEV)

@@ -28,8 +28,8 @@ Kernels
 Scores are kept in the log2 domain (scale pre-multiplied by log2(e), exp2).
 
 Measured on an H100 (docs/kernels.md): bf16 decode reads K/V at 75-90% of the copy
-bandwidth; quantized pages are read plane by plane (page format: planes), int4 1.24x and
-int2 1.10x of bf16 at equal tokens -- bound by registers and instructions, not memory.
+bandwidth; quantized pages are read plane by plane (page format: planes), int4 1.29x and
+int2 1.27x of bf16 at equal tokens -- bound by registers and instructions, not memory.
 """
 from __future__ import annotations
 
@@ -320,26 +320,18 @@ def _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, 
         ks_half = page_byte // 2 + KS // 2
         kr = page_byte + t * ROW
         vr = kr + CAP * ROW
+        # keys first, values after the softmax: the value codes are loaded and unpacked
+        # where they are used, so they do not stay live across the key dots
         if NP == 1:
             kc = tl.reshape(_unpack(tl.reshape(_rows(kvb_ptr, kr, valid, 0, ROW), (1, QT, ROW)), BITS, 1, QT, D),
                             (QT, D))
-            vc = tl.reshape(_unpack(tl.reshape(_rows(kvb_ptr, vr, valid, 0, ROW), (1, QT, ROW)), BITS, 1, QT, D),
-                            (QT, D))
             s = _dot(q0, tl.trans(_deq_keys(kc, kvh_ptr, ks_half, 0, D, D, dtype, F32)), F32)
-        elif BITS == 4:  # both planes in one byte
+        if NP == 2:  # int4: both planes in one byte
             kx = _rows(kvb_ptr, kr, valid, 0, W)
-            vx = _rows(kvb_ptr, vr, valid, 0, W)
-            k0 = kx & 15
-            k1 = kx >> 4
-            v0 = vx & 15
-            v1 = vx >> 4
-        else:  # int2, four planes in one byte
+            s = _dot(q0, tl.trans(_deq_keys(kx & 15, kvh_ptr, ks_half, 0, W, D, dtype, F32)), F32)
+            s += _dot(q1, tl.trans(_deq_keys(kx >> 4, kvh_ptr, ks_half, W, W, D, dtype, F32)), F32)
+        if NP == 4:  # int2: four planes in one byte
             kx = _rows(kvb_ptr, kr, valid, 0, W)
-            vx = _rows(kvb_ptr, vr, valid, 0, W)
-        if NP == 2:
-            s = _dot(q0, tl.trans(_deq_keys(k0, kvh_ptr, ks_half, 0, W, D, dtype, F32)), F32)
-            s += _dot(q1, tl.trans(_deq_keys(k1, kvh_ptr, ks_half, W, W, D, dtype, F32)), F32)
-        if NP == 4:
             s = _dot(q0, tl.trans(_deq_keys(kx & 3, kvh_ptr, ks_half, 0, W, D, dtype, F32)), F32)
             s += _dot(q1, tl.trans(_deq_keys((kx >> 2) & 3, kvh_ptr, ks_half, W, W, D, dtype, F32)), F32)
             s += _dot(q2, tl.trans(_deq_keys((kx >> 4) & 3, kvh_ptr, ks_half, 2 * W, W, D, dtype, F32)), F32)
@@ -352,11 +344,15 @@ def _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, 
         z = tl.sum(p * vz[None, :], 1)[:, None]
         grow = grow * alpha
         if NP == 1:
+            vc = tl.reshape(_unpack(tl.reshape(_rows(kvb_ptr, vr, valid, 0, ROW), (1, QT, ROW)), BITS, 1, QT, D),
+                            (QT, D))
             a0 = a0 * alpha[:, None] + _dot(pv, _codes(vc, dtype, MAG, F32), F32) + z
         if NP == 2:
-            a0 = a0 * alpha[:, None] + _dot(pv, _codes(v0, dtype, MAG, F32), F32) + z
-            a1 = a1 * alpha[:, None] + _dot(pv, _codes(v1, dtype, MAG, F32), F32) + z
+            vx = _rows(kvb_ptr, vr, valid, 0, W)
+            a0 = a0 * alpha[:, None] + _dot(pv, _codes(vx & 15, dtype, MAG, F32), F32) + z
+            a1 = a1 * alpha[:, None] + _dot(pv, _codes(vx >> 4, dtype, MAG, F32), F32) + z
         if NP == 4:
+            vx = _rows(kvb_ptr, vr, valid, 0, W)
             a0 = a0 * alpha[:, None] + _dot(pv, _codes(vx & 3, dtype, MAG, F32), F32) + z
             a1 = a1 * alpha[:, None] + _dot(pv, _codes((vx >> 2) & 3, dtype, MAG, F32), F32) + z
             a2 = a2 * alpha[:, None] + _dot(pv, _codes((vx >> 4) & 3, dtype, MAG, F32), F32) + z
@@ -801,12 +797,13 @@ def _launch_consts(D, BS, G, dtype, has_tags, page_bits, decode, config):
     # prompt's prefill in an engine with quantized pages 1.10x of no tags (planes at 32 rows,
     # the earlier workaround: 2.3x).
     planes = None
-    # Register cap of decode launches that read quantized pages: the tag paths compile to
-    # 220-255 registers per thread (2 programs of 4 warps per SM); capped at 128 (4 per SM,
-    # some spills) int4 decode ran 0.83 -> 0.66 ms and int8 1.75 -> 1.26 ms at 64 x 8192,
-    # full pages through tags 0.97 -> 0.96, but int2 0.75 -> 0.80 and caps of 144-168 were
-    # slower than none (H100, benchmarks/probe_qtile.py --part maxnreg): int2 engines keep none.
-    maxnreg = 128 if decode and has_tags and 2 not in page_bits else None
+    # Register cap of decode launches that may read quantized pages: the tag paths compile to
+    # ~250 registers per thread (2 programs of 4 warps per SM); capped at 128 (4 per SM,
+    # some spills) at 64 x 8192 on the H100: int4 0.83 -> 0.66-0.72 ms, int2 0.69 -> 0.66,
+    # int8 1.75 -> 1.03, full pages via tags 0.86 -> 0.83; caps of 144-168 were slower than
+    # none (benchmarks/probe_qtile.py --part maxnreg, docs/kernels.md). Pages of 32-64
+    # tokens (tiles of 128 slots) spill too much under the cap: int4 0.87 ms vs 0.66-0.71.
+    maxnreg = 128 if decode and has_tags and BS * D <= 2048 else None
     if config:
         qstages = config.get("QSTAGES", qstages)
         BLOCK_M = config.get("BLOCK_M", BLOCK_M)
