@@ -118,7 +118,7 @@ def plot(agg: dict, path: str) -> None:
     plt.close(fig)
 
 
-def render(agg: dict, meta: dict, results_rel: str) -> str:
+def render(agg: dict, meta: dict, results_rel: str, docs: str = "docs") -> str:
     runs = meta.get("runs", [])
     m = runs[-1]["machine"] if runs else {}
     def cmd(argv):  # with --output the folder this page was generated from (re-running resumes it)
@@ -139,7 +139,8 @@ def render(agg: dict, meta: dict, results_rel: str) -> str:
            f"(no GPU, torch {m.get('torch', '?')}, {m.get('platform', '?')}), shared with other jobs. "
            f"{agg['n_cases']} cases, {agg['n_records']} records, {secs / 60:.0f} min of harness time.", "",
            "Regenerate the numbers and this page:", "", "```bash", cmds or "(no run recorded)",
-           f"vllm-kvcomp-accuracy report --output {results_rel}", "```", ""]
+           f"vllm-kvcomp-accuracy report --output {results_rel}"
+           + (f" --docs {os.path.relpath(docs)}" if os.path.relpath(docs) != "docs" else ""), "```", ""]
     out += [f"One engine per run serves the grid: it starts with `--kv-compression "
             f"{' / '.join(servers)}` (our backend, nothing evicted; `mikv:1.0` when a run has mikv, "
             "to set up quantized pages) and each request carries its `policy:budget` in "
@@ -195,7 +196,7 @@ def write_report(output: str, docs: str = "docs") -> str:
     agg = aggregate(records)
     os.makedirs(docs, exist_ok=True)
     plot(agg, os.path.join(docs, "accuracy.png"))
-    text = render(agg, meta, os.path.relpath(output))
+    text = render(agg, meta, os.path.relpath(output), docs)
     extra = os.path.join(docs, "accuracy_notes.md")
     if os.path.exists(extra):  # hand-written method notes, appended verbatim
         text += "\n" + open(extra).read()
