@@ -216,6 +216,8 @@ def main(argv=None) -> int:
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: torch.compile + CUDA graphs)")
     p.add_argument("--smoke", action="store_true", help="small shapes + correctness checks")
     p.add_argument("--skip-vanilla", action="store_true")
+    p.add_argument("--skip-keep-all", action="store_true", help="no keep-all plugin row (compare with an "
+                                                               "earlier run's on the same workload)")
     p.add_argument("--check-eager", default="",
                    help="specs separated by ;: after the run, an eager plugin engine decodes the same "
                         "prompts greedily and must match the CUDA-graph engine's tokens")
@@ -271,7 +273,7 @@ def main(argv=None) -> int:
         first = sum(a[:4] == c[:4] for a, c in zip(ours, checks["vanilla_greedy"]))
         print(f"CHECK budget 1.0 vs vanilla: {same}/4 identical greedy, {first}/4 same first 4 tokens",
               flush=True)
-    configs = [None] + [f"{pol}:{bud}" for pol in args.policies.split(",") if pol
+    configs = ([] if args.skip_keep_all else [None]) + [f"{pol}:{bud}" for pol in args.policies.split(",") if pol
                         for bud in args.budgets.split(",")]
     configs += [c for c in args.extra_specs.split(";") if c]
     for spec in configs:
