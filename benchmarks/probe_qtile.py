@@ -94,6 +94,23 @@ def decode_maxnreg():
         del c
 
 
+def decode_splits():
+    """Long-context small-batch bf16 decode: number of flash-decoding splits vs SDPA flash."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    for B, ctx in ((8, 65536), (16, 32768), (64, 8192)):
+        c = Decode(B, ctx)
+        q = c.q.view(B, c.hkv * c.g, 1, c.d)
+        k = torch.randn(B, c.hkv, ctx, c.d, device="cuda", dtype=c.q.dtype)
+        v = torch.randn_like(k)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            t_flash = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        del k, v
+        for splits in (None, 4, 8, 12, 16, 24, 32, 48):
+            t = ms(lambda: c.run(num_splits=splits), rep=100)
+            emit(what="decode splits", B=B, ctx=ctx, splits=splits, ms=t, flash_ms=t_flash, vs_flash=t_flash / t)
+        del c
+
+
 def prefix_batch(B, P, L, bits, device, seed=0):
     """B requests: P tokens compacted into `bits` pages, then L new query tokens (live)."""
     bs, d = 16, 128
@@ -160,6 +177,8 @@ def main():
     a = ap.parse_args()
     OUT = a.out
     parts = a.part.split(",")
+    if "splits" in parts:
+        decode_splits()
     if "maxnreg" in parts:
         decode_maxnreg()
     if "regs" in parts:
