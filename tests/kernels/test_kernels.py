@@ -384,6 +384,23 @@ def test_gpu_compaction_realistic():
     assert torch.equal(b.kv[dst].view(torch.uint8), kv_ref[dst].view(torch.uint8))
 
 
+def test_tile_choice_guards_the_h100_workarounds():
+    """GPU-only bugs guarded on the CPU (docs/kernels.md): the plane-wise quantized loop
+    miscompiled at 64-128 query rows on the H100, so prefill tiles over tagged caches must
+    read unpacked tiles; decode tiles keep the planes; the 128-register cap is for tagged
+    decode with 16-token pages only (larger pages spill under it)."""
+    from vllm_kvcomp.triton_kernels.paged_attention import _launch_consts
+
+    def tiling(bs, has_tags, decode):
+        return _launch_consts(128, bs, 4, torch.bfloat16, has_tags, (4,), decode, None)[2]
+
+    bm, _, _, _, _, planes, cap = tiling(16, True, False)
+    assert bm == 128 and planes is False and cap is None
+    bm, _, _, _, _, planes, cap = tiling(16, True, True)
+    assert bm == 16 and planes is True and cap == 128
+    assert tiling(32, True, True)[6] is None and tiling(16, False, True)[6] is None
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_write_kv_matches_reference(dtype):
     """The step's K/V store (one launch per layer): each token lands in its slot, its
