@@ -161,7 +161,7 @@ def main():
     ap.add_argument("--round2", action="store_true")
     args = ap.parse_args()
     sys.path.insert(0, "benchmarks")
-    from kernels import Decode  # noqa: E402
+    from bench_kernels import Decode  # noqa: E402
     from triton.testing import do_bench
 
     res = {}
@@ -383,7 +383,7 @@ def reference_planes(c, n_req, bits):
 
 def round2(res, t_bf16):
     sys.path.insert(0, "benchmarks")
-    from kernels import Decode  # noqa: E402
+    from bench_kernels import Decode  # noqa: E402
     from triton.testing import do_bench
     B, ctx = 64, 8192
     scale2 = 128 ** -0.5 * 1.4426950408889634

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from kernels import Decode, ms, prefill_case  # noqa: E402
+from bench_kernels import Decode, ms, prefill_case  # noqa: E402
 from tests.kernels.kvbatch import Req, make_batch, rel_err  # noqa: E402
 
 from vllm_kvcomp.ops import quant  # noqa: E402
