@@ -5,8 +5,11 @@
    beside the standalone kernel of benchmarks/int4_variants.py (same bytes);
 2. correctness of each prefill tiling over quantized pages (query rows per tile, planes or
    one unpacked tile) against the PyTorch reference, on chunked prefill over an int4 prefix;
-3. their speed: B requests, an int4 compacted prefix of P tokens, a chunk of L new queries.
-Writes one JSON line per measurement to --out.
+3. their speed: B requests, an int4 compacted prefix of P tokens, a chunk of L new queries;
+4. a register cap (maxnreg) on decode over each page format;
+5. flash-decoding splits for long-context small-batch bf16 decode vs SDPA flash.
+--part regs,check,prefill,maxnreg,splits picks them. Writes one JSON line per measurement
+to --out; the runs are in docs/kernels_runs/h100_probe_qtile_run*.jsonl (docs/kernels.md).
 """
 from __future__ import annotations
 

@@ -155,39 +155,6 @@ def _codes(x, dtype, MAG: tl.constexpr, F32: tl.constexpr):
 
 
 @triton.jit
-def _qpages_at(bt_row, h, stride_kb, stride_kh, it, j1, jbase, n_tok, ELEM: tl.constexpr, CAP: tl.constexpr,
-               QT: tl.constexpr, PPT: tl.constexpr):
-    """Tile ``it`` of a run of quantized pages that starts at entry jbase with n_tok tokens
-    (each page full but the last), ending before entry j1. A tile is PPT pages x QT slots
-    (PPT > 1 needs QT >= CAP) or, when a page is larger than QT, one QT slice of a page.
-    Returns (page byte offsets [PPT], slots [QT], valid [PPT, QT], entries [PPT])."""
-    TPP: tl.constexpr = (CAP + QT - 1) // QT
-    j = jbase + (it // TPP) * PPT + tl.arange(0, PPT)
-    ok = j < j1
-    b = tl.load(bt_row + j, mask=ok, other=0).to(tl.int64)
-    page_byte = (b * stride_kb + h * stride_kh) * ELEM
-    t = (it % TPP) * QT + tl.arange(0, QT)
-    cnt = tl.minimum(CAP, n_tok - (j - jbase) * CAP)
-    valid = ok[:, None] & (t[None, :] < cnt[:, None])
-    return page_byte, t, valid, j
-
-
-@triton.jit
-def _qkeys(kvb_ptr, kvh_ptr, page_byte, t, valid, dtype, BITS: tl.constexpr, CAP: tl.constexpr,
-           D: tl.constexpr, MAG: tl.constexpr, F32: tl.constexpr):
-    """Key codes [PPT, QT, D] (model dtype) and the pages' per-channel scale/zero [PPT, D]."""
-    ROW: tl.constexpr = D * BITS // 8
-    KS: tl.constexpr = 2 * CAP * ROW  # byte offset of KS; KZ follows, then VS, VZ
-    offs_d = tl.arange(0, D)
-    kb = tl.load(kvb_ptr + page_byte[:, None, None] + t[None, :, None] * ROW + tl.arange(0, ROW)[None, None, :],
-                 mask=valid[:, :, None], other=0)
-    half = page_byte[:, None] // 2 + KS // 2
-    ks = tl.load(kvh_ptr + half + offs_d[None, :]).to(tl.float32)
-    kz = tl.load(kvh_ptr + half + D + offs_d[None, :]).to(tl.float32)
-    return _codes(_unpack(kb.to(tl.int32), BITS, kb.shape[0], kb.shape[1], D), dtype, MAG, F32), ks, kz
-
-
-@triton.jit
 def _online_softmax(s, m_i, l_i):
     """One flash-attention step on log2-domain scores s [M, N] (masked = -inf)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -233,12 +200,12 @@ def _qtile(bt_row, h, stride_kb, stride_kh, it, jbase, n_tok, ELEM: tl.constexpr
            QT: tl.constexpr):
     """Tile ``it`` of a run of quantized pages that starts at entry jbase with n_tok tokens
     (each page full but the last): one page, or a QT slice of it when the page is larger.
-    Returns (page byte offset, slots [QT], valid [QT])."""
+    Returns (page byte offset, slots [QT], valid [QT], entry)."""
     TPP: tl.constexpr = (CAP + QT - 1) // QT
     j = jbase + it // TPP
     b = tl.load(bt_row + j).to(tl.int64)
     t = (it % TPP) * QT + tl.arange(0, QT)
-    return (b * stride_kb + h * stride_kh) * ELEM, t, t < tl.minimum(CAP, n_tok - (j - jbase) * CAP)
+    return (b * stride_kb + h * stride_kh) * ELEM, t, t < tl.minimum(CAP, n_tok - (j - jbase) * CAP), j
 
 
 @triton.jit
@@ -246,6 +213,14 @@ def _rows(kvb_ptr, row_byte, valid, B0: tl.constexpr, W: tl.constexpr):
     """Bytes [B0, B0 + W) of the code rows starting at row_byte [QT]: int32 [QT, W]."""
     return tl.load(kvb_ptr + row_byte[:, None] + B0 + tl.arange(0, W)[None, :], mask=valid[:, None],
                    other=0).to(tl.int32)
+
+
+@triton.jit
+def _qcodes(kvb_ptr, row_byte, valid, BITS: tl.constexpr, QT: tl.constexpr, D: tl.constexpr):
+    """The code rows starting at row_byte [QT], unpacked: int32 [QT, D] in channel order."""
+    ROW: tl.constexpr = D * BITS // 8
+    x = tl.reshape(_rows(kvb_ptr, row_byte, valid, 0, ROW), (1, QT, ROW))
+    return tl.reshape(_unpack(x, BITS, 1, QT, D), (QT, D))
 
 
 @triton.jit
@@ -316,15 +291,14 @@ def _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, 
     a3 = a0
     grow = tl.full([BLOCK_M], 1.0, tl.float32)  # how much the incoming acc is rescaled
     for it in tl.range((j0 - jbase) * TPP, (j1 - jbase) * TPP, num_stages=QSTAGES):
-        page_byte, t, valid = _qtile(bt_row, h, stride_kb, stride_kh, it, jbase, n_tok, ELEM, CAP, QT)
+        page_byte, t, valid, _ = _qtile(bt_row, h, stride_kb, stride_kh, it, jbase, n_tok, ELEM, CAP, QT)
         ks_half = page_byte // 2 + KS // 2
         kr = page_byte + t * ROW
         vr = kr + CAP * ROW
         # keys first, values after the softmax: the value codes are loaded and unpacked
         # where they are used, so they do not stay live across the key dots
         if NP == 1:
-            kc = tl.reshape(_unpack(tl.reshape(_rows(kvb_ptr, kr, valid, 0, ROW), (1, QT, ROW)), BITS, 1, QT, D),
-                            (QT, D))
+            kc = _qcodes(kvb_ptr, kr, valid, BITS, QT, D)
             s = _dot(q0, tl.trans(_deq_keys(kc, kvh_ptr, ks_half, 0, D, D, dtype, F32)), F32)
         if NP == 2:  # int4: both planes in one byte
             kx = _rows(kvb_ptr, kr, valid, 0, W)
@@ -344,8 +318,7 @@ def _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, 
         z = tl.sum(p * vz[None, :], 1)[:, None]
         grow = grow * alpha
         if NP == 1:
-            vc = tl.reshape(_unpack(tl.reshape(_rows(kvb_ptr, vr, valid, 0, ROW), (1, QT, ROW)), BITS, 1, QT, D),
-                            (QT, D))
+            vc = _qcodes(kvb_ptr, vr, valid, BITS, QT, D)
             a0 = a0 * alpha[:, None] + _dot(pv, _codes(vc, dtype, MAG, F32), F32) + z
         if NP == 2:
             vx = _rows(kvb_ptr, vr, valid, 0, W)
@@ -541,7 +514,7 @@ def _reduce_kernel(pacc_ptr, pml_ptr, out_ptr, lse_ptr, stride_ot, stride_oh,
 
 # ----------------------------------------------------------------------------- statistics
 @triton.jit
-def _stats_rows(k, ks, kz, QUANT: tl.constexpr, keys_ok, kpos, CAUSAL: tl.constexpr, q_ptr, lse_ptr, q_start,
+def _stats_rows(k, keys_ok, kpos, CAUSAL: tl.constexpr, q_ptr, lse_ptr, q_start,
                 q_len, seq_len, obs_len, do_mass, h, scale2, stride_qt, stride_qh, N: tl.constexpr,
                 H_Q: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_Q: tl.constexpr, HAS_OBS: tl.constexpr, F32: tl.constexpr):
@@ -561,11 +534,7 @@ def _stats_rows(k, ks, kz, QUANT: tl.constexpr, keys_ok, kpos, CAUSAL: tl.conste
         q_off = (q_start + tok).to(tl.int64) * stride_qt + hq * stride_qh
         q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         lse = tl.load(lse_ptr + (q_start + tok).to(tl.int64) * H_Q + hq, mask=row_ok, other=0.0)
-        if QUANT:  # keys dequantized and rounded as the forward's _deq_keys, so the LSE matches
-            kd = tl.reshape(k, (N, D)).to(tl.float32) * tl.reshape(ks, (1, D)) + tl.reshape(kz, (1, D))
-            s = _dot(q, tl.trans(_mm_in(kd, q.dtype, F32)), F32) * scale2
-        else:
-            s = _dot(q, tl.trans(k), F32) * scale2
+        s = _dot(q, tl.trans(k), F32) * scale2
         keep = row_ok[:, None] & keys_ok[None, :]
         if CAUSAL:
             keep = keep & (kpos[None, :] <= (seq_len - q_len + tok)[:, None])
@@ -600,7 +569,7 @@ def _stats_positions(mass_ptr, obsout_ptr, kv_ptr, bt_row, st_row, h, stride_kb,
         valid = pos < p1
         base = _pos_base(bt_row, h, stride_kb, stride_kh, pos, valid, D, BS)
         k = tl.load(kv_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        mass, obs = _stats_rows(k, offs_d, offs_d, False, valid, pos, CAUSAL, q_ptr, lse_ptr, q_start, q_len,
+        mass, obs = _stats_rows(k, valid, pos, CAUSAL, q_ptr, lse_ptr, q_start, q_len,
                                 seq_len, obs_len, do_mass, h, scale2, stride_qt, stride_qh, TILE_N, H_Q, D, G, BLOCK_M,
                                 BLOCK_Q, HAS_OBS, F32)
         sb = tl.load(st_row + pos // BS, mask=valid, other=0).to(tl.int64)
@@ -613,19 +582,20 @@ def _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, strid
                 stride_mh, j0, j1, jbase, n_tok, q_ptr, lse_ptr, q_start, q_len, seq_len, obs_len, do_mass, scale2,
                 stride_qt, stride_qh, ELEM: tl.constexpr, BITS: tl.constexpr, CAP: tl.constexpr, QT: tl.constexpr,
                 H_Q: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_Q: tl.constexpr, MAG: tl.constexpr, WANT_MASS: tl.constexpr, HAS_OBS: tl.constexpr,
-                F32: tl.constexpr):
-    """Entries [j0, j1) of a run of quantized pages (see _attend_qrun), one page per tile."""
+                BLOCK_Q: tl.constexpr, WANT_MASS: tl.constexpr, HAS_OBS: tl.constexpr, F32: tl.constexpr):
+    """Entries [j0, j1) of a run of quantized pages (see _attend_qrun), one page per tile.
+    Keys are dequantized by the forward's own _deq_keys, so the scores (and the LSE) match."""
+    ROW: tl.constexpr = D * BITS // 8
+    KS: tl.constexpr = 2 * CAP * ROW
     TPP: tl.constexpr = (CAP + QT - 1) // QT
     for it in range((j0 - jbase) * TPP, (j1 - jbase) * TPP):
-        page_byte, t, valid, j = _qpages_at(bt_row, h, stride_kb, stride_kh, it, j1, jbase, n_tok, ELEM, CAP, QT, 1)
-        kq, ks, kz = _qkeys(kvb_ptr, kvh_ptr, page_byte, t, valid, q_ptr.dtype.element_ty, BITS, CAP, D, MAG, F32)
-        ok = tl.reshape(valid, (QT,))
-        mass, obs = _stats_rows(kq, ks, kz, True, ok, t, False, q_ptr, lse_ptr, q_start, q_len, seq_len,
-                                obs_len, do_mass, h, scale2, stride_qt, stride_qh, QT, H_Q, D, G, BLOCK_M, BLOCK_Q,
-                                HAS_OBS, F32)
-        sb = tl.load(st_row + j).to(tl.int64)  # [1]
-        _stats_add(mass_ptr, obsout_ptr, sb * stride_mb + h * stride_mh + t, ok, mass, obs, do_mass, WANT_MASS,
+        page_byte, t, valid, j = _qtile(bt_row, h, stride_kb, stride_kh, it, jbase, n_tok, ELEM, CAP, QT)
+        kc = _qcodes(kvb_ptr, page_byte + t * ROW, valid, BITS, QT, D)
+        k = _deq_keys(kc, kvh_ptr, page_byte // 2 + KS // 2, 0, D, D, q_ptr.dtype.element_ty, F32)
+        mass, obs = _stats_rows(k, valid, t, False, q_ptr, lse_ptr, q_start, q_len, seq_len, obs_len, do_mass, h,
+                                scale2, stride_qt, stride_qh, QT, H_Q, D, G, BLOCK_M, BLOCK_Q, HAS_OBS, F32)
+        sb = tl.load(st_row + j).to(tl.int64)
+        _stats_add(mass_ptr, obsout_ptr, sb * stride_mb + h * stride_mh + t, valid, mass, obs, do_mass, WANT_MASS,
                    HAS_OBS)
 
 
@@ -695,19 +665,19 @@ def _stats_kernel(
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j0, ce1, nf, n_q, q_ptr, lse_ptr, q_start, q_len, seq_len,
                                 obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 4, CAP4, QT4, H_Q, D, G, BLOCK_M, BLOCK_Q,
-                                MAG, WANT_MASS, HAS_OBS, F32)
+                                WANT_MASS, HAS_OBS, F32)
             if HAS2:
                 if qbits == 2:
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j0, ce1, nf, n_q, q_ptr, lse_ptr, q_start, q_len, seq_len,
                                 obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 2, CAP2, QT2, H_Q, D, G, BLOCK_M, BLOCK_Q,
-                                MAG, WANT_MASS, HAS_OBS, F32)
+                                WANT_MASS, HAS_OBS, F32)
             if HAS8:
                 if qbits == 8:
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j0, ce1, nf, n_q, q_ptr, lse_ptr, q_start, q_len, seq_len,
                                 obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 8, CAP8, QT8, H_Q, D, G, BLOCK_M, BLOCK_Q,
-                                MAG8, WANT_MASS, HAS_OBS, F32)
+                                WANT_MASS, HAS_OBS, F32)
     else:
         off = _tokens_before(bt_row, tag_ptr, e0, BS, CAP8, CAP4, CAP2, SCAN)
         for j in range(e0, ce1):
@@ -724,19 +694,19 @@ def _stats_kernel(
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j, j + 1, j, cnt, q_ptr, lse_ptr, q_start, q_len, seq_len,
                                 obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 4, CAP4, QT4, H_Q, D, G, BLOCK_M, BLOCK_Q,
-                                MAG, WANT_MASS, HAS_OBS, F32)
+                                WANT_MASS, HAS_OBS, F32)
             if HAS2:
                 if tag == 2:
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j, j + 1, j, cnt, q_ptr, lse_ptr, q_start, q_len, seq_len,
                                 obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 2, CAP2, QT2, H_Q, D, G, BLOCK_M, BLOCK_Q,
-                                MAG, WANT_MASS, HAS_OBS, F32)
+                                WANT_MASS, HAS_OBS, F32)
             if HAS8:
                 if tag == 8:
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j, j + 1, j, cnt, q_ptr, lse_ptr, q_start, q_len, seq_len,
                                 obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 8, CAP8, QT8, H_Q, D, G, BLOCK_M, BLOCK_Q,
-                                MAG8, WANT_MASS, HAS_OBS, F32)
+                                WANT_MASS, HAS_OBS, F32)
             off += cap
     le0 = tl.maximum(e0, nc) - nc + lb0
     le1 = tl.maximum(e1, nc) - nc + lb0
