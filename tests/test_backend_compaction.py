@@ -71,3 +71,64 @@ def test_all_layers_at_once_equals_layer_by_layer(name):
     compact_group_layers(k2, m2, obs, grp)
     assert torch.equal(k1, k2) and torch.equal(m1, m2)
     assert not torch.equal(k1, kv)
+
+
+@pytest.mark.parametrize("name", ["streaming", "h2o", "keydiff", "h2o+shared", "streaming+slack"])
+def test_decode_folds_in_place_keep_what_repacking_keeps(name):
+    """Decode folds of recompressing policies move only the folded tokens that win, into
+    the slots of the old ones that lose (``pos`` records each slot's token). Fold after
+    fold, every (layer, request, head) keeps the same tokens -- data and mass -- as
+    re-packing the whole region in position order, and no more slots change than tokens
+    were folded in."""
+    base, _, opt = name.partition("+")
+    kw = {"shared": True} if opt == "shared" else {}
+    policy = POLICIES[base](sinks=4, window=8, **kw)
+    d = 32 if opt == "slack" else 16  # tokens folded per event
+    L, G, P, CAP = 2, 2, 96, 64
+    g = torch.Generator().manual_seed(3)
+    block_table = (torch.randperm(NB - 1, generator=g)[:2 * 16] + 1).view(G, 16).int()  # 256 tokens each
+    kv = torch.randn(L, NB, H, BS, 2 * D, generator=g)
+    mass = torch.rand(L, NB, H, BS, generator=g)
+
+    def write(kv, mass, start, end):  # tokens [start, end) of both requests; dim 0 = position
+        for r in range(G):
+            for t in range(start, end):
+                b, o = block_table[r, t // BS], t % BS
+                kv[:, b, :, o, 0] = float(t)
+                mass[:, b, :, o] = float((t * 7919 + r) % 1000) / 1000 + 0.5 * (t % 3)
+
+    write(kv, mass, 0, P)
+    packed = (kv.clone(), mass.clone())
+    in_place = (kv.clone(), mass.clone(), torch.zeros(L, NB, H, BS, dtype=torch.int32))
+    rows = lambda k0, ls0, d_: [RowStep(i, ls0 + d_, Layout(k0, ls0), Layout(CAP, ls0 + d_), policy, 0)
+                                for i in range(G)]
+    grp = _group(policy, rows(0, 0, P), block_table, 0, P, CAP)
+    compact_group_layers(*packed, None, grp)
+    compact_group_layers(in_place[0], in_place[1], None, grp, pos=in_place[2])
+    ls = P
+    for _ in range(4):
+        for k, m in (packed, in_place[:2]):
+            write(k, m, ls, ls + d)
+        before = in_place[0].clone()
+        grp = _group(policy, rows(CAP, ls, d), block_table, CAP, d, CAP)
+        compact_group_layers(*packed, None, grp)
+        compact_group_layers(in_place[0], in_place[1], None, grp, pos=in_place[2])
+        ls += d
+        blk, off = block_table[:, torch.arange(CAP) // BS].long(), torch.arange(CAP) % BS  # [G, CAP], [CAP]
+        for layer in range(L):
+            for r in range(G):
+                a = packed[0][layer, blk[r], :, off]  # [CAP, H, 2D]
+                b = in_place[0][layer, blk[r], :, off]
+                p = in_place[2][layer, blk[r], :, off]  # [CAP, H]
+                changed = (b != before[layer, blk[r], :, off]).any(-1).sum(0)
+                assert (changed <= d).all(), changed
+                for head in range(H):
+                    assert torch.equal(p[:, head].float(), b[:, head, 0])  # pos says which token is where
+                    order = p[:, head].argsort()
+                    assert torch.equal(a[:, head, 0], a[:, head, 0].sort().values)  # packed: in order
+                    assert torch.equal(a[:, head], b[order, head])
+                    ma = packed[1][layer, blk[r], head, off]
+                    mb = in_place[1][layer, blk[r], head, off]
+                    assert torch.equal(ma, mb[order])
+                    if base == "streaming":  # sinks + the most recent
+                        assert p[:, head].sort().values.tolist() == [0, 1, 2, 3] + list(range(ls - CAP + 4, ls))

@@ -152,6 +152,8 @@ class CompressGroup:
     dst_off: torch.Tensor  # [1, 1, cap]
     n_quant: int = 0  # demoting policies: tokens written to quantized pages after the cap
     block_rows: torch.Tensor | None = None  # [G, max_blocks] the rows' block tables
+    k0: int = 0  # candidates [0, k0) are the old compacted slots
+    cand_pos: torch.Tensor | None = None  # [G, n] logical positions of the candidates
 
 
 def make_group(policy: Policy, rows: list[RowStep], block_table: torch.Tensor, idx: torch.Tensor,
@@ -164,7 +166,7 @@ def make_group(policy: Policy, rows: list[RowStep], block_table: torch.Tensor, i
     dpos = torch.arange(cap, device=bt.device)
     return CompressGroup(policy, rows, cap, cand_blk=bt.gather(1, cand // block_size),
                          cand_off=cand % block_size, dst_blk=bt[:, dpos // block_size][:, None, :],
-                         dst_off=(dpos % block_size)[None, None, :], block_rows=bt)
+                         dst_off=(dpos % block_size)[None, None, :], block_rows=bt, k0=k0, cand_pos=cand)
 
 
 class KVCompMetadataBuilder(AttentionMetadataBuilder[KVCompMetadata]):
@@ -352,17 +354,19 @@ class KVCompImpl(AttentionImpl):
         # slower on the H100 even with no quantized page in the batch).
         self._page_bits = (server.policy.bits,) if self._demotes else ()
 
-    def _stat(self, kv_cache: torch.Tensor, name: str) -> torch.Tensor:
-        # Per-slot statistics beside the KV cache: float32 [num_blocks, H_kv, bs]
-        # (1/(2*D) of the cache's elements: 0.4% of a bf16 cache at D=128). Layer i's is
-        # row i of one [L, ...] tensor per engine, so compaction can act on all layers at once.
+    def _stat(self, kv_cache: torch.Tensor, name: str, dtype=torch.float32) -> torch.Tensor:
+        # Per-slot statistics beside the KV cache: [num_blocks, H_kv, bs] (1/(2*D) of the
+        # cache's elements: 0.4% of a bf16 cache at D=128): "mass" (H2O), "obs" (SnapKV
+        # votes), "pos" (int32 token position of each compacted slot: recompressing
+        # policies only). Layer i's is row i of one [L, ...] tensor per engine, so
+        # compaction can act on all layers at once.
         t = self._stats.get(name)
         if t is None or t.shape != kv_cache.shape[:3] or t.device != kv_cache.device:
             i, L = self._layer_idx, self._num_layers
             if i is not None and L and 0 <= i < L:
-                t = _stat_pool(name, kv_cache, L, self)[i]
+                t = _stat_pool(name, kv_cache, L, self, dtype=dtype)[i]
             else:
-                t = torch.zeros(kv_cache.shape[:3], dtype=torch.float32, device=kv_cache.device)
+                t = torch.zeros(kv_cache.shape[:3], dtype=dtype, device=kv_cache.device)
             self._stats[name] = t
         return t
 
@@ -448,6 +452,14 @@ class LayerStack:
     obs: torch.Tensor | None
     key: tuple = ()
     tags: torch.Tensor | None = None  # per-block page precision (engines that demote)
+    _pos: torch.Tensor | None = None
+
+    def pos(self) -> torch.Tensor | None:
+        """``[L, num_blocks, H_kv, bs]`` int32 token position of each compacted slot
+        (allocated at the first recompressing policy's compaction; None without ``kv``)."""
+        if self._pos is None and self.kv is not None:
+            self._pos = _strided_stack([impl._stat(kv, "pos", torch.int32) for impl, kv in self.layers])
+        return self._pos
 
 
 def stack_layers(layers) -> LayerStack:
@@ -518,11 +530,13 @@ def compact_step(layers: list, holder: dict | None = None) -> None:
         if group.policy.adaptive_layers:
             compact_group_adaptive(stack, group)
         elif stack.kv is not None and group.policy.can_stack_layers():
-            compact_group_layers(stack.kv, stack.mass, stack.obs if md.has_obs else None, group)
+            compact_group_layers(stack.kv, stack.mass, stack.obs if md.has_obs else None, group,
+                                 pos=stack.pos() if group.policy.recompress else None)
         else:
             for impl, kv in stack.layers:
                 compact_group(kv, impl._stat(kv, "mass"), impl._stat(kv, "obs") if md.has_obs else None,
-                              group, impl._layer_idx, md.num_layers)
+                              group, impl._layer_idx, md.num_layers,
+                              pos=impl._stat(kv, "pos", torch.int32) if group.policy.recompress else None)
         if stack.tags is not None:  # these blocks may have held another request's quantized pages
             bs = stack.layers[0][1].shape[2]
             stack.tags[group.dst_blk[..., ::bs].reshape(-1).long()] = quant.FULL
@@ -563,20 +577,21 @@ def compact_group_adaptive(stack: LayerStack, grp: CompressGroup) -> None:
 
 
 def compact_group(kv_cache, mass, obs, grp: CompressGroup, layer: int, num_layers: int,
-                  cap: int | None = None) -> None:
+                  cap: int | None = None, pos: torch.Tensor | None = None) -> None:
     """Fold each row's old compacted tokens and newly-old live tokens (the candidates)
     into its first ``cap`` slots (fewer for a layer with a smaller layer budget), keeping
-    the policy's choice per KV head. ``mass`` moves with its token."""
+    the policy's choice per KV head. ``mass`` moves with its token; ``pos`` (recompressing
+    policies): each compacted slot's token position, kept up to date (see ``_place``)."""
     g, n = grp.cand_blk.shape
     h, dd, policy = kv_cache.shape[1], kv_cache.shape[3] // 2, grp.policy
     if cap is None:
         cap = policy.layer_capacity(layer, num_layers, grp.cap) if policy.per_layer else grp.cap
     cblk, coff = grp.cand_blk, grp.cand_off
-    dst_blk, dst_off = grp.dst_blk[..., :cap], grp.dst_off[..., :cap]
 
     def per_head(stat):  # [G, n, H] -> [G*H, n]
         return stat[cblk, :, coff].permute(0, 2, 1).reshape(g * h, n)
 
+    cpos = _cand_positions(pos[None] if pos is not None else None, grp, h)  # [1, G, H, n]
     ctx = ScoreContext(
         layer_idx=layer,
         num_candidates=n,
@@ -584,6 +599,7 @@ def compact_group(kv_cache, mass, obs, grp: CompressGroup, layer: int, num_layer
         attn_mass=per_head(mass) if "attn_mass" in policy.needs else None,
         obs_attn=per_head(obs) if obs is not None and any(r.obs_queries for r in grp.rows) else None,
         num_kv_heads=h,
+        positions=cpos.reshape(g * h, n) if cpos is not None and grp.k0 else None,
     )
     if "obs_attn" in policy.needs and ctx.obs_attn is None:
         ctx.obs_attn = torch.zeros(g * h, n, device=kv_cache.device)
@@ -591,14 +607,61 @@ def compact_group(kv_cache, mass, obs, grp: CompressGroup, layer: int, num_layer
         keep = policy.select(ctx, cap)
     else:  # head-aware policies see one request at a time: [H, n]
         keep = torch.cat([policy.select(ctx.rows(i * h, (i + 1) * h), cap) for i in range(g)])
-    keep = keep.view(g, h, cap)
-    # Gather (a copy), then scatter: sources and destinations overlap.
-    src = kv_cache[cblk, :, coff].permute(0, 2, 1, 3)  # [G, H, n, 2D]
-    sel = src.gather(2, keep[..., None].expand(-1, -1, -1, src.shape[-1]))
-    heads = torch.arange(h, device=kv_cache.device)[None, :, None]
-    kv_cache[dst_blk, heads, dst_off] = sel
-    # The mass moves with its token (H2O keeps accumulating it after compaction).
-    mass[dst_blk, heads, dst_off] = mass[cblk, :, coff].permute(0, 2, 1).gather(2, keep)
+    _place(kv_cache[None], mass[None], pos[None] if pos is not None else None, grp, keep.view(1, g, h, cap), cpos)
+
+
+def _cand_positions(pos: torch.Tensor | None, grp: CompressGroup, h: int) -> torch.Tensor | None:
+    """``[Lc, G, H, n]`` token position of each candidate: the old compacted slots' from
+    ``pos`` (``[Lc, nb, H, bs]``), the folded live tokens' from the layout. None without ``pos``."""
+    if pos is None:
+        return None
+    lc, (g, n) = pos.shape[0], grp.cand_blk.shape
+    live = grp.cand_pos[None, :, None, grp.k0:].expand(lc, g, h, n - grp.k0)
+    if not grp.k0:
+        return live
+    ls = torch.arange(lc, device=pos.device)[:, None, None, None]
+    heads = torch.arange(h, device=pos.device)[None, None, :, None]
+    old = pos[ls, grp.cand_blk[None, :, None, :grp.k0], heads, grp.cand_off[None, :, None, :grp.k0]]
+    return torch.cat([old.long(), live], dim=-1)
+
+
+def _place(kv, mass, pos, grp: CompressGroup, keep: torch.Tensor, cpos: torch.Tensor | None) -> None:
+    """Write the winners ``keep`` (``[Lc, G, H, cap]`` ascending candidate indices) into
+    the compacted slots of layers ``kv`` (``[Lc, nb, H, bs, 2D]``; ``mass``/``pos``
+    ``[Lc, nb, H, bs]``). Only kept tokens are gathered (a copy: sources and destinations
+    overlap), then scattered.
+
+    A prompt's compaction packs them into ``[0, cap)`` in position order. A decode fold of
+    a recompressing policy (``pos`` given, old region full) moves only what changes: kept
+    old tokens stay in their slots, and the folded tokens that won take the slots of the
+    old ones that lost -- ``slack`` blocks of tokens per fold instead of the whole region
+    (StreamingLLM at 0.25 of 8k: 64 tokens instead of ~2,000). Slots are then no longer in
+    position order (attention does not care: every compacted token precedes every query),
+    so ``pos`` records each slot's token position for the next fold's scores."""
+    lc, g, h, cap = keep.shape
+    n, k0, dev = grp.cand_blk.shape[1], grp.k0, kv.device
+    ls = torch.arange(lc, device=dev)[:, None, None, None]
+    heads = torch.arange(h, device=dev)[None, None, :, None]
+    cb = grp.cand_blk[None, :, None, :].expand(lc, g, h, n)
+    co = grp.cand_off[None, :, None, :].expand(lc, g, h, n)
+    if pos is not None and k0 == cap == grp.cap and not grp.policy.scores_need_order and n > k0:
+        m = min(n - k0, cap)  # at most this many folded tokens win
+        kept_old = torch.zeros(lc, g, h, k0 + 1, dtype=torch.uint8, device=dev)
+        kept_old.scatter_(3, keep.clamp(max=k0), 1)  # column k0 collects the folded winners
+        holes = torch.sort(kept_old[..., :k0], dim=3, stable=True).indices[..., :m]  # losers' slots first
+        src = keep[..., cap - m:].flip(3)  # folded winners first (the largest indices)
+        # As many holes as folded winners; past them a kept old token is copied onto itself.
+        dst = torch.where(src >= k0, holes, src)
+        db, do = cb.gather(3, dst), co.gather(3, dst)  # old slots are candidates [0, k0)
+    else:
+        src = keep
+        db, do = grp.dst_blk[None, ..., :cap], grp.dst_off[None, ..., :cap]  # [1, G, 1, cap], [1, 1, 1, cap]
+    sb, so = cb.gather(3, src), co.gather(3, src)
+    sel, msel = kv[ls, sb, heads, so], mass[ls, sb, heads, so]  # copies
+    kv[ls, db, heads, do] = sel
+    mass[ls, db, heads, do] = msel  # the mass moves with its token (H2O keeps accumulating it)
+    if pos is not None:
+        pos[ls, db, heads, do] = cpos.gather(3, src).to(pos.dtype)
 
 
 def compact_group_mixed(stack: LayerStack, grp: CompressGroup) -> None:
@@ -629,25 +692,25 @@ def compact_group_mixed(stack: LayerStack, grp: CompressGroup) -> None:
                               demoted[layer, i], policy.bits)
 
 
-def compact_group_layers(kv, mass, obs, grp: CompressGroup) -> None:
-    """``compact_group`` for every layer at once: ``kv`` [L, nb, H, bs, 2D], ``mass``/``obs``
-    [L, nb, H, bs]. Rows of all layers are stacked for scoring ([L*G*H, n]); only the kept
-    tokens are gathered (a copy, so overlapping destinations are safe), then scattered.
-    Layers go in chunks that bound the temporaries."""
+def compact_group_layers(kv, mass, obs, grp: CompressGroup, pos: torch.Tensor | None = None) -> None:
+    """``compact_group`` for every layer at once: ``kv`` [L, nb, H, bs, 2D], ``mass``/``obs``/
+    ``pos`` [L, nb, H, bs]. Rows of all layers are stacked for scoring ([L*G*H, n]), then
+    ``_place`` moves the winners. Layers go in chunks that bound the temporaries."""
     L, h, dd = kv.shape[0], kv.shape[2], kv.shape[4] // 2
     g, n = grp.cand_blk.shape
     policy, cap = grp.policy, grp.cap
     dev = kv.device
-    per_layer = g * h * (n * (12 + (2 * dd * kv.element_size() if "keys" in policy.needs else 0))
-                         + cap * (2 * dd * kv.element_size() + 16))
+    per_layer = g * h * (n * (28 + (2 * dd * kv.element_size() if "keys" in policy.needs else 0))
+                         + cap * (2 * dd * kv.element_size() + 40))
     chunk = max(1, min(L, (256 << 20) // max(per_layer, 1)))
     heads = torch.arange(h, device=dev)[None, None, :, None]  # [1, 1, H, 1]
     cb, co = grp.cand_blk[None, :, None, :], grp.cand_off[None, :, None, :]  # [1, G, 1, n]
-    db, do = grp.dst_blk[None], grp.dst_off[None]  # [1, G, 1, cap], [1, 1, 1, cap]
     votes = obs is not None and any(r.obs_queries for r in grp.rows)
     for l0 in range(0, L, chunk):
         lc = min(chunk, L - l0)
         ls = torch.arange(l0, l0 + lc, device=dev)[:, None, None, None]  # [Lc, 1, 1, 1]
+        lpos = pos[l0:l0 + lc] if pos is not None else None
+        cpos = _cand_positions(lpos, grp, h)
 
         def stat(t):  # [Lc*G*H, n]
             return t[ls, cb, heads, co].reshape(lc * g * h, n)
@@ -657,15 +720,12 @@ def compact_group_layers(kv, mass, obs, grp: CompressGroup) -> None:
             keys=kv[ls, cb, heads, co, :dd].reshape(lc * g * h, n, dd) if "keys" in policy.needs else None,
             attn_mass=stat(mass) if "attn_mass" in policy.needs else None,
             obs_attn=stat(obs) if votes else None,
-            num_kv_heads=h, num_rows=lc * g * h, device=dev)
+            num_kv_heads=h, num_rows=lc * g * h, device=dev,
+            positions=cpos.reshape(lc * g * h, n) if cpos is not None and grp.k0 else None)
         if "obs_attn" in policy.needs and ctx.obs_attn is None:
             ctx.obs_attn = torch.zeros(lc * g * h, n, device=dev)
         keep = policy.select(ctx, cap).view(lc, g, h, cap)
-        sb = grp.cand_blk[None, :, None, :].expand(lc, g, h, n).gather(3, keep)
-        so = grp.cand_off[None, :, None, :].expand(lc, g, h, n).gather(3, keep)
-        sel, msel = kv[ls, sb, heads, so], mass[ls, sb, heads, so]  # copies
-        kv[ls, db, heads, do] = sel
-        mass[ls, db, heads, do] = msel
+        _place(kv[l0:l0 + lc], mass[l0:l0 + lc], lpos, grp, keep, cpos)
 
 
 def _layer_index(name: str) -> int:

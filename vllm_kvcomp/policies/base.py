@@ -7,7 +7,10 @@ three parts, each overridable:
                block-aligned capacities by layout.py, identical on scheduler and workers);
   * action  -- what happens to the losers (``action``: "evict" today).
 Selection itself (``select``) is shared: sinks and the recent window are always kept,
-the rest by top-k score, and kept tokens stay in position order.
+the rest by top-k score. Where kept tokens end up is the backend's business: a prompt's
+compaction packs them in position order; a recompressing policy's later folds leave kept
+tokens in their slots and write the new winners into the freed ones (``ctx.positions``
+then says which token is where).
 """
 from __future__ import annotations
 
@@ -29,8 +32,11 @@ def register_policy(cls: type["Policy"]) -> type["Policy"]:
 class ScoreContext:
     """What a scorer may look at, for one request in one layer.
 
-    Candidates are the tokens competing for the compacted region, in position order:
-    first the already-compacted ones, then the live tokens being folded in.
+    Candidates are the tokens competing for the compacted region: first the
+    already-compacted ones, then the live tokens being folded in. Without ``positions``
+    they are in position order (candidate index = rank); with it (decode folds of
+    recompressing policies, which leave kept tokens where they are) the compacted ones
+    are in slot order and ``positions`` holds each candidate's token position.
     """
 
     layer_idx: int  # -1 when rows of all layers are stacked (policies that ignore it)
@@ -42,6 +48,7 @@ class ScoreContext:
     num_kv_heads: int | None = None
     num_rows: int | None = None  # dim 0 (when no tensor above is given)
     device: torch.device | None = None
+    positions: torch.Tensor | None = None  # [rows, n] int64 token positions, when not in order
 
     def __post_init__(self):
         t = next((x for x in (self.keys, self.attn_mass, self.obs_attn) if x is not None), None)
@@ -53,7 +60,14 @@ class ScoreContext:
         def cut(t):
             return None if t is None else t[start:end]
         return ScoreContext(self.layer_idx, self.num_candidates, cut(self.keys), cut(self.attn_mass),
-                            cut(self.obs_attn), self.num_kv_heads, end - start, self.device)
+                            cut(self.obs_attn), self.num_kv_heads, end - start, self.device,
+                            cut(self.positions))
+
+    def order(self) -> torch.Tensor:
+        """[rows, n] float position of each candidate (its index when they are in order)."""
+        if self.positions is not None:
+            return self.positions.float()
+        return torch.arange(self.num_candidates, dtype=torch.float32, device=self.device).expand(self.num_rows, -1)
 
 
 class Policy(BaseModel):
@@ -64,6 +78,9 @@ class Policy(BaseModel):
     needs: ClassVar[frozenset[str]] = frozenset()
     # Re-compress during decode as new tokens arrive (keeps the request within budget).
     recompress: ClassVar[bool] = False
+    # Scores depend on candidates being adjacent in position (e.g. SnapKV's pooling): a
+    # recompressing policy that sets this is folded by re-packing in order (slower).
+    scores_need_order: ClassVar[bool] = False
     action: ClassVar[str] = "evict"  # or "demote": losers go to quantized pages (mikv)
     # score()/select() treat dim 0 as independent (request, head) rows, so the backend may
     # stack several requests; a policy that combines heads sets this False.
@@ -133,13 +150,26 @@ class Policy(BaseModel):
         return g.mean(dim=1, keepdim=True).expand_as(g).reshape(s.shape).clone()
 
     def select(self, ctx: ScoreContext, capacity: int) -> torch.Tensor:
-        """[H_kv, capacity] indices into the candidates, sorted (position order kept)."""
+        """[H_kv, capacity] indices into the candidates, ascending."""
         n = ctx.num_candidates
         assert capacity <= n, (capacity, n)
         scores = self.head_scores(ctx)
-        # Sinks and window win regardless of score (clamped to what exists).
-        scores[:, : min(self.sinks, n)] = float("inf")
-        if self.window:
-            scores[:, max(0, n - self.window):] = float("inf")
+        protect_ends(scores, ctx, self.sinks, self.window)
         idx = torch.topk(scores, capacity, dim=-1, sorted=False).indices
         return idx.sort(dim=-1).values
+
+
+def protect_ends(scores: torch.Tensor, ctx: ScoreContext, sinks: int, window: int) -> None:
+    """Sinks (the first ``sinks`` positions) and the window (the ``window`` latest
+    candidates) win regardless of score (clamped to what exists), in place."""
+    n = ctx.num_candidates
+    if ctx.positions is None:  # candidates in position order
+        scores[:, : min(sinks, n)] = float("inf")
+        if window:
+            scores[:, max(0, n - window):] = float("inf")
+        return
+    pos = ctx.positions
+    scores.masked_fill_(pos < sinks, float("inf"))
+    if window:
+        last = pos.topk(min(window, n), dim=-1).values[:, -1:]  # the window-th latest position
+        scores.masked_fill_(pos >= last, float("inf"))

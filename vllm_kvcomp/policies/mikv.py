@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from pydantic import Field, field_validator
 
-from vllm_kvcomp.policies.base import ScoreContext, register_policy
+from vllm_kvcomp.policies.base import ScoreContext, protect_ends, register_policy
 from vllm_kvcomp.policies.snapkv import SnapKVPolicy
 
 
@@ -43,8 +43,6 @@ class MiKVPolicy(SnapKVPolicy):
         n = ctx.num_candidates
         assert n_full + n_quant <= n, (n_full, n_quant, n)
         scores = self.head_scores(ctx)
-        scores[:, : min(self.sinks, n)] = float("inf")
-        if self.window:
-            scores[:, max(0, n - self.window):] = float("inf")
+        protect_ends(scores, ctx, self.sinks, self.window)
         order = torch.topk(scores, n_full + n_quant, dim=-1, sorted=True).indices
         return order[:, :n_full].sort(dim=-1).values, order[:, n_full:].sort(dim=-1).values

@@ -16,6 +16,7 @@ from vllm_kvcomp.policies.base import Policy, ScoreContext, register_policy
 class SnapKVPolicy(Policy):
     name: ClassVar[str] = "snapkv"
     needs: ClassVar[frozenset[str]] = frozenset({"obs_attn"})
+    scores_need_order: ClassVar[bool] = True  # pooling smears votes onto position neighbours
 
     pool: int = Field(7, ge=1, le=63, description="odd pooling kernel over the votes")
 

@@ -16,5 +16,4 @@ class StreamingPolicy(Policy):
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         # Newer is better: top-k of the position keeps the most recent tokens.
-        pos = torch.arange(ctx.num_candidates, dtype=torch.float32, device=ctx.device)
-        return pos.expand(ctx.num_rows, -1)
+        return ctx.order()
