@@ -183,3 +183,33 @@ def test_cake_gives_broad_layers_more_budget_within_bounds():
         assert all(policy.min_tokens() <= x <= cap for x in row)
         assert abs(sum(row) - 3 * cap / 2.0) <= 3
     assert policy.capacity_scale() == 2.0
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_evict_is_the_complement_of_select(name, duo_profile):
+    from vllm_kvcomp.policies.base import Policy
+
+    policy = _make(name, duo_profile, sinks=4, window=8)
+    if type(policy).select is not Policy.select and type(policy).evict is Policy.evict:
+        assert policy.scores_need_order  # never folded in place, so evict() is never asked
+        return
+    ctx = _ctx()
+    keep, lose = policy.select(ctx, 24), policy.evict(ctx, 40)
+    for k, l in zip(keep.tolist(), lose.tolist()):
+        assert sorted(k + l) == list(range(64))
+
+
+@pytest.mark.parametrize("name", sorted(n for n in POLICIES if not POLICIES[n].scores_need_order))
+def test_scores_follow_positions_not_candidate_order(name, duo_profile):
+    """Candidates shuffled (as after folds in place) with ``positions`` saying where each
+    token is: the same tokens are chosen."""
+    policy = _make(name, duo_profile, sinks=4, window=8)
+    ctx = _ctx()
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(5))
+    shuffled = ScoreContext(layer_idx=0, num_candidates=64, keys=ctx.keys[:, perm],
+                            attn_mass=ctx.attn_mass[:, perm], obs_attn=ctx.obs_attn[:, perm],
+                            positions=perm.expand(2, 64))
+    for a, b in zip(policy.select(ctx, 24).tolist(), policy.select(shuffled, 24).tolist()):
+        assert sorted(a) == sorted(perm[b].tolist())
+    for a, b in zip(policy.evict(ctx, 40).tolist(), policy.evict(shuffled, 40).tolist()):
+        assert sorted(a) == sorted(perm[b].tolist())

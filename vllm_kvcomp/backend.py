@@ -581,7 +581,7 @@ def compact_group(kv_cache, mass, obs, grp: CompressGroup, layer: int, num_layer
     """Fold each row's old compacted tokens and newly-old live tokens (the candidates)
     into its first ``cap`` slots (fewer for a layer with a smaller layer budget), keeping
     the policy's choice per KV head. ``mass`` moves with its token; ``pos`` (recompressing
-    policies): each compacted slot's token position, kept up to date (see ``_place``)."""
+    policies): each compacted slot's token position, kept up to date (see ``_swap_in``)."""
     g, n = grp.cand_blk.shape
     h, dd, policy = kv_cache.shape[1], kv_cache.shape[3] // 2, grp.policy
     if cap is None:
@@ -603,11 +603,18 @@ def compact_group(kv_cache, mass, obs, grp: CompressGroup, layer: int, num_layer
     )
     if "obs_attn" in policy.needs and ctx.obs_attn is None:
         ctx.obs_attn = torch.zeros(g * h, n, device=kv_cache.device)
+    swap = _folds_in_place(grp, pos, cap)
+    # a fold in place needs only the n - cap losers; a packing compaction the cap winners
+    pick = (lambda c: policy.evict(c, n - cap)) if swap else (lambda c: policy.select(c, cap))
     if policy.can_stack():  # scores and selection act per (row, head) along the last dim
-        keep = policy.select(ctx, cap)
+        idx = pick(ctx)
     else:  # head-aware policies see one request at a time: [H, n]
-        keep = torch.cat([policy.select(ctx.rows(i * h, (i + 1) * h), cap) for i in range(g)])
-    _place(kv_cache[None], mass[None], pos[None] if pos is not None else None, grp, keep.view(1, g, h, cap), cpos)
+        idx = torch.cat([pick(ctx.rows(i * h, (i + 1) * h)) for i in range(g)])
+    kv1, mass1, pos1 = kv_cache[None], mass[None], pos[None] if pos is not None else None
+    if swap:
+        _swap_in(kv1, mass1, pos1, grp, idx.view(1, g, h, n - cap), cpos)
+    else:
+        _place(kv1, mass1, pos1, grp, idx.view(1, g, h, cap), cpos)
 
 
 def _cand_positions(pos: torch.Tensor | None, grp: CompressGroup, h: int) -> torch.Tensor | None:
@@ -625,43 +632,64 @@ def _cand_positions(pos: torch.Tensor | None, grp: CompressGroup, h: int) -> tor
     return torch.cat([old.long(), live], dim=-1)
 
 
-def _place(kv, mass, pos, grp: CompressGroup, keep: torch.Tensor, cpos: torch.Tensor | None) -> None:
-    """Write the winners ``keep`` (``[Lc, G, H, cap]`` ascending candidate indices) into
-    the compacted slots of layers ``kv`` (``[Lc, nb, H, bs, 2D]``; ``mass``/``pos``
-    ``[Lc, nb, H, bs]``). Only kept tokens are gathered (a copy: sources and destinations
-    overlap), then scattered.
+def _folds_in_place(grp: CompressGroup, pos: torch.Tensor | None, cap: int) -> bool:
+    """A decode fold of a recompressing policy (``pos`` given, old region full) whose
+    scores do not need candidates in position order: ``_swap_in``, else ``_place``."""
+    return (pos is not None and grp.k0 == cap == grp.cap and grp.cand_blk.shape[1] > cap
+            and not grp.policy.scores_need_order)
 
-    A prompt's compaction packs them into ``[0, cap)`` in position order. A decode fold of
-    a recompressing policy (``pos`` given, old region full) moves only what changes: kept
-    old tokens stay in their slots, and the folded tokens that won take the slots of the
-    old ones that lost -- ``slack`` blocks of tokens per fold instead of the whole region
-    (StreamingLLM at 0.25 of 8k: 64 tokens instead of ~2,000). Slots are then no longer in
-    position order (attention does not care: every compacted token precedes every query),
-    so ``pos`` records each slot's token position for the next fold's scores."""
+
+def _slots(grp: CompressGroup, lc: int, h: int):
+    """``[Lc, G, H, n]`` block and offset of every candidate."""
+    g, n = grp.cand_blk.shape
+    return (grp.cand_blk[None, :, None, :].expand(lc, g, h, n), grp.cand_off[None, :, None, :].expand(lc, g, h, n))
+
+
+def _place(kv, mass, pos, grp: CompressGroup, keep: torch.Tensor, cpos: torch.Tensor | None) -> None:
+    """Pack the winners ``keep`` (``[Lc, G, H, cap]`` ascending candidate indices) into
+    slots ``[0, cap)`` of layers ``kv`` (``[Lc, nb, H, bs, 2D]``; ``mass``/``pos``
+    ``[Lc, nb, H, bs]``), in candidate order: a prompt's compaction (position order)."""
     lc, g, h, cap = keep.shape
-    n, k0, dev = grp.cand_blk.shape[1], grp.k0, kv.device
+    cb, co = _slots(grp, lc, h)
+    _move(kv, mass, pos, (cb.gather(3, keep), co.gather(3, keep)),
+          (grp.dst_blk[None, ..., :cap], grp.dst_off[None, ..., :cap]), cpos, keep)
+
+
+def _swap_in(kv, mass, pos, grp: CompressGroup, lose: torch.Tensor, cpos: torch.Tensor) -> None:
+    """A decode fold that moves only what changes: ``lose`` (``[Lc, G, H, n - k0]``
+    candidate indices) are the losers; kept old tokens stay in their slots and the folded
+    tokens that won take the slots of the old ones that lost -- ``slack`` blocks of tokens
+    per fold instead of the whole region (StreamingLLM at 0.25 of 8k: 64 tokens, not
+    ~2,000). Slots are then no longer in position order (attention does not care: every
+    compacted token precedes every query), so ``pos`` records each slot's token position
+    for the next fold's scores."""
+    lc, g, h, e = lose.shape
+    k0 = grp.k0
+    lose = lose.sort(dim=-1).values  # the old slots that lost first, then the folded losers
+    # Folded winners, ascending: the folded candidates not among the losers.
+    won = torch.ones(lc, g, h, e + 1, dtype=torch.uint8, device=lose.device)
+    won.scatter_(3, torch.where(lose >= k0, lose - k0, e), 0)  # column e: old losers (dropped)
+    won = torch.sort(won[..., :e], dim=3, descending=True, stable=True).indices + k0
+    # As many old losers as folded winners; past them each folded loser stays where it is.
+    hole = lose < k0
+    src, dst = torch.where(hole, won, lose), lose
+    cb, co = _slots(grp, lc, h)  # old slots are candidates [0, k0)
+    _move(kv, mass, pos, (cb.gather(3, src), co.gather(3, src)), (cb.gather(3, dst), co.gather(3, dst)),
+          cpos, src)
+
+
+def _move(kv, mass, pos, src, dst, cpos, cand) -> None:
+    """Copy tokens (KV, mass, position of candidates ``cand``) from slots ``src`` to
+    ``dst`` (``(block, offset)``, broadcasting to ``[Lc, G, H, m]``): a gather (a copy:
+    sources and destinations may overlap), then a scatter."""
+    lc, h, dev = kv.shape[0], kv.shape[2], kv.device
     ls = torch.arange(lc, device=dev)[:, None, None, None]
     heads = torch.arange(h, device=dev)[None, None, :, None]
-    cb = grp.cand_blk[None, :, None, :].expand(lc, g, h, n)
-    co = grp.cand_off[None, :, None, :].expand(lc, g, h, n)
-    if pos is not None and k0 == cap == grp.cap and not grp.policy.scores_need_order and n > k0:
-        m = min(n - k0, cap)  # at most this many folded tokens win
-        kept_old = torch.zeros(lc, g, h, k0 + 1, dtype=torch.uint8, device=dev)
-        kept_old.scatter_(3, keep.clamp(max=k0), 1)  # column k0 collects the folded winners
-        holes = torch.sort(kept_old[..., :k0], dim=3, stable=True).indices[..., :m]  # losers' slots first
-        src = keep[..., cap - m:].flip(3)  # folded winners first (the largest indices)
-        # As many holes as folded winners; past them a kept old token is copied onto itself.
-        dst = torch.where(src >= k0, holes, src)
-        db, do = cb.gather(3, dst), co.gather(3, dst)  # old slots are candidates [0, k0)
-    else:
-        src = keep
-        db, do = grp.dst_blk[None, ..., :cap], grp.dst_off[None, ..., :cap]  # [1, G, 1, cap], [1, 1, 1, cap]
-    sb, so = cb.gather(3, src), co.gather(3, src)
-    sel, msel = kv[ls, sb, heads, so], mass[ls, sb, heads, so]  # copies
-    kv[ls, db, heads, do] = sel
-    mass[ls, db, heads, do] = msel  # the mass moves with its token (H2O keeps accumulating it)
+    sel, msel = kv[ls, src[0], heads, src[1]], mass[ls, src[0], heads, src[1]]
+    kv[ls, dst[0], heads, dst[1]] = sel
+    mass[ls, dst[0], heads, dst[1]] = msel  # the mass moves with its token (H2O keeps accumulating it)
     if pos is not None:
-        pos[ls, db, heads, do] = cpos.gather(3, src).to(pos.dtype)
+        pos[ls, dst[0], heads, dst[1]] = cpos.gather(3, cand).to(pos.dtype)
 
 
 def compact_group_mixed(stack: LayerStack, grp: CompressGroup) -> None:
@@ -695,13 +723,15 @@ def compact_group_mixed(stack: LayerStack, grp: CompressGroup) -> None:
 def compact_group_layers(kv, mass, obs, grp: CompressGroup, pos: torch.Tensor | None = None) -> None:
     """``compact_group`` for every layer at once: ``kv`` [L, nb, H, bs, 2D], ``mass``/``obs``/
     ``pos`` [L, nb, H, bs]. Rows of all layers are stacked for scoring ([L*G*H, n]), then
-    ``_place`` moves the winners. Layers go in chunks that bound the temporaries."""
+    ``_place`` / ``_swap_in`` move the winners. Layers go in chunks that bound the temporaries."""
     L, h, dd = kv.shape[0], kv.shape[2], kv.shape[4] // 2
     g, n = grp.cand_blk.shape
     policy, cap = grp.policy, grp.cap
     dev = kv.device
+    swap = _folds_in_place(grp, pos, cap)
+    moved = n - cap if swap else cap
     per_layer = g * h * (n * (28 + (2 * dd * kv.element_size() if "keys" in policy.needs else 0))
-                         + cap * (2 * dd * kv.element_size() + 40))
+                         + moved * (2 * dd * kv.element_size() + 40))
     chunk = max(1, min(L, (256 << 20) // max(per_layer, 1)))
     heads = torch.arange(h, device=dev)[None, None, :, None]  # [1, 1, H, 1]
     cb, co = grp.cand_blk[None, :, None, :], grp.cand_off[None, :, None, :]  # [1, G, 1, n]
@@ -724,8 +754,10 @@ def compact_group_layers(kv, mass, obs, grp: CompressGroup, pos: torch.Tensor | 
             positions=cpos.reshape(lc * g * h, n) if cpos is not None and grp.k0 else None)
         if "obs_attn" in policy.needs and ctx.obs_attn is None:
             ctx.obs_attn = torch.zeros(lc * g * h, n, device=dev)
-        keep = policy.select(ctx, cap).view(lc, g, h, cap)
-        _place(kv[l0:l0 + lc], mass[l0:l0 + lc], lpos, grp, keep, cpos)
+        if swap:
+            _swap_in(kv[l0:l0 + lc], mass[l0:l0 + lc], lpos, grp, policy.evict(ctx, n - cap).view(lc, g, h, n - cap), cpos)
+        else:
+            _place(kv[l0:l0 + lc], mass[l0:l0 + lc], lpos, grp, policy.select(ctx, cap).view(lc, g, h, cap), cpos)
 
 
 def _layer_index(name: str) -> int:

@@ -158,6 +158,15 @@ class Policy(BaseModel):
         idx = torch.topk(scores, capacity, dim=-1, sorted=False).indices
         return idx.sort(dim=-1).values
 
+    def evict(self, ctx: ScoreContext, count: int) -> torch.Tensor:
+        """[H_kv, count] indices of the candidates that lose (the complement of
+        ``select(ctx, n - count)``): a decode fold in place needs only these, a top-k of
+        ``slack`` blocks rather than of the whole region. A policy overriding ``select``
+        overrides this too, or sets ``scores_need_order``."""
+        scores = self.head_scores(ctx)
+        protect_ends(scores, ctx, self.sinks, self.window)
+        return torch.topk(scores, count, dim=-1, largest=False, sorted=False).indices
+
 
 def protect_ends(scores: torch.Tensor, ctx: ScoreContext, sinks: int, window: int) -> None:
     """Sinks (the first ``sinks`` positions) and the window (the ``window`` latest
