@@ -180,5 +180,6 @@ def protect_ends(scores: torch.Tensor, ctx: ScoreContext, sinks: int, window: in
     pos = ctx.positions
     scores.masked_fill_(pos < sinks, float("inf"))
     if window:
-        last = pos.topk(min(window, n), dim=-1).values[:, -1:]  # the window-th latest position
-        scores.masked_fill_(pos >= last, float("inf"))
+        # The latest `window` positions are all candidates (each was protected at every
+        # earlier fold), so a threshold on the newest one finds them: no top-k needed.
+        scores.masked_fill_(pos > pos.amax(dim=-1, keepdim=True) - window, float("inf"))

@@ -1,0 +1,85 @@
+"""Where a decode fold's time goes: one recompressing policy's in-place fold (backend.
+compact_group_layers over all layers) at the Llama-3-8B shape, host vs GPU time, and the
+top GPU kernels (torch.profiler). Run on the GPU machine:
+
+    source scripts/gpu_env.sh && python3 benchmarks/profile_fold.py --policy streaming
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from vllm_kvcomp.backend import RowStep, compact_group_layers, make_group
+from vllm_kvcomp.layout import Layout
+from vllm_kvcomp.policies import POLICIES
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--policy", default="streaming")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--cap", type=int, default=1984)
+    p.add_argument("--fold", type=int, default=64)
+    p.add_argument("--rows", type=int, default=1, help="requests folding in the same step")
+    p.add_argument("--iters", type=int, default=50)
+    a = p.parse_args()
+    dev, bs = torch.device("cuda"), 16
+    L, H, D, G = a.layers, a.kv_heads, a.head_dim, a.rows
+    per_req = (a.cap + 4 * a.fold) // bs + 8
+    nb = G * per_req + 1
+    kv = torch.randn(L, nb, H, bs, 2 * D, device=dev, dtype=torch.bfloat16)
+    mass = torch.rand(L, nb, H, bs, device=dev)
+    pos = torch.zeros(L, nb, H, bs, device=dev, dtype=torch.int32)
+    bt = (torch.arange(G * per_req, device=dev) + 1).view(G, per_req).int()
+    policy = POLICIES[a.policy]()
+    # the prompt's compaction (packs, writes pos), then folds in place
+    ls = a.cap + a.fold
+    rows = [RowStep(i, ls, Layout(0, 0), Layout(a.cap, ls), policy, 0) for i in range(G)]
+    idx = torch.arange(G, device=dev)
+    compact_group_layers(kv, mass, None, make_group(policy, rows, bt, idx, torch.zeros(G, device=dev, dtype=torch.long),
+                                                     0, ls, a.cap, bs), pos=pos)
+    rows = [RowStep(i, ls + a.fold, Layout(a.cap, ls), Layout(a.cap, ls + a.fold), policy, 0) for i in range(G)]
+    grp = make_group(policy, rows, bt, idx, torch.full((G,), ls, device=dev, dtype=torch.long), a.cap, a.fold, a.cap, bs)
+
+    def fold():
+        compact_group_layers(kv, mass, None, grp, pos=pos)
+
+    for _ in range(5):
+        fold()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
+    s.record()
+    for _ in range(a.iters):
+        fold()
+    e.record()
+    host = (time.perf_counter() - t0) / a.iters * 1e3
+    torch.cuda.synchronize()
+    gpu = s.elapsed_time(e) / a.iters
+    # GPU-only time: the host launches ahead while the GPU is held by a long kernel
+    blocker = torch.empty(1 << 28, device=dev)
+    torch.cuda.synchronize()
+    for _ in range(400):
+        blocker.mul_(1.0)  # ~0.3 s of queued work
+    s.record()
+    for _ in range(a.iters):
+        fold()
+    e.record()
+    torch.cuda.synchronize()
+    busy = s.elapsed_time(e) / a.iters
+    print(f"FOLD {a.policy} L={L} H={H} D={D} cap={a.cap} fold={a.fold} rows={G}: host {host:.3f} ms/fold, "
+          f"stream {gpu:.3f} ms/fold, GPU-only {busy:.3f} ms/fold", flush=True)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            fold()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
+
+
+if __name__ == "__main__":
+    main()
