@@ -6,8 +6,10 @@ without any extra channel; scores only decide *which* tokens fill the kept slots
 
 A compressed request's logical positions look like this (bs = block size):
 
-    [0, kept)            compacted region: the kept tokens, in position order,
-                         packed into the request's first kept/bs blocks
+    [0, kept)            compacted region: the kept tokens, packed into the
+                         request's first kept/bs blocks (in position order after
+                         the prompt's compaction; a recompressing policy's decode
+                         folds then swap winners into losers' slots, see backend.py)
     [kept, live_start)   gap: those blocks were returned to vLLM's pool (null)
     [live_start, T)      live region: recent tokens at their own positions;
                          new tokens are appended here as usual
