@@ -103,16 +103,22 @@ def test_decode_folds_in_place_keep_what_repacking_keeps(name):
     rows = lambda k0, ls0, d_: [RowStep(i, ls0 + d_, Layout(k0, ls0), Layout(CAP, ls0 + d_), policy, 0)
                                 for i in range(G)]
     grp = _group(policy, rows(0, 0, P), block_table, 0, P, CAP)
-    compact_group_layers(*packed, None, grp)
-    compact_group_layers(in_place[0], in_place[1], None, grp, pos=in_place[2])
-    ls = P
-    for _ in range(4):
-        for k, m in (packed, in_place[:2]):
-            write(k, m, ls, ls + d)
-        before = in_place[0].clone()
-        grp = _group(policy, rows(CAP, ls, d), block_table, CAP, d, CAP)
+    by_layer = tuple(t.clone() for t in in_place)  # the per-layer path (compact_group)
+
+    def fold(grp):
         compact_group_layers(*packed, None, grp)
         compact_group_layers(in_place[0], in_place[1], None, grp, pos=in_place[2])
+        for layer in range(L):
+            compact_group(by_layer[0][layer], by_layer[1][layer], None, grp, layer, L, pos=by_layer[2][layer])
+        assert all(torch.equal(a, b) for a, b in zip(in_place, by_layer))
+
+    fold(grp)
+    ls = P
+    for _ in range(4):
+        for k, m in (packed, in_place[:2], by_layer[:2]):
+            write(k, m, ls, ls + d)
+        before = in_place[0].clone()
+        fold(_group(policy, rows(CAP, ls, d), block_table, CAP, d, CAP))
         ls += d
         blk, off = block_table[:, torch.arange(CAP) // BS].long(), torch.arange(CAP) % BS  # [G, CAP], [CAP]
         for layer in range(L):
