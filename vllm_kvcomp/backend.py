@@ -603,18 +603,21 @@ def compact_group(kv_cache, mass, obs, grp: CompressGroup, layer: int, num_layer
     )
     if "obs_attn" in policy.needs and ctx.obs_attn is None:
         ctx.obs_attn = torch.zeros(g * h, n, device=kv_cache.device)
+    _pick_and_move(kv_cache[None], mass[None], pos[None] if pos is not None else None, grp, ctx, cap, cpos,
+                   per_request=not policy.can_stack())
+
+
+def _pick_and_move(kv, mass, pos, grp: CompressGroup, ctx: ScoreContext, cap: int, cpos, per_request: bool) -> None:
+    """The policy's choice over ``ctx`` (rows ``[Lc*G*H, n]``), then the move: a fold in
+    place needs only the ``n - cap`` losers (``_swap_in``), a packing compaction the ``cap``
+    winners (``_place``). ``per_request``: head-aware policies see one request's ``[H, n]``."""
+    lc, h = kv.shape[0], kv.shape[2]
+    g, n = grp.cand_blk.shape
     swap = _folds_in_place(grp, pos, cap)
-    # a fold in place needs only the n - cap losers; a packing compaction the cap winners
-    pick = (lambda c: policy.evict(c, n - cap)) if swap else (lambda c: policy.select(c, cap))
-    if policy.can_stack():  # scores and selection act per (row, head) along the last dim
-        idx = pick(ctx)
-    else:  # head-aware policies see one request at a time: [H, n]
-        idx = torch.cat([pick(ctx.rows(i * h, (i + 1) * h)) for i in range(g)])
-    kv1, mass1, pos1 = kv_cache[None], mass[None], pos[None] if pos is not None else None
-    if swap:
-        _swap_in(kv1, mass1, pos1, grp, idx.view(1, g, h, n - cap), cpos)
-    else:
-        _place(kv1, mass1, pos1, grp, idx.view(1, g, h, cap), cpos)
+    k = n - cap if swap else cap
+    pick = grp.policy.evict if swap else grp.policy.select
+    idx = torch.cat([pick(ctx.rows(i * h, (i + 1) * h), k) for i in range(g)]) if per_request else pick(ctx, k)
+    (_swap_in if swap else _place)(kv, mass, pos, grp, idx.view(lc, g, h, k), cpos)
 
 
 def _cand_positions(pos: torch.Tensor | None, grp: CompressGroup, h: int) -> torch.Tensor | None:
@@ -728,8 +731,7 @@ def compact_group_layers(kv, mass, obs, grp: CompressGroup, pos: torch.Tensor | 
     g, n = grp.cand_blk.shape
     policy, cap = grp.policy, grp.cap
     dev = kv.device
-    swap = _folds_in_place(grp, pos, cap)
-    moved = n - cap if swap else cap
+    moved = n - cap if _folds_in_place(grp, pos, cap) else cap
     per_layer = g * h * (n * (28 + (2 * dd * kv.element_size() if "keys" in policy.needs else 0))
                          + moved * (2 * dd * kv.element_size() + 40))
     chunk = max(1, min(L, (256 << 20) // max(per_layer, 1)))
@@ -754,10 +756,7 @@ def compact_group_layers(kv, mass, obs, grp: CompressGroup, pos: torch.Tensor | 
             positions=cpos.reshape(lc * g * h, n) if cpos is not None and grp.k0 else None)
         if "obs_attn" in policy.needs and ctx.obs_attn is None:
             ctx.obs_attn = torch.zeros(lc * g * h, n, device=dev)
-        if swap:
-            _swap_in(kv[l0:l0 + lc], mass[l0:l0 + lc], lpos, grp, policy.evict(ctx, n - cap).view(lc, g, h, n - cap), cpos)
-        else:
-            _place(kv[l0:l0 + lc], mass[l0:l0 + lc], lpos, grp, policy.select(ctx, cap).view(lc, g, h, cap), cpos)
+        _pick_and_move(kv[l0:l0 + lc], mass[l0:l0 + lc], lpos, grp, ctx, cap, cpos, per_request=False)
 
 
 def _layer_index(name: str) -> int:

@@ -151,11 +151,8 @@ class Policy(BaseModel):
 
     def select(self, ctx: ScoreContext, capacity: int) -> torch.Tensor:
         """[H_kv, capacity] indices into the candidates, ascending."""
-        n = ctx.num_candidates
-        assert capacity <= n, (capacity, n)
-        scores = self.head_scores(ctx)
-        protect_ends(scores, ctx, self.sinks, self.window)
-        idx = torch.topk(scores, capacity, dim=-1, sorted=False).indices
+        assert capacity <= ctx.num_candidates, (capacity, ctx.num_candidates)
+        idx = torch.topk(self.ranked(ctx), capacity, dim=-1, sorted=False).indices
         return idx.sort(dim=-1).values
 
     def evict(self, ctx: ScoreContext, count: int) -> torch.Tensor:
@@ -163,9 +160,13 @@ class Policy(BaseModel):
         ``select(ctx, n - count)``): a decode fold in place needs only these, a top-k of
         ``slack`` blocks rather than of the whole region. A policy overriding ``select``
         overrides this too, or sets ``scores_need_order``."""
+        return torch.topk(self.ranked(ctx), count, dim=-1, largest=False, sorted=False).indices
+
+    def ranked(self, ctx: ScoreContext) -> torch.Tensor:
+        """``head_scores`` with sinks and window made unbeatable: what selection ranks."""
         scores = self.head_scores(ctx)
         protect_ends(scores, ctx, self.sinks, self.window)
-        return torch.topk(scores, count, dim=-1, largest=False, sorted=False).indices
+        return scores
 
 
 def protect_ends(scores: torch.Tensor, ctx: ScoreContext, sinks: int, window: int) -> None:

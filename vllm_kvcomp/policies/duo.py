@@ -80,9 +80,8 @@ class DuoPolicy(SnapKVPolicy):
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         votes = super().score(ctx)  # [H_kv, n] pooled SnapKV votes
         mask = retrieval_mask(self.profile, self.ratio)
-        h, n = votes.shape
+        h = votes.shape[0]
         if ctx.layer_idx >= mask.shape[0] or mask.shape[1] != h:
             return votes
         retrieval = mask[ctx.layer_idx].to(votes.device)[:, None]
-        recency = torch.arange(n, dtype=votes.dtype, device=votes.device).expand(h, n)
-        return torch.where(retrieval, votes, recency)
+        return torch.where(retrieval, votes, ctx.order().to(votes.dtype))

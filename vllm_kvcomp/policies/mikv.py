@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from pydantic import Field, field_validator
 
-from vllm_kvcomp.policies.base import ScoreContext, protect_ends, register_policy
+from vllm_kvcomp.policies.base import ScoreContext, register_policy
 from vllm_kvcomp.policies.snapkv import SnapKVPolicy
 
 
@@ -42,7 +42,5 @@ class MiKVPolicy(SnapKVPolicy):
         ``n_quant`` are demoted, the rest dropped."""
         n = ctx.num_candidates
         assert n_full + n_quant <= n, (n_full, n_quant, n)
-        scores = self.head_scores(ctx)
-        protect_ends(scores, ctx, self.sinks, self.window)
-        order = torch.topk(scores, n_full + n_quant, dim=-1, sorted=True).indices
+        order = torch.topk(self.ranked(ctx), n_full + n_quant, dim=-1, sorted=True).indices
         return order[:, :n_full].sort(dim=-1).values, order[:, n_full:].sort(dim=-1).values
