@@ -14,6 +14,9 @@ the PyTorch reference otherwise. Same signatures as the functions they replace.
                                                                     -> reference.compact
   compact_mixed(kv_cache, mass_cache, page_tag, block_row, kept, cand_positions,
                 keep_full, keep_quant, bits)                        -> quant.compact_mixed
+  fold_swap(kv, mass, pos, lose, cand_blk, cand_off, cand_pos, k0)   -> reference.fold_swap
+  fold_evict(kv, mass, pos, cand_blk, cand_off, cand_pos, k0, sinks, window, by_mass)
+                                          (Triton only; = policy.evict + fold_swap)
 
 Batched statistics are *accumulated per slot* (``mass_cache[block, h, slot] += ...``), the
 layout H2O keeps anyway; per-request calls return ``[H_kv, n]`` in key order like the
@@ -199,3 +202,30 @@ def compact_mixed_layers(kv, page_tag, block_rows, n_cand, keep_full, keep_quant
 
     _cml(kv, page_tag, block_rows, n_cand, keep_full, keep_quant, bits)
 
+
+
+# Above this many folded tokens the kernel's register pairing (an e x e one-hot) stops
+# paying; such folds (huge `slack`) are rare and take the PyTorch path.
+FOLD_SWAP_MAX = 256
+
+
+def fold_swap(kv, mass, pos, lose, cand_blk, cand_off, cand_pos, k0):
+    if not use_triton(kv) or lose.shape[-1] > FOLD_SWAP_MAX:
+        return reference.fold_swap(kv, mass, pos, lose, cand_blk, cand_off, cand_pos, k0)
+    from .compaction import fold_swap as tri_fold_swap
+
+    return tri_fold_swap(kv, mass, pos, lose, cand_blk, cand_off, cand_pos, k0)
+
+
+def can_fold_evict(kv: torch.Tensor, n: int, e: int) -> bool:
+    """Whether ``fold_evict`` (one launch for a whole StreamingLLM/H2O fold) takes a fold
+    of ``n`` candidates, ``e`` of them folded in."""
+    from .compaction import FOLD_EVICT_MAX
+
+    return use_triton(kv) and n <= FOLD_EVICT_MAX and e <= FOLD_SWAP_MAX
+
+
+def fold_evict(kv, mass, pos, cand_blk, cand_off, cand_pos, k0, sinks, window, by_mass):
+    from .compaction import fold_evict as tri_fold_evict
+
+    return tri_fold_evict(kv, mass, pos, cand_blk, cand_off, cand_pos, k0, sinks, window, by_mass)

@@ -352,3 +352,173 @@ def compact(kv_cache: torch.Tensor, mass_cache: torch.Tensor | None, block_row: 
     compact_mixed(kv_cache, mass_cache, None, block_row, 0, cand_positions, keep)
     if page_tag is not None and keep.shape[1]:
         page_tag[block_row[: -(-keep.shape[1] // kv_cache.shape[2])].long()] = 0
+
+
+# A decode fold in place (reference.fold_swap): one program per (layer, row, KV head) pairs
+# the losers with the winners in registers and moves the winners -- one launch where the
+# PyTorch version takes ~20 (sorts, scatters, gathers, index_put per tensor), which made a
+# fold launch-bound (~0.5 ms at the Llama-3-8B shape, docs/gpu.md).
+@triton.jit
+def _swap_move(kv_ptr, mass_ptr, pos_ptr, lose, cblk_ptr, coff_ptr, cpos_ptr, k0, e, n, lay, g, h,
+               s_kl, s_kb, s_kh, s_ks, s_ml, s_mb, s_mh, s_ms, s_pl, s_pb, s_ph, s_ps,
+               E: tl.constexpr, DD: tl.constexpr, CH: tl.constexpr):
+    """``lose``: [E] loser candidate indices of one (layer, row, head), padded with INT32_MAX."""
+    j = tl.arange(0, E)
+    lose = tl.sort(lose)  # old losers (< k0) first, ascending
+    f = k0 + j  # the folded candidates
+    lost = tl.sum((lose[None, :] == f[:, None]).to(tl.int32), axis=1) > 0
+    won = (j < e) & (lost == 0)
+    rank = tl.cumsum(won.to(tl.int32), axis=0) - 1
+    # the rank-th old loser's candidate index (a gather from registers, as a one-hot sum)
+    hole = tl.sum(tl.where(j[None, :] == rank[:, None], lose[None, :], 0), axis=1)
+    dst = tl.where(won, hole, f)  # a folded loser "moves" onto itself (its position is written)
+    _move_tokens(kv_ptr, mass_ptr, pos_ptr, f, dst, j < e, won, cblk_ptr, coff_ptr, cpos_ptr, n, lay, g, h,
+                 s_kl, s_kb, s_kh, s_ks, s_ml, s_mb, s_mh, s_ms, s_pl, s_pb, s_ph, s_ps, DD, CH)
+
+
+@triton.jit
+def _move_tokens(kv_ptr, mass_ptr, pos_ptr, f, dst, ok, won, cblk_ptr, coff_ptr, cpos_ptr, n, lay, g, h,
+                 s_kl, s_kb, s_kh, s_ks, s_ml, s_mb, s_mh, s_ms, s_pl, s_pb, s_ph, s_ps,
+                 DD: tl.constexpr, CH: tl.constexpr):
+    """Candidates ``f`` (folded) -> slots of candidates ``dst``: KV and mass where ``won``,
+    the position wherever ``ok`` (a folded loser's own slot included, like the reference)."""
+    crow = g.to(tl.int64) * n
+    sb = tl.load(cblk_ptr + crow + f, mask=ok, other=0).to(tl.int64)
+    so = tl.load(coff_ptr + crow + f, mask=ok, other=0).to(tl.int64)
+    db = tl.load(cblk_ptr + crow + dst, mask=ok, other=0).to(tl.int64)
+    do = tl.load(coff_ptr + crow + dst, mask=ok, other=0).to(tl.int64)
+    src_kv = kv_ptr + lay * s_kl + sb * s_kb + h * s_kh + so * s_ks
+    dst_kv = kv_ptr + lay * s_kl + db * s_kb + h * s_kh + do * s_ks
+    for c in range(0, DD, CH):  # the token's K|V row in chunks that stay in registers
+        ch = c + tl.arange(0, CH)
+        x = tl.load(src_kv[:, None] + ch[None, :], mask=won[:, None])
+        tl.store(dst_kv[:, None] + ch[None, :], x, mask=won[:, None])
+    m = tl.load(mass_ptr + lay * s_ml + sb * s_mb + h * s_mh + so * s_ms, mask=won)
+    tl.store(mass_ptr + lay * s_ml + db * s_mb + h * s_mh + do * s_ms, m, mask=won)
+    p = tl.load(cpos_ptr + crow + f, mask=ok, other=0)
+    tl.store(pos_ptr + lay * s_pl + db * s_pb + h * s_ph + do * s_ps, p.to(tl.int32), mask=ok)
+
+
+@triton.jit(do_not_specialize=["k0", "e", "n"])
+def _fold_swap_kernel(kv_ptr, mass_ptr, pos_ptr, lose_ptr, cblk_ptr, coff_ptr, cpos_ptr, k0, e, n,
+                      s_kl, s_kb, s_kh, s_ks, s_ml, s_mb, s_mh, s_ms, s_pl, s_pb, s_ph, s_ps,
+                      H: tl.constexpr, E: tl.constexpr, DD: tl.constexpr, CH: tl.constexpr):
+    # grid (rows x heads, layers): the number of rows folding together varies step to step
+    # and is not a compile-time constant (a recompile per count inside serving)
+    r0 = tl.program_id(0)
+    r = tl.program_id(1) * tl.num_programs(0) + r0
+    j = tl.arange(0, E)
+    # Sentinel past every candidate, so padding sorts last and matches no folded index.
+    lose = tl.load(lose_ptr + r.to(tl.int64) * e + j, mask=j < e, other=2147483647).to(tl.int32)
+    _swap_move(kv_ptr, mass_ptr, pos_ptr, lose, cblk_ptr, coff_ptr, cpos_ptr, k0, e, n,
+               tl.program_id(1).to(tl.int64), r0 // H, (r0 % H).to(tl.int64),
+               s_kl, s_kb, s_kh, s_ks, s_ml, s_mb, s_mh, s_ms, s_pl, s_pb, s_ph, s_ps, E, DD, CH)
+
+
+# The whole fold of a policy whose score the kernel can compute itself (StreamingLLM:
+# position; H2O: accumulated mass; both per head, unshared): candidate positions and
+# scores, sinks and window protected as ``policies.base.protect_ends`` does, the ``e``
+# lowest, then the pairing and the move. One launch instead of the policy's ~15 PyTorch
+# ops on the host, which bound a fold once the move was one launch (docs/gpu.md).
+# The e lowest are found without sorting: bisection on the score's bits for the e-th
+# smallest value (~32 block-wide counts; a bitonic sort of 2,048 keys cost ~10x more).
+@triton.jit(do_not_specialize=["k0", "e", "n", "sinks", "window"])
+def _fold_evict_kernel(kv_ptr, mass_ptr, pos_ptr, scr_ptr, cblk_ptr, coff_ptr, cpos_ptr, k0, e, n, sinks, window,
+                       s_kl, s_kb, s_kh, s_ks, s_ml, s_mb, s_mh, s_ms, s_pl, s_pb, s_ph, s_ps,
+                       H: tl.constexpr, E: tl.constexpr, NP: tl.constexpr, DD: tl.constexpr,
+                       CH: tl.constexpr, BY_MASS: tl.constexpr):
+    r0 = tl.program_id(0)  # grid (rows x heads, layers), as _fold_swap_kernel
+    r = tl.program_id(1) * tl.num_programs(0) + r0
+    lay, g, h = tl.program_id(1).to(tl.int64), r0 // H, (r0 % H).to(tl.int64)
+    i = tl.arange(0, NP)
+    valid = i < n
+    old = i < k0
+    crow = g.to(tl.int64) * n
+    blk = tl.load(cblk_ptr + crow + i, mask=valid, other=0).to(tl.int64)
+    off = tl.load(coff_ptr + crow + i, mask=valid, other=0).to(tl.int64)
+    p_old = tl.load(pos_ptr + lay * s_pl + blk * s_pb + h * s_ph + off * s_ps, mask=old, other=0)
+    p_new = tl.load(cpos_ptr + crow + i, mask=valid & (i >= k0), other=0)
+    p = tl.where(old, p_old.to(tl.int64), p_new.to(tl.int64))
+    if BY_MASS:
+        s = tl.load(mass_ptr + lay * s_ml + blk * s_mb + h * s_mh + off * s_ms, mask=valid, other=0.0)
+    else:
+        s = p.to(tl.float32)  # newer wins
+    newest = tl.max(tl.where(valid, p, -1), axis=0)
+    safe = (p < sinks) | ((window > 0) & (p > newest - window))
+    s = tl.where(safe, float("inf"), s)
+    # fp32 -> int32 of the same order (negatives: flip the magnitude bits)
+    b = s.to(tl.int32, bitcast=True)
+    key = tl.where(valid, tl.where(b >= 0, b, b ^ 0x7FFFFFFF), 2147483647)
+    lo = tl.min(key, axis=0).to(tl.int64)
+    hi = tl.max(key, axis=0).to(tl.int64)
+    while lo < hi:  # smallest t with #{key <= t} >= e
+        mid = lo + (hi - lo) // 2
+        ge = tl.sum((key <= mid).to(tl.int32), axis=0) >= e
+        lo, hi = tl.where(ge, lo, mid + 1), tl.where(ge, mid, hi)
+    less = key < lo
+    eq = key == lo  # ties at the threshold: the lowest indices lose
+    lose = less | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= e - tl.sum(less.to(tl.int32), axis=0)))
+    # Pairing through scratch (2e ints per program): old losers by ascending index, then
+    # each folded candidate's destination: the matching old loser's slot, or its own.
+    ol = lose & old
+    holes = scr_ptr + r.to(tl.int64) * (2 * e)
+    tl.store(holes + tl.cumsum(ol.to(tl.int32), axis=0) - 1, i, mask=ol)
+    tl.debug_barrier()
+    fw = valid & (i >= k0) & (lose == 0)
+    hole = tl.load(holes + tl.cumsum(fw.to(tl.int32), axis=0) - 1, mask=fw, other=0)
+    tl.store(holes + e + (i - k0), tl.where(fw, hole, i), mask=valid & (i >= k0))
+    tl.debug_barrier()
+    j = tl.arange(0, E)
+    f = k0 + j
+    dst = tl.load(holes + e + j, mask=j < e, other=0)
+    _move_tokens(kv_ptr, mass_ptr, pos_ptr, f, dst, j < e, (j < e) & (dst != f), cblk_ptr, coff_ptr, cpos_ptr, n,
+                 lay, g, h, s_kl, s_kb, s_kh, s_ks, s_ml, s_mb, s_mh, s_ms, s_pl, s_pb, s_ph, s_ps, DD, CH)
+
+
+def _fold_checks(kv, mass, pos, cand_blk, cand_off, cand_pos, lc, g, h, k0, e):
+    n = cand_blk.shape[1]
+    assert kv.dim() == 5 and kv.stride(-1) == 1 and kv.shape[0] == lc and kv.shape[2] == h, kv.shape
+    assert mass.shape == pos.shape == kv.shape[:4] and pos.dtype == torch.int32, (mass.shape, pos.shape, pos.dtype)
+    assert mass.dtype == torch.float32, mass.dtype
+    assert cand_blk.shape == cand_off.shape == cand_pos.shape == (g, n) and n == k0 + e, (cand_blk.shape, k0, e)
+    dd = kv.shape[-1]
+    assert dd % min(dd, 64) == 0, dd
+    return n, dict(E=_pow2(max(e, 16)), DD=dd, CH=min(dd, 64))
+
+
+def fold_swap(kv: torch.Tensor, mass: torch.Tensor, pos: torch.Tensor, lose: torch.Tensor,
+              cand_blk: torch.Tensor, cand_off: torch.Tensor, cand_pos: torch.Tensor, k0: int) -> None:
+    """GPU ``reference.fold_swap``, one launch. ``kv`` may be a strided stack of layers."""
+    lc, g, h, e = lose.shape
+    n, const = _fold_checks(kv, mass, pos, cand_blk, cand_off, cand_pos, lc, g, h, k0, e)
+    if e == 0 or lc * g * h == 0:
+        return
+    _fold_swap_kernel[(g * h, lc)](
+        kv, mass, pos, lose.contiguous(), cand_blk.contiguous(), cand_off.contiguous(), cand_pos.contiguous(),
+        k0, e, n, *kv.stride()[:4], *mass.stride(), *pos.stride(), H=h, num_warps=4, **const)
+
+
+# Candidates one program sorts (registers); longer folds take the policy's own path.
+FOLD_EVICT_MAX = 4096
+
+
+def fold_evict(kv: torch.Tensor, mass: torch.Tensor, pos: torch.Tensor, cand_blk: torch.Tensor,
+               cand_off: torch.Tensor, cand_pos: torch.Tensor, k0: int, sinks: int, window: int,
+               by_mass: bool) -> None:
+    """A whole decode fold in place in one launch: the ``e = n - k0`` lowest-scoring
+    candidates of each (layer, row, KV head) lose -- score = token position
+    (StreamingLLM) or accumulated mass (``by_mass``, H2O), sinks and window protected --
+    then ``fold_swap``. Same result as ``policy.evict`` + ``fold_swap`` (tests)."""
+    lc, h = kv.shape[0], kv.shape[2]
+    g, n = cand_blk.shape
+    e = n - k0
+    _, const = _fold_checks(kv, mass, pos, cand_blk, cand_off, cand_pos, lc, g, h, k0, e)
+    assert n <= FOLD_EVICT_MAX, n
+    if e <= 0 or lc * g * h == 0:
+        return
+    np_ = _pow2(max(n, 16))
+    scratch = torch.empty(lc * g * h, 2 * e, dtype=torch.int32, device=kv.device)
+    _fold_evict_kernel[(g * h, lc)](
+        kv, mass, pos, scratch, cand_blk.contiguous(), cand_off.contiguous(), cand_pos.contiguous(),
+        k0, e, n, sinks, window, *kv.stride()[:4], *mass.stride(), *pos.stride(), H=h, NP=np_,
+        BY_MASS=by_mass, num_warps=4 if np_ <= 1024 else 8, **const)

@@ -642,6 +642,13 @@ def _folds_in_place(grp: CompressGroup, pos: torch.Tensor | None, cap: int) -> b
             and not grp.policy.scores_need_order)
 
 
+def _fused_fold(grp: CompressGroup, pos: torch.Tensor | None, kv: torch.Tensor) -> bool:
+    """A fold in place whose scores the fold kernel computes itself (``Policy.fold_score``)."""
+    p, (g, n) = grp.policy, grp.cand_blk.shape
+    return bool(p.fold_score) and not p.shared and _folds_in_place(grp, pos, grp.cap) \
+        and api.can_fold_evict(kv, n, n - grp.k0)
+
+
 def _slots(grp: CompressGroup, lc: int, h: int):
     """``[Lc, G, H, n]`` block and offset of every candidate."""
     g, n = grp.cand_blk.shape
@@ -665,20 +672,8 @@ def _swap_in(kv, mass, pos, grp: CompressGroup, lose: torch.Tensor, cpos: torch.
     per fold instead of the whole region (StreamingLLM at 0.25 of 8k: 64 tokens, not
     ~2,000). Slots are then no longer in position order (attention does not care: every
     compacted token precedes every query), so ``pos`` records each slot's token position
-    for the next fold's scores."""
-    lc, g, h, e = lose.shape
-    k0 = grp.k0
-    lose = lose.sort(dim=-1).values  # the old slots that lost first, then the folded losers
-    # Folded winners, ascending: the folded candidates not among the losers.
-    won = torch.ones(lc, g, h, e + 1, dtype=torch.uint8, device=lose.device)
-    won.scatter_(3, torch.where(lose >= k0, lose - k0, e), 0)  # column e: old losers (dropped)
-    won = torch.sort(won[..., :e], dim=3, descending=True, stable=True).indices + k0
-    # As many old losers as folded winners; past them each folded loser stays where it is.
-    hole = lose < k0
-    src, dst = torch.where(hole, won, lose), lose
-    cb, co = _slots(grp, lc, h)  # old slots are candidates [0, k0)
-    _move(kv, mass, pos, (cb.gather(3, src), co.gather(3, src)), (cb.gather(3, dst), co.gather(3, dst)),
-          cpos, src)
+    for the next fold's scores. One Triton launch on the GPU (``api.fold_swap``)."""
+    api.fold_swap(kv, mass, pos, lose, grp.cand_blk, grp.cand_off, grp.cand_pos, grp.k0)
 
 
 def _move(kv, mass, pos, src, dst, cpos, cand) -> None:
@@ -730,6 +725,10 @@ def compact_group_layers(kv, mass, obs, grp: CompressGroup, pos: torch.Tensor | 
     L, h, dd = kv.shape[0], kv.shape[2], kv.shape[4] // 2
     g, n = grp.cand_blk.shape
     policy, cap = grp.policy, grp.cap
+    if _fused_fold(grp, pos, kv):  # StreamingLLM / H2O on the GPU: the whole fold, one launch
+        api.fold_evict(kv, mass, pos, grp.cand_blk, grp.cand_off, grp.cand_pos, grp.k0, policy.sinks,
+                       policy.window, policy.fold_score == "mass")
+        return
     dev = kv.device
     moved = n - cap if _folds_in_place(grp, pos, cap) else cap
     per_layer = g * h * (n * (28 + (2 * dd * kv.element_size() if "keys" in policy.needs else 0))

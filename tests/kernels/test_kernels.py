@@ -449,3 +449,87 @@ def test_compact_mixed_all_layers_and_rows_at_once(bits):
     assert torch.equal(tag_got, tag_ref) and int((tag_got == bits).sum()) == G * -(-quant_n // quant.page_capacity(bits, bs, d, 4))
     used = torch.cat([rows[r, :4] for r in range(G)]).long()  # entries the compaction wrote
     assert torch.equal(got[:, used].view(torch.uint8), ref[:, used].view(torch.uint8))
+
+
+@pytest.mark.parametrize("e,strided", [(32, False), (24, True)])
+def test_fold_swap_matches_reference(e, strided):
+    """The one-launch decode fold (api.fold_swap -> Triton) writes exactly what the PyTorch
+    reference writes: KV, mass and position of every slot, for losers in any order, any
+    mix of old and folded losers per head, layers as a strided view (the backend's stack)."""
+    L, nb, hkv, bs, d, G, k0 = 2, 40, 3, 16, 32, 2, 40
+    g = torch.Generator().manual_seed(e)
+    n = k0 + e
+    rows = (torch.randperm(nb - 1, generator=g)[:G * 8] + 1).view(G, 8)
+    ls0 = torch.tensor([k0 + 7, k0 + 30])  # where each row's folded tokens start
+    ar = torch.arange(n)
+    cand = torch.where(ar < k0, ar, ls0[:, None] + ar - k0)
+    cblk, coff = rows.gather(1, cand // bs).to(DEV), (cand % bs).to(DEV)
+    lose = torch.empty(L, G, hkv, e, dtype=torch.long)
+    for i in range(L * G * hkv):
+        m = int(torch.randint(0, e + 1, (1,), generator=g))  # old losers = folded winners
+        old = torch.randperm(k0, generator=g)[:m]
+        folded = k0 + torch.randperm(e, generator=g)[:e - m]
+        both = torch.cat([old, folded])
+        lose.view(-1, e)[i] = both[torch.randperm(e, generator=g)]
+    lose = lose.to(DEV)
+    if strided:  # layers interleaved with other data, as vLLM's per-layer caches are
+        base = torch.randn(nb, L + 1, hkv, bs, 2 * d, generator=g).to(torch.bfloat16).to(DEV)
+        kv = base[:, :L].permute(1, 0, 2, 3, 4)
+    else:
+        kv = torch.randn(L, nb, hkv, bs, 2 * d, generator=g).to(torch.bfloat16).to(DEV)
+    mass = torch.rand(L, nb, hkv, bs, generator=g).to(DEV)
+    pos = torch.randint(0, 1 << 20, (L, nb, hkv, bs), generator=g, dtype=torch.int32).to(DEV)
+    kv_r, mass_r, pos_r = kv.clone(), mass.clone(), pos.clone()
+    reference.fold_swap(kv_r, mass_r, pos_r, lose, cblk, coff, cand.to(DEV), k0)
+    assert not torch.equal(kv_r, kv)  # the reference moved something
+    api.fold_swap(kv, mass, pos, lose, cblk, coff, cand.to(DEV), k0)
+    assert torch.equal(kv, kv_r) and torch.equal(mass, mass_r) and torch.equal(pos, pos_r)
+
+
+@pytest.mark.parametrize("policy_name", ["streaming", "h2o"])
+def test_fold_evict_matches_the_policy_path(policy_name, monkeypatch):
+    """The one-launch fold (api.fold_evict: scores, protection, losers, move, all in the
+    kernel) leaves KV, mass and positions exactly as the policy's own path (ScoreContext ->
+    policy.evict -> reference.fold_swap) does, fold after fold, for StreamingLLM (position)
+    and H2O (mass), several rows, layers as a strided view."""
+    from vllm_kvcomp import backend as kb
+    from vllm_kvcomp.layout import Layout
+    from vllm_kvcomp.policies import POLICIES
+
+    L, hkv, bs, d, G, cap, fold = 2, 3, 16, 32, 2, 48, 32
+    policy = POLICIES[policy_name](sinks=4, window=8)
+    assert policy.fold_score
+    per_req = (cap + 4 * fold) // bs + 2
+    nb = G * per_req + 1
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(nb, L + 1, hkv, bs, 2 * d, generator=g).to(torch.bfloat16).to(DEV)
+    kv0 = base[:, :L].permute(1, 0, 2, 3, 4)
+    mass0 = torch.rand(L, nb, hkv, bs, generator=g).to(DEV)  # distinct values: no ties
+    pos0 = torch.zeros(L, nb, hkv, bs, dtype=torch.int32, device=DEV)
+    bt = (torch.randperm(nb - 1, generator=g)[:G * per_req] + 1).view(G, per_req).int().to(DEV)
+    idx = torch.arange(G, device=DEV)
+    incs = [torch.rand(L, nb, hkv, bs, generator=g).to(DEV) for _ in range(3)]  # decode keeps accumulating
+    kernel_on, can = [False], api.can_fold_evict
+    monkeypatch.setattr(api, "can_fold_evict", lambda *a: kernel_on[0] and can(*a))
+    runs = {}
+    for fused in (False, True):
+        kv, mass, pos = kv0.clone(), mass0.clone(), pos0.clone()
+        ls = cap + fold
+        rows = [kb.RowStep(i, ls, Layout(0, 0), Layout(cap, ls), policy, 0) for i in range(G)]
+        monkeypatch.setattr(api, "FORCE_TRITON", False)  # the prompt's packing: same for both
+        kb.compact_group_layers(kv, mass, None, kb.make_group(policy, rows, bt, idx, torch.zeros(G, dtype=torch.long,
+                                                              device=DEV), 0, ls, cap, bs), pos=pos)
+        monkeypatch.setattr(api, "FORCE_TRITON", fused)
+        kernel_on[0] = fused  # (on a GPU the backend takes the kernel whenever it can)
+        for inc in incs:
+            rows = [kb.RowStep(i, ls + fold, Layout(cap, ls), Layout(cap, ls + fold), policy, 0) for i in range(G)]
+            grp = kb.make_group(policy, rows, bt, idx, torch.full((G,), ls, dtype=torch.long, device=DEV), cap,
+                                fold, cap, bs)
+            assert kb._fused_fold(grp, pos, kv) == fused
+            kb.compact_group_layers(kv, mass, None, grp, pos=pos)
+            mass += inc
+            ls += fold
+        runs[fused] = (kv, mass, pos)
+    (kr, mr, pr), (kf, mf, pf) = runs[False], runs[True]
+    assert torch.equal(kf, kr) and torch.equal(mf, mr) and torch.equal(pf, pr)
+    assert not torch.equal(kr, kv0)

@@ -182,3 +182,37 @@ def compact(kv_cache: torch.Tensor, mass_cache: torch.Tensor | None, block_row: 
     if mass_cache is not None:
         m = mass_cache[src // bs, :, src % bs].t().gather(1, keep)
         mass_cache[(dst // bs)[None, :], heads, (dst % bs)[None, :]] = m
+
+
+def fold_swap(kv: torch.Tensor, mass: torch.Tensor, pos: torch.Tensor, lose: torch.Tensor,
+              cand_blk: torch.Tensor, cand_off: torch.Tensor, cand_pos: torch.Tensor, k0: int) -> None:
+    """A decode fold in place (recompressing policies): of the ``n = k0 + e`` candidates --
+    the old compacted slots ``[0, k0)``, then ``e`` live tokens folded in -- ``lose``
+    (``[Lc, G, H, e]`` candidate indices, any order) lose. Kept old tokens stay in their
+    slots; the folded tokens that won take the slots of the old ones that lost, both in
+    ascending order (as many of each). ``kv`` ``[Lc, nb, H, bs, 2D]``, ``mass``/``pos``
+    ``[Lc, nb, H, bs]``; ``cand_blk``/``cand_off``/``cand_pos`` ``[G, n]`` (``cand_pos``:
+    token positions, read for the folded ones). Each written slot gets its token's KV,
+    attention mass and position; a folded loser's own slot gets its position (a no-op
+    otherwise). The Triton twin (``triton_kernels/compaction.fold_swap``) does this in
+    one launch."""
+    lc, g, h, e = lose.shape
+    n = cand_blk.shape[1]
+    lose = lose.sort(dim=-1).values  # the old slots that lost first, then the folded losers
+    # Folded winners, ascending: the folded candidates not among the losers.
+    won = torch.ones(lc, g, h, e + 1, dtype=torch.uint8, device=lose.device)
+    won.scatter_(3, torch.where(lose >= k0, lose - k0, e), 0)  # column e: old losers (dropped)
+    won = torch.sort(won[..., :e], dim=3, descending=True, stable=True).indices + k0
+    # As many old losers as folded winners; past them each folded loser stays where it is.
+    src = torch.where(lose < k0, won, lose)
+    dev = kv.device
+    ls = torch.arange(lc, device=dev)[:, None, None, None]
+    heads = torch.arange(h, device=dev)[None, None, :, None]
+    cb, co = cand_blk[None, :, None, :].expand(lc, g, h, n), cand_off[None, :, None, :].expand(lc, g, h, n)
+    sb, so, db, do = cb.gather(3, src), co.gather(3, src), cb.gather(3, lose), co.gather(3, lose)
+    # Sources are folded (live) slots, destinations old ones or the source itself: no
+    # overlap to guard against, but gather first anyway (the index_put reads nothing back).
+    sel, msel = kv[ls, sb, heads, so], mass[ls, sb, heads, so]
+    kv[ls, db, heads, do] = sel
+    mass[ls, db, heads, do] = msel  # the mass moves with its token (H2O keeps accumulating it)
+    pos[ls, db, heads, do] = cand_pos[None, :, None, :].expand(lc, g, h, n).gather(3, src).to(pos.dtype)

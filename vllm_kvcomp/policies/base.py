@@ -81,6 +81,10 @@ class Policy(BaseModel):
     # Scores depend on candidates being adjacent in position (e.g. SnapKV's pooling): a
     # recompressing policy that sets this is folded by re-packing in order (slower).
     scores_need_order: ClassVar[bool] = False
+    # What a GPU fold in place may rank by without calling score() -- "position" (newer
+    # wins) or "mass" (accumulated attention) -- when score() is exactly that and heads are
+    # not shared: the whole fold is then one kernel (api.fold_evict). "" = call score().
+    fold_score: ClassVar[str] = ""
     action: ClassVar[str] = "evict"  # or "demote": losers go to quantized pages (mikv)
     # score()/select() treat dim 0 as independent (request, head) rows, so the backend may
     # stack several requests; a policy that combines heads sets this False.

@@ -15,6 +15,7 @@ class H2OPolicy(Policy):
     name: ClassVar[str] = "h2o"
     needs: ClassVar[frozenset[str]] = frozenset({"attn_mass"})
     recompress: ClassVar[bool] = True
+    fold_score: ClassVar[str] = "mass"  # score() below, computed by the fold kernel too
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         assert ctx.attn_mass is not None, "h2o needs attn_mass from the attention pass"

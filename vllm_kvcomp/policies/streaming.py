@@ -13,6 +13,7 @@ class StreamingPolicy(Policy):
     name: ClassVar[str] = "streaming"
     # A sliding window: fold new tokens in as they arrive so memory stays flat.
     recompress: ClassVar[bool] = True
+    fold_score: ClassVar[str] = "position"  # score() below, computed by the fold kernel too
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         # Newer is better: top-k of the position keeps the most recent tokens.
