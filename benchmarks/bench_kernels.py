@@ -307,6 +307,30 @@ def bench_sdpa(cfg, sweep=False):
         del kv, k4, v4
 
 
+def bench_splits(cfg):
+    """Long-context, small-batch decode: split-K counts around the launcher's heuristic,
+    beside SDPA flash on the same tokens (dense). Where the heuristic's choice loses to flash."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    F = torch.nn.functional
+    for B, ctx in ((8, 65536), (4, 131072), (16, 32768), (2, 131072)):
+        B, ctx = S(B), S(ctx)
+        c = Decode(B, ctx)
+        q = c.q.view(B, c.hkv * c.g, 1, c.d)
+        k = torch.randn(B, c.hkv, ctx, c.d, device=DEV, dtype=DT)
+        v = torch.randn_like(k)
+        flash = math.nan
+        if not SMOKE:
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                flash = ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        del k, v
+        for splits in (None, 4, 8, 12, 16, 24, 32, 48, 64):
+            t = ms(lambda: c.run(config=cfg, num_splits=splits), rep=100)
+            row(f"splits B{B} ctx{ctx} splits={splits or 'auto'}", ms=t, GBps=c.bytes / t / 1e6,
+                flash_ms=flash, ours_vs_flash=flash / t)
+            RESULTS.setdefault("splits_sweep", []).append(dict(B=B, ctx=ctx, splits=splits, ms=t, flash_ms=flash))
+        del c
+
+
 def bench_stats(cfg):
     c = Decode(S(64), S(8192))
     t0 = ms(lambda: c.run(config=cfg))
@@ -345,7 +369,8 @@ def bench_compact(prefill_cfg=None):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
-    ap.add_argument("--only", default="copy,decode,quant,sdpa,stats,compact")
+    ap.add_argument("--only", default="copy,decode,quant,sdpa,stats,compact",
+                    help="comma list of sections; also: splits (split-K sweep at long context)")
     ap.add_argument("--sweep", default="", help="comma list of: decode,quant,prefill (tile sweeps)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     args = ap.parse_args()
@@ -377,6 +402,7 @@ def main():
 
     cfg = section("decode", bench_decode, copy_bw, sweep="decode" in sweeps)
     section("quant", bench_quant, cfg, sweep="quant" in sweeps)
+    section("splits", bench_splits, cfg)
     section("stats", bench_stats, cfg)
     section("sdpa", bench_sdpa, cfg, sweep="prefill" in sweeps)
     best = [v for k, v in RESULTS.items() if k.startswith("prefill_best")]
