@@ -533,3 +533,21 @@ def test_fold_evict_matches_the_policy_path(policy_name, monkeypatch):
     (kr, mr, pr), (kf, mf, pf) = runs[False], runs[True]
     assert torch.equal(kf, kr) and torch.equal(mf, mr) and torch.equal(pf, pr)
     assert not torch.equal(kr, kv0)
+
+
+def test_fold_kernels_do_not_compile_per_row_count():
+    """Regression from the H100 (docs/gpu.md "One launch per fold"): the number of rows
+    folding in a step was a compile-time constant of the fold kernels, so serving compiled
+    a variant per count (scoring + compaction 3.4% of the run instead of 0.47%).
+    Compile-time parameters may only come from the model (heads, head dim), the fold's
+    padded sizes and the policy."""
+    import inspect
+
+    from vllm_kvcomp.triton_kernels import compaction
+
+    def constexprs(kernel):
+        params = inspect.signature(kernel.fn).parameters
+        return {name for name, p in params.items() if "constexpr" in str(p.annotation)}
+
+    assert constexprs(compaction._fold_swap_kernel) == {"H", "E", "DD", "CH"}
+    assert constexprs(compaction._fold_evict_kernel) == {"H", "E", "NP", "DD", "CH", "BY_MASS"}
