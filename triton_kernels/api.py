@@ -203,7 +203,6 @@ def compact_mixed_layers(kv, page_tag, block_rows, n_cand, keep_full, keep_quant
     _cml(kv, page_tag, block_rows, n_cand, keep_full, keep_quant, bits)
 
 
-
 # Above this many folded tokens the kernel's register pairing (an e x e one-hot) stops
 # paying; such folds (huge `slack`) are rare and take the PyTorch path.
 FOLD_SWAP_MAX = 256
