@@ -18,6 +18,13 @@ runs in two phases, like the reference (gather to a copy, then scatter):
 
 Where a source lives is resolved on the host side with torch ops on the device (cumsum of
 page capacities + searchsorted): no host round trip beyond the request's ``kept``.
+
+Decode folds in place (recompressing policies; ``reference.fold_swap``):
+
+  _fold_swap_kernel    one program per (row x KV head, layer): pairs given losers with the
+                       folded winners and moves the winners into the losers' slots.
+  _fold_evict_kernel   the same, scoring and choosing the losers itself (StreamingLLM,
+                       H2O): the whole fold in one launch.
 """
 from __future__ import annotations
 
