@@ -243,29 +243,37 @@ def bench_quant(cfg, sweep=False):
             del c
 
 
+def sdpa_decode_ms(c: "Decode", backends=("flash", "cudnn", "efficient")) -> dict:
+    """SDPA on the same decode tokens in dense layout ``[B, H, ctx, D]``: ms per backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    F = torch.nn.functional
+    known = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    q = c.q.view(c.B, c.hkv * c.g, 1, c.d)
+    k = torch.randn(c.B, c.hkv, c.ctx, c.d, device=DEV, dtype=DT)
+    v = torch.randn_like(k)
+    res = {}
+    for label in backends:
+        try:
+            with sdpa_kernel(known[label]):
+                res[label] = ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        except Exception as e:  # noqa: BLE001
+            print(f"sdpa {label} decode failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+    return res
+
+
 def bench_sdpa(cfg, sweep=False):
     do_sweep = sweep
     from torch.nn.attention import SDPBackend, sdpa_kernel
     F = torch.nn.functional
-    # decode: same tokens, dense [B, H, ctx, D]
     for B, ctx in ((64, 8192), (8, 65536)):
         B, ctx = S(B), S(ctx)
         c = Decode(B, ctx)
         t_ours = ms(lambda: c.run(config=cfg))
-        q = c.q.view(B, c.hkv * c.g, 1, c.d)
-        k = torch.randn(B, c.hkv, ctx, c.d, device=DEV, dtype=DT)
-        v = torch.randn_like(k)
-        res = {}
-        for label, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
-                               ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
-            try:
-                with sdpa_kernel(backend):
-                    res[label] = ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-            except Exception as e:  # noqa: BLE001
-                print(f"sdpa {label} decode failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        res = sdpa_decode_ms(c)
         row(f"sdpa decode B{B} ctx{ctx}", ours_ms=t_ours, **{f"{k}_ms": v for k, v in res.items()},
             ours_vs_flash=res.get("flash", math.nan) / t_ours)
-        del c, k, v
+        del c
     # prefill: B prompts of L tokens, causal
     best = None
     for B, L in ((4, 4096), (1, 16384)):
@@ -310,19 +318,10 @@ def bench_sdpa(cfg, sweep=False):
 def bench_splits(cfg):
     """Long-context, small-batch decode: split-K counts around the launcher's heuristic,
     beside SDPA flash on the same tokens (dense). Where the heuristic's choice loses to flash."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    F = torch.nn.functional
     for B, ctx in ((8, 65536), (4, 131072), (16, 32768), (2, 131072)):
         B, ctx = S(B), S(ctx)
         c = Decode(B, ctx)
-        q = c.q.view(B, c.hkv * c.g, 1, c.d)
-        k = torch.randn(B, c.hkv, ctx, c.d, device=DEV, dtype=DT)
-        v = torch.randn_like(k)
-        flash = math.nan
-        if not SMOKE:
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                flash = ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-        del k, v
+        flash = math.nan if SMOKE else sdpa_decode_ms(c, ("flash",)).get("flash", math.nan)
         for splits in (None, 4, 8, 12, 16, 24, 32, 48, 64):
             t = ms(lambda: c.run(config=cfg, num_splits=splits), rep=100)
             row(f"splits B{B} ctx{ctx} splits={splits or 'auto'}", ms=t, GBps=c.bytes / t / 1e6,

@@ -617,7 +617,10 @@ def _pick_and_move(kv, mass, pos, grp: CompressGroup, ctx: ScoreContext, cap: in
     k = n - cap if swap else cap
     pick = grp.policy.evict if swap else grp.policy.select
     idx = torch.cat([pick(ctx.rows(i * h, (i + 1) * h), k) for i in range(g)]) if per_request else pick(ctx, k)
-    (_swap_in if swap else _place)(kv, mass, pos, grp, idx.view(lc, g, h, k), cpos)
+    if swap:
+        _swap_in(kv, mass, pos, grp, idx.view(lc, g, h, k))
+    else:
+        _place(kv, mass, pos, grp, idx.view(lc, g, h, k), cpos)
 
 
 def _cand_positions(pos: torch.Tensor | None, grp: CompressGroup, h: int) -> torch.Tensor | None:
@@ -665,7 +668,7 @@ def _place(kv, mass, pos, grp: CompressGroup, keep: torch.Tensor, cpos: torch.Te
           (grp.dst_blk[None, ..., :cap], grp.dst_off[None, ..., :cap]), cpos, keep)
 
 
-def _swap_in(kv, mass, pos, grp: CompressGroup, lose: torch.Tensor, cpos: torch.Tensor) -> None:
+def _swap_in(kv, mass, pos, grp: CompressGroup, lose: torch.Tensor) -> None:
     """A decode fold that moves only what changes: ``lose`` (``[Lc, G, H, n - k0]``
     candidate indices) are the losers; kept old tokens stay in their slots and the folded
     tokens that won take the slots of the old ones that lost -- ``slack`` blocks of tokens

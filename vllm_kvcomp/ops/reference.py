@@ -210,8 +210,8 @@ def fold_swap(kv: torch.Tensor, mass: torch.Tensor, pos: torch.Tensor, lose: tor
     heads = torch.arange(h, device=dev)[None, None, :, None]
     cb, co = cand_blk[None, :, None, :].expand(lc, g, h, n), cand_off[None, :, None, :].expand(lc, g, h, n)
     sb, so, db, do = cb.gather(3, src), co.gather(3, src), cb.gather(3, lose), co.gather(3, lose)
-    # Sources are folded (live) slots, destinations old ones or the source itself: no
-    # overlap to guard against, but gather first anyway (the index_put reads nothing back).
+    # Sources are folded (live) slots, destinations old slots or the source itself: no
+    # destination is another move's source, so one gather then one scatter is exact.
     sel, msel = kv[ls, sb, heads, so], mass[ls, sb, heads, so]
     kv[ls, db, heads, do] = sel
     mass[ls, db, heads, do] = msel  # the mass moves with its token (H2O keeps accumulating it)
