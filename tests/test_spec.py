@@ -12,11 +12,18 @@ from vllm_kvcomp.spec import KVCompSpecError, parse_spec
     ("StreamingLLM:0.5".replace("StreamingLLM", "streaming"), "streaming", 0.5),
     ("  streaming:1.0 ", "streaming", 1.0),
     ("configs/long-chat.yaml", "snapkv", 0.25),
+    ("configs/mikv-accurate.yaml", "mikv", 0.25),
 ])
 def test_valid_specs(text, policy, budget):
     spec = parse_spec(text)
     assert spec.policy.name == policy and spec.budget.value == budget
     assert parse_spec(str(spec)) == spec  # canonical form round-trips
+
+
+def test_accuracy_preset_is_the_measured_spec():
+    # docs/accuracy.md's numbers for the preset were measured with this exact spec string
+    assert parse_spec("configs/mikv-accurate.yaml") == parse_spec(
+        "mikv:0.25,shared=true,window=16,full=0.25,pool=15")
 
 
 def test_none_disables():
