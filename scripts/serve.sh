@@ -15,7 +15,7 @@ echo "[serve] vllm-kvcomp serve $MODEL --kv-compression $SPEC" >&2
   --dtype float32 --max-model-len 8192 --port "$PORT" --host 127.0.0.1 &
 SERVER=$!
 trap 'kill -INT $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
-.venv/bin/python -m vllm_kvcomp.demo --url "http://127.0.0.1:$PORT" --spec "$SPEC"
+.venv/bin/python -m vllm_kvcomp.demo --url "http://127.0.0.1:$PORT" --model "$MODEL" --spec "$SPEC"
 if [ -z "${DEMO_ONCE:-}" ]; then
   echo "[serve] serving on http://127.0.0.1:$PORT (OpenAI API); Ctrl-C to stop" >&2
   wait $SERVER

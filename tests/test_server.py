@@ -72,3 +72,19 @@ def test_openai_completions_with_compression_and_overrides(server):
     assert status == 200 and out["usage"]["completion_tokens"] == 8
     status, out = _post(server + "/v1/completions", {**body, "vllm_xargs": {"kv_compression": "h2o:0"}})
     assert status == 400 and "budget 0" in json.dumps(out)
+
+
+def test_readme_demo_runs_against_the_server(server, tiny_model, capsys):
+    # The README's serve command ends in this demo (scripts/serve.sh); the tiny model's
+    # answers are gibberish, so only the plumbing is checked here (the real model's
+    # answers: README).
+    from vllm_kvcomp import demo
+
+    assert demo.main(["--url", server, "--model", tiny_model, "--served-model-name", "tiny",
+                      "--spec", "h2o:0.25", "--length", "1024"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[demo] pass key ") and len(lines) == 3
+    assert lines[1].startswith("[compressed (h2o:0.25)] prompt ")
+    assert lines[2].startswith("[full cache (override: none)] prompt ")
+    n = int(lines[1].split(" prompt ")[1].split()[0])
+    assert 900 <= n <= 1024 and f"prompt {n} tokens" in lines[2]

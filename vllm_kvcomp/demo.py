@@ -1,14 +1,17 @@
-"""Query a running vllm-kvcomp server: one long-context chat request with the server's
-compression and the same request with the full cache (per-request override)."""
+"""Query a running vllm-kvcomp server: one long-context request with the server's
+compression and the same request with the full cache (per-request override).
+
+The request is a pass-key retrieval from the accuracy suite (a 5-digit key hidden in
+the middle of ~2k tokens of Newton's *Opticks*, docs/accuracy.md): a task the embedded
+SmolLM2-135M answers with the full cache, so the two answers can be compared.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 import urllib.request
-
-FILLER = ("The village sat at the edge of a quiet forest, and every morning the baker opened "
-          "his shop before sunrise. Children walked to school along the river, counting ducks. ")
 
 
 def wait_healthy(url: str, timeout: float = 300, alive=lambda: True) -> None:
@@ -26,32 +29,48 @@ def wait_healthy(url: str, timeout: float = 300, alive=lambda: True) -> None:
     raise SystemExit(f"server at {url} did not become healthy in {timeout:.0f}s")
 
 
-def _chat(url: str, content: str, xargs: dict | None) -> tuple[str, dict, float]:
-    body = {"model": "smollm2", "messages": [{"role": "user", "content": content}],
-            "max_tokens": 24, "temperature": 0}
+def passkey_case(model_dir: str, length: int = 2048, seed: int = 0) -> dict:
+    """The suite's pass-key case: chat-templated prompt (ending in "The pass key is:")
+    and its answer, built with the served model's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from vllm_kvcomp.accuracy.suite import Tok, make_passkey
+
+    tok = Tok(AutoTokenizer.from_pretrained(model_dir))
+    return make_passkey(tok, random.Random(f"demo/{seed}"), length, 0.5)
+
+
+def _complete(url: str, model: str, prompt: str, max_tokens: int, xargs: dict | None) -> tuple[str, dict, float]:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
     if xargs:
         body["vllm_xargs"] = xargs
-    req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+    req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
     t = time.time()
     with urllib.request.urlopen(req, timeout=300) as r:
         out = json.load(r)
-    return out["choices"][0]["message"]["content"], out["usage"], time.time() - t
+    return out["choices"][0]["text"], out["usage"], time.time() - t
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--model", required=True, help="the served model's folder (for its tokenizer)")
+    ap.add_argument("--served-model-name", default="smollm2")
     ap.add_argument("--spec", default="(server default)")
-    args = ap.parse_args()
+    ap.add_argument("--length", type=int, default=2048, help="prompt tokens")
+    args = ap.parse_args(argv)
+    case = passkey_case(args.model, args.length)
     wait_healthy(args.url)
-    doc = FILLER * 12 + "Remember this: the secret password is BLUE-HERON-42. " + FILLER * 12
-    question = doc + "\nWhat is the secret password? Answer with the password only."
+    print(f"[demo] pass key {case['answer']} hidden halfway through a {case['length']}-token prompt")
     for label, xargs in ((f"compressed ({args.spec})", None), ("full cache (override: none)",
                                                                 {"kv_compression": "none"})):
-        text, usage, secs = _chat(args.url, question, xargs)
-        print(f"[{label}] prompt {usage['prompt_tokens']} tokens, {secs:.1f}s -> {text!r}")
+        text, usage, secs = _complete(args.url, args.served_model_name, case["prompt"],
+                                      case["max_tokens"], xargs)
+        found = "found" if case["answer"] in text else "NOT found"
+        print(f"[{label}] prompt {usage['prompt_tokens']} tokens, {secs:.1f}s -> {text!r} ({found})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
