@@ -142,6 +142,11 @@ def test_harness_end_to_end_and_resume(tiny_model, tmp_path):
     write_report(str(out), str(docs))
     md = (docs / "accuracy.md").read_text()
     assert "### passkey" in md and "### ppl" in md and "streaming" in md and (docs / "accuracy.png").exists()
+    # hand-written summary and notes land before this run's targets and at the end
+    (docs / "accuracy_headline.md").write_text("## Headline\n\nACROSS RUNS\n")
+    (docs / "accuracy_notes.md").write_text("## Notes\n\nMETHOD\n")
+    md = (docs / "accuracy.md").read_text() if write_report(str(out), str(docs)) else ""
+    assert md.index("ACROSS RUNS") < md.index("## Against the targets") < md.index("### ppl") < md.index("METHOD")
 
 
 def test_suite_command_writes_the_dataset_format(tiny_model, tok, tmp_path):

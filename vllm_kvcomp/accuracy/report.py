@@ -197,6 +197,10 @@ def write_report(output: str, docs: str = "docs") -> str:
     os.makedirs(docs, exist_ok=True)
     plot(agg, os.path.join(docs, "accuracy.png"))
     text = render(agg, meta, os.path.relpath(output), docs)
+    head = os.path.join(docs, "accuracy_headline.md")
+    if os.path.exists(head):  # hand-written summary across runs, before this run's targets
+        at = text.index("## Against the targets")
+        text = text[:at] + open(head).read().rstrip() + "\n\n" + text[at:]
     extra = os.path.join(docs, "accuracy_notes.md")
     if os.path.exists(extra):  # hand-written method notes, appended verbatim
         text += "\n" + open(extra).read()
