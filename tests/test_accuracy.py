@@ -145,7 +145,8 @@ def test_harness_end_to_end_and_resume(tiny_model, tmp_path):
     # hand-written summary and notes land before this run's targets and at the end
     (docs / "accuracy_headline.md").write_text("## Headline\n\nACROSS RUNS\n")
     (docs / "accuracy_notes.md").write_text("## Notes\n\nMETHOD\n")
-    md = (docs / "accuracy.md").read_text() if write_report(str(out), str(docs)) else ""
+    write_report(str(out), str(docs))
+    md = (docs / "accuracy.md").read_text()
     assert md.index("ACROSS RUNS") < md.index("## Against the targets") < md.index("### ppl") < md.index("METHOD")
 
 

@@ -152,6 +152,9 @@ def render(agg: dict, meta: dict, results_rel: str, docs: str = "docs") -> str:
                 f"prompt held {check['override']} KV blocks with the per-request `{check['spec']}` vs "
                 f"{check['full']} with the full cache."]
     out += [""]
+    head = os.path.join(docs, "accuracy_headline.md")
+    if os.path.exists(head):  # hand-written summary across runs, before this run's targets
+        out += [open(head).read().rstrip(), ""]
     out += ["## Against the targets", ""]
     for b, target in TARGETS.items():
         bb = best(agg, b)
@@ -197,10 +200,6 @@ def write_report(output: str, docs: str = "docs") -> str:
     os.makedirs(docs, exist_ok=True)
     plot(agg, os.path.join(docs, "accuracy.png"))
     text = render(agg, meta, os.path.relpath(output), docs)
-    head = os.path.join(docs, "accuracy_headline.md")
-    if os.path.exists(head):  # hand-written summary across runs, before this run's targets
-        at = text.index("## Against the targets")
-        text = text[:at] + open(head).read().rstrip() + "\n\n" + text[at:]
     extra = os.path.join(docs, "accuracy_notes.md")
     if os.path.exists(extra):  # hand-written method notes, appended verbatim
         text += "\n" + open(extra).read()
