@@ -4,6 +4,12 @@
     python benchmarks/gpu_report.py docs/gpu_runs/h100_llama3-8b_graphsA.jsonl \
         docs/gpu_runs/h100_llama3-8b_graphsB.jsonl --png docs/gpu.png
 
+``--workloads-png``: one group per file (a workload), each plugin row's speed-up over its
+run's vanilla, beside the *prefill bound* of that workload: vanilla's wall time over
+``N x`` the plugin's prefill of one prompt alone (TTFT alone). Prompts are not compressed,
+so no budget can beat that bound, and the decode a run still needs after its last prefill
+pulls it further down.
+
 Several files (runs) may be given: each plugin row is compared with the vanilla row of its
 own run (same process, same GPU state).
 """
@@ -50,7 +56,7 @@ def table(runs) -> str:
         rows.append(
             f"| {name} | {r['kv_tokens_per_req_med']} | {r['max_running']} | {r['output_tok_s']} | "
             f"{r['output_tok_s'] / van['output_tok_s']:.2f} | {r['requests_s']} | {r['ttft_med_s']} / {r['ttft_p99_s']} | "
-            f"{r['tpot_med_ms']} / {r['tpot_p99_ms']} | {r['ttft_light_s']} | {100 * r['compress_share']:.1f}% |")
+            f"{r['tpot_med_ms']} / {r['tpot_p99_ms']} | {r['ttft_light_s']} | {100 * r['compress_share']:.2f}% |")
     return "\n".join(rows)
 
 
@@ -84,12 +90,61 @@ def plot(runs, png):
     fig.savefig(png, dpi=110)
 
 
+def prefill_bound(van: dict, plugin: dict) -> float:
+    """Vanilla's wall time over the plugin's prefill time alone (N prompts, one at a time)."""
+    return van["elapsed_s"] / (van["num_requests"] * plugin["ttft_light_s"])
+
+
+def plot_workloads(runs, png, only=None):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    labels, specs = [], sorted({r["spec"] for recs in runs for r in recs if r["engine"] == "plugin"
+                                and "keep all" not in r["spec"] and "error" not in r
+                                and (not only or r["spec"] in only)})
+    width = 0.8 / (len(specs) + 1)
+    for i, recs in enumerate(runs):
+        van = next(r for r in recs if r["engine"] == "vanilla")
+        labels.append(f"{van['num_requests']} x ({van['prompt_len']} + {van['output_len']})\n{van['gpu'].replace('NVIDIA ', '')}")
+        plug = [r for r in recs if r["engine"] == "plugin" and r["spec"] in specs]
+        for j, spec in enumerate(specs):
+            for r in plug:
+                if r["spec"] == spec:
+                    ax.bar(i + j * width, r["output_tok_s"] / van["output_tok_s"], width, color=f"C{j}",
+                           label=spec if spec not in ax.get_legend_handles_labels()[1] else None)
+        if plug:
+            ax.bar(i + len(specs) * width, prefill_bound(van, plug[0]), width, color="lightgray", hatch="//",
+                   label="prefill bound" if "prefill bound" not in ax.get_legend_handles_labels()[1] else None)
+    for y in (3.0, 5.5):
+        ax.axhline(y, color="k", ls=":", lw=1)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(runs))], labels, fontsize=8)
+    ax.set_ylabel("output tok/s vs vanilla (same run)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    van = next(r for r in runs[0] if r["engine"] == "vanilla")
+    fig.suptitle(f"{van['shape']} (random weights), {van['kv_gib']} GiB KV, {van['mode']}; dotted: the 3x and 5.5x "
+                 "targets", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("results", nargs="+")
     p.add_argument("--png")
+    p.add_argument("--workloads-png", help="speed-up per workload (one file each) beside its prefill bound")
+    p.add_argument("--specs", help="with --workloads-png: only these configurations (separated by ;)")
     a = p.parse_args()
     runs = [load(f) for f in a.results]
     print(table(runs))
     if a.png:
         plot(runs, a.png)
+    if a.workloads_png:
+        plot_workloads(runs, a.workloads_png, a.specs.split(";") if a.specs else None)
+        for f, recs in zip(a.results, runs):
+            van = next(r for r in recs if r["engine"] == "vanilla")
+            plug = next((r for r in recs if r["engine"] == "plugin" and "ttft_light_s" in r), None)
+            if plug:
+                print(f"prefill bound {f}: {prefill_bound(van, plug):.2f}x")
