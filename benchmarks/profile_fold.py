@@ -3,6 +3,12 @@ compact_group_layers over all layers) at the Llama-3-8B shape, host vs GPU time,
 top GPU kernels (torch.profiler). Run on the GPU machine:
 
     source scripts/gpu_env.sh && python3 benchmarks/profile_fold.py --policy streaming
+
+``--prompt N`` times a prompt's compaction instead (N candidates packed into ``--cap``
+slots, once per request at the end of its prefill): the policy's ``select`` and the
+gather/scatter of the kept tokens. At 0.25 of 8k this one-time cost is most of the
+"scoring + compaction" share in docs/gpu.md. ``--device cpu`` runs it on the CPU path
+(a smoke test of the script; no timings worth reporting).
 """
 from __future__ import annotations
 
@@ -26,8 +32,12 @@ def main() -> None:
     p.add_argument("--fold", type=int, default=64)
     p.add_argument("--rows", type=int, default=1, help="requests folding in the same step")
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--prompt", type=int, default=0, help="time a prompt's compaction of this many tokens")
+    p.add_argument("--device", default="cuda")
     a = p.parse_args()
-    dev, bs = torch.device("cuda"), 16
+    dev, bs = torch.device(a.device), 16
+    if a.prompt:
+        return prompt(a, dev, bs)
     L, H, D, G = a.layers, a.kv_heads, a.head_dim, a.rows
     per_req = (a.cap + 4 * a.fold) // bs + 8
     nb = G * per_req + 1
@@ -79,6 +89,45 @@ def main() -> None:
             fold()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
+
+
+def prompt(a, dev: torch.device, bs: int) -> None:
+    """A prompt's compaction: candidates = positions [0, N) of each row, packed into [0, cap)."""
+    L, H, D, G, n = a.layers, a.kv_heads, a.head_dim, a.rows, a.prompt
+    assert a.cap < n, "--cap must be below --prompt"
+    per_req = -(-n // bs) + 1
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    kv = torch.randn(L, G * per_req + 1, H, bs, 2 * D, device=dev, dtype=dt)
+    mass = torch.rand(L, G * per_req + 1, H, bs, device=dev)
+    policy = POLICIES[a.policy]()
+    pos = torch.zeros_like(mass, dtype=torch.int32) if policy.recompress else None
+    bt = (torch.arange(G * per_req, device=dev) + 1).view(G, per_req).int()
+    rows = [RowStep(i, n, Layout(0, 0), Layout(a.cap, n), policy, 0) for i in range(G)]
+    grp = make_group(policy, rows, bt, torch.arange(G, device=dev), torch.zeros(G, device=dev, dtype=torch.long),
+                     0, n, a.cap, bs)
+
+    def run():  # the same work every time: the packed region is the next call's candidates' prefix
+        compact_group_layers(kv, mass, None, grp, pos=pos)
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        run()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(a.iters):
+        run()
+    sync()
+    ms = (time.perf_counter() - t0) / a.iters * 1e3
+    print(f"PROMPT {a.policy} L={L} H={H} D={D} {n} -> {a.cap} rows={G}: {ms:.3f} ms per compaction "
+          f"({ms / G:.3f} ms per request)", flush=True)
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(5):
+            run()
+        sync()
+    key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15), flush=True)
 
 
 if __name__ == "__main__":
