@@ -100,23 +100,30 @@ def plot_workloads(runs, png, only=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4))
-    labels, specs = [], sorted({r["spec"] for recs in runs for r in recs if r["engine"] == "plugin"
-                                and "keep all" not in r["spec"] and "error" not in r
-                                and (not only or r["spec"] in only)})
+    def plugin_rows(recs):  # {spec: record}
+        return {r["spec"]: r for r in recs if r["engine"] == "plugin" and "keep all" not in r["spec"]
+                and "error" not in r and (not only or r["spec"] in only)}
+
+    specs = sorted({spec for recs in runs for spec in plugin_rows(recs)})
     width = 0.8 / (len(specs) + 1)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    labels, seen = [], set()
+
+    def bar(x, y, name, **kw):
+        ax.bar(x, y, width, label=None if name in seen else name, **kw)
+        seen.add(name)
+
     for i, recs in enumerate(runs):
         van = next(r for r in recs if r["engine"] == "vanilla")
-        labels.append(f"{van['num_requests']} x ({van['prompt_len']} + {van['output_len']})\n{van['gpu'].replace('NVIDIA ', '')}")
-        plug = [r for r in recs if r["engine"] == "plugin" and r["spec"] in specs]
+        labels.append(f"{van['num_requests']} x ({van['prompt_len']} + {van['output_len']})\n"
+                      f"{van['gpu'].replace('NVIDIA ', '')}")
+        rows = plugin_rows(recs)
         for j, spec in enumerate(specs):
-            for r in plug:
-                if r["spec"] == spec:
-                    ax.bar(i + j * width, r["output_tok_s"] / van["output_tok_s"], width, color=f"C{j}",
-                           label=spec if spec not in ax.get_legend_handles_labels()[1] else None)
-        if plug:
-            ax.bar(i + len(specs) * width, prefill_bound(van, plug[0]), width, color="lightgray", hatch="//",
-                   label="prefill bound" if "prefill bound" not in ax.get_legend_handles_labels()[1] else None)
+            if spec in rows:
+                bar(i + j * width, rows[spec]["output_tok_s"] / van["output_tok_s"], spec, color=f"C{j}")
+        if rows:
+            bar(i + len(specs) * width, prefill_bound(van, next(iter(rows.values()))), "prefill bound",
+                color="lightgray", hatch="//")
     for y in (3.0, 5.5):
         ax.axhline(y, color="k", ls=":", lw=1)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(runs))], labels, fontsize=8)
