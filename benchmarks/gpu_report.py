@@ -90,9 +90,12 @@ def plot(runs, png):
     fig.savefig(png, dpi=110)
 
 
-def prefill_bound(van: dict, plugin: dict) -> float:
-    """Vanilla's wall time over the plugin's prefill time alone (N prompts, one at a time)."""
-    return van["elapsed_s"] / (van["num_requests"] * plugin["ttft_light_s"])
+def prefill_bound(recs) -> float | None:
+    """Vanilla's wall time over the plugin's prefill time alone (N prompts, one at a time;
+    TTFT alone of the run's first plugin row). None without a plugin row."""
+    van = next(r for r in recs if r["engine"] == "vanilla")
+    plug = next((r for r in recs if r["engine"] == "plugin" and "ttft_light_s" in r), None)
+    return van["elapsed_s"] / (van["num_requests"] * plug["ttft_light_s"]) if plug else None
 
 
 def plot_workloads(runs, png, only=None):
@@ -122,8 +125,7 @@ def plot_workloads(runs, png, only=None):
             if spec in rows:
                 bar(i + j * width, rows[spec]["output_tok_s"] / van["output_tok_s"], spec, color=f"C{j}")
         if rows:
-            bar(i + len(specs) * width, prefill_bound(van, next(iter(rows.values()))), "prefill bound",
-                color="lightgray", hatch="//")
+            bar(i + len(specs) * width, prefill_bound(recs), "prefill bound", color="lightgray", hatch="//")
     for y in (3.0, 5.5):
         ax.axhline(y, color="k", ls=":", lw=1)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(runs))], labels, fontsize=8)
@@ -151,7 +153,5 @@ if __name__ == "__main__":
     if a.workloads_png:
         plot_workloads(runs, a.workloads_png, a.specs.split(";") if a.specs else None)
         for f, recs in zip(a.results, runs):
-            van = next(r for r in recs if r["engine"] == "vanilla")
-            plug = next((r for r in recs if r["engine"] == "plugin" and "ttft_light_s" in r), None)
-            if plug:
-                print(f"prefill bound {f}: {prefill_bound(van, plug):.2f}x")
+            if (bound := prefill_bound(recs)) is not None:
+                print(f"prefill bound {f}: {bound:.2f}x")

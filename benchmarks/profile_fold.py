@@ -6,8 +6,8 @@ top GPU kernels (torch.profiler). Run on the GPU machine:
 
 ``--prompt N`` times a prompt's compaction instead (N candidates packed into ``--cap``
 slots, once per request at the end of its prefill): the policy's ``select`` and the
-gather/scatter of the kept tokens. At 0.25 of 8k this one-time cost is most of the
-"scoring + compaction" share in docs/gpu.md. ``--device cpu`` runs it on the CPU path
+gather/scatter of the kept tokens. At 0.25 of 8k this one-time cost is, by subtraction
+(docs/gpu.md, "On an H200"), most of the "scoring + compaction" share. ``--device cpu`` runs it on the CPU path
 (a smoke test of the script; no timings worth reporting).
 """
 from __future__ import annotations
@@ -83,12 +83,20 @@ def main() -> None:
     busy = s.elapsed_time(e) / a.iters
     print(f"FOLD {a.policy} L={L} H={H} D={D} cap={a.cap} fold={a.fold} rows={G}: host {host:.3f} ms/fold, "
           f"stream {gpu:.3f} ms/fold, GPU-only {busy:.3f} ms/fold", flush=True)
+    top_ops(fold, dev, 10)
+
+
+def top_ops(fn, dev: torch.device, n: int) -> None:
+    """torch.profiler's 15 costliest ops over ``n`` calls (GPU time on CUDA, else CPU)."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            fold()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
+    cuda = dev.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(n):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=15),
+          flush=True)
 
 
 def prompt(a, dev: torch.device, bs: int) -> None:
@@ -120,14 +128,7 @@ def prompt(a, dev: torch.device, bs: int) -> None:
     ms = (time.perf_counter() - t0) / a.iters * 1e3
     print(f"PROMPT {a.policy} L={L} H={H} D={D} {n} -> {a.cap} rows={G}: {ms:.3f} ms per compaction "
           f"({ms / G:.3f} ms per request)", flush=True)
-    from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        for _ in range(5):
-            run()
-        sync()
-    key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=15), flush=True)
+    top_ops(run, dev, 5)
 
 
 if __name__ == "__main__":
