@@ -6,13 +6,15 @@ top GPU kernels (torch.profiler). Run on the GPU machine:
 
 ``--prompt N`` times a prompt's compaction instead (N candidates packed into ``--cap``
 slots, once per request at the end of its prefill): the policy's ``select`` and the
-gather/scatter of the kept tokens. At 0.25 of 8k this one-time cost is, by subtraction
+move of the kept tokens (``api.place``: one Triton launch; ``--reference-move`` times the
+PyTorch gather + scatter instead). On the GPU it first checks that both moves agree. At 0.25 of 8k this one-time cost is, by subtraction
 (docs/gpu.md, "On an H200"), most of the "scoring + compaction" share. ``--device cpu`` runs it on the CPU path
 (a smoke test of the script; no timings worth reporting).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -34,6 +36,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--prompt", type=int, default=0, help="time a prompt's compaction of this many tokens")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--reference-move", action="store_true",
+                   help="--prompt: move with the PyTorch reference (gather + scatter), not the Triton kernel")
     a = p.parse_args()
     dev, bs = torch.device(a.device), 16
     if a.prompt:
@@ -117,18 +121,45 @@ def prompt(a, dev: torch.device, bs: int) -> None:
     def run():  # the same work every time: the packed region is the next call's candidates' prefix
         compact_group_layers(kv, mass, None, grp, pos=pos)
 
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    for _ in range(3):
+    if dev.type == "cuda":  # the kernel's result at this shape, against the reference's
+        state = [t.clone() if t is not None else None for t in (kv, mass, pos)]
         run()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(a.iters):
-        run()
-    sync()
-    ms = (time.perf_counter() - t0) / a.iters * 1e3
-    print(f"PROMPT {a.policy} L={L} H={H} D={D} {n} -> {a.cap} rows={G}: {ms:.3f} ms per compaction "
-          f"({ms / G:.3f} ms per request)", flush=True)
-    top_ops(run, dev, 5)
+        got = [kv.clone(), mass.clone(), pos.clone() if pos is not None else None]
+        for t, s0 in zip((kv, mass, pos), state):
+            if t is not None:
+                t.copy_(s0)
+        with _reference_move():
+            run()
+        same = all(a is None or torch.equal(a, b) for a, b in zip(got, (kv, mass, pos)))
+        print(f"PROMPT CHECK Triton place == reference place: {same}", flush=True)
+    torch_move = a.reference_move or dev.type != "cuda"
+    with _reference_move() if a.reference_move else contextlib.nullcontext():
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        for _ in range(3):
+            run()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(a.iters):
+            run()
+        sync()
+        ms = (time.perf_counter() - t0) / a.iters * 1e3
+        print(f"PROMPT {a.policy} {'PyTorch' if torch_move else 'Triton'} move L={L} H={H} D={D} {n} -> {a.cap} "
+              f"rows={G}: {ms:.3f} ms per compaction ({ms / G:.3f} ms per request)", flush=True)
+        top_ops(run, dev, 5)
+
+
+@contextlib.contextmanager
+def _reference_move():
+    """Route ``api.place`` to the PyTorch reference while the context is open."""
+    from vllm_kvcomp.ops import reference
+    from vllm_kvcomp.triton_kernels import api
+
+    old = api.place
+    api.place = reference.place
+    try:
+        yield
+    finally:
+        api.place = old
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ the PyTorch reference otherwise. Same signatures as the functions they replace.
   compact_mixed(kv_cache, mass_cache, page_tag, block_row, kept, cand_positions,
                 keep_full, keep_quant, bits)                        -> quant.compact_mixed
   fold_swap(kv, mass, pos, lose, cand_blk, cand_off, cand_pos, k0)   -> reference.fold_swap
+  place(kv, mass, pos, keep, cand_blk, cand_off, dst_blk, dst_off, keep_pos)
+                                                                    -> reference.place
   fold_evict(kv, mass, pos, cand_blk, cand_off, cand_pos, k0, sinks, window, by_mass)
                                           (Triton only; = policy.evict + fold_swap)
 
@@ -228,3 +230,11 @@ def fold_evict(kv, mass, pos, cand_blk, cand_off, cand_pos, k0, sinks, window, b
     from .compaction import fold_evict as tri_fold_evict
 
     return tri_fold_evict(kv, mass, pos, cand_blk, cand_off, cand_pos, k0, sinks, window, by_mass)
+
+
+def place(kv, mass, pos, keep, cand_blk, cand_off, dst_blk, dst_off, keep_pos):
+    if not use_triton(kv):
+        return reference.place(kv, mass, pos, keep, cand_blk, cand_off, dst_blk, dst_off, keep_pos)
+    from .compaction import place as tri_place
+
+    return tri_place(kv, mass, pos, keep, cand_blk, cand_off, dst_blk, dst_off, keep_pos)

@@ -25,6 +25,11 @@ Decode folds in place (recompressing policies; ``reference.fold_swap``):
                        folded winners and moves the winners into the losers' slots.
   _fold_evict_kernel   the same, scoring and choosing the losers itself (StreamingLLM,
                        H2O): the whole fold in one launch.
+
+A packing compaction (a prompt's; ``reference.place``):
+
+  _place_kernel        one program per (row x KV head, layer): the winners into the
+                       region's first slots, in order, without a scratch copy.
 """
 from __future__ import annotations
 
@@ -529,3 +534,67 @@ def fold_evict(kv: torch.Tensor, mass: torch.Tensor, pos: torch.Tensor, cand_blk
         kv, mass, pos, scratch, cand_blk.contiguous(), cand_off.contiguous(), cand_pos.contiguous(),
         k0, e, n, sinks, window, *kv.stride()[:4], *mass.stride(), *pos.stride(), H=h, NP=np_,
         BY_MASS=by_mass, num_warps=4 if np_ <= 1024 else 8, **const)
+
+
+# A packing compaction (reference.place): a prompt's, once per request -- 6,144 of 8,192
+# tokens dropped and 2,048 packed at StreamingLLM 0.25, in every layer -- or a re-packing
+# fold. One program per (row x KV head, layer) walks the winners in order, a tile of B
+# tokens at a time: winner j goes to slot j and comes from candidate keep[j] >= j, so a
+# tile's destinations are never a later tile's sources and no scratch copy is needed
+# (the PyTorch version gathers everything to a copy first: twice the traffic, ~10 ops).
+# Within a tile a destination can be another token's source: all loads, a barrier, then
+# the stores. Tokens already in place (keep[j] == j, e.g. the sinks) are not copied.
+@triton.jit(do_not_specialize=["n", "cap", "s_dg"])
+def _place_kernel(kv_ptr, mass_ptr, pos_ptr, keep_ptr, kpos_ptr, cblk_ptr, coff_ptr, dblk_ptr, doff_ptr, n, cap,
+                  s_dg, s_kl, s_kb, s_kh, s_ks, s_ml, s_mb, s_mh, s_ms, s_pl, s_pb, s_ph, s_ps,
+                  H: tl.constexpr, B: tl.constexpr, DD: tl.constexpr, DP: tl.constexpr, HAS_POS: tl.constexpr):
+    r0 = tl.program_id(0)  # grid (rows x heads, layers), as _fold_swap_kernel
+    r = tl.program_id(1) * tl.num_programs(0) + r0
+    lay, g, h = tl.program_id(1).to(tl.int64), r0 // H, (r0 % H).to(tl.int64)
+    crow = g.to(tl.int64) * n
+    ch = tl.arange(0, DP)
+    for t in range(0, cap, B):
+        j = t + tl.arange(0, B)
+        ok = j < cap
+        c = tl.load(keep_ptr + r.to(tl.int64) * cap + j, mask=ok, other=0)
+        sb = tl.load(cblk_ptr + crow + c, mask=ok, other=0).to(tl.int64)
+        so = tl.load(coff_ptr + crow + c, mask=ok, other=0).to(tl.int64)
+        db = tl.load(dblk_ptr + g.to(tl.int64) * s_dg + j, mask=ok, other=0).to(tl.int64)
+        do = tl.load(doff_ptr + j, mask=ok, other=0).to(tl.int64)
+        mv = ok & ((sb != db) | (so != do))
+        src = kv_ptr + lay * s_kl + sb * s_kb + h * s_kh + so * s_ks
+        x = tl.load(src[:, None] + ch[None, :], mask=mv[:, None] & (ch[None, :] < DD))
+        m = tl.load(mass_ptr + lay * s_ml + sb * s_mb + h * s_mh + so * s_ms, mask=mv)
+        tl.debug_barrier()  # every load of the tile before any store
+        dst = kv_ptr + lay * s_kl + db * s_kb + h * s_kh + do * s_ks
+        tl.store(dst[:, None] + ch[None, :], x, mask=mv[:, None] & (ch[None, :] < DD))
+        tl.store(mass_ptr + lay * s_ml + db * s_mb + h * s_mh + do * s_ms, m, mask=mv)
+        if HAS_POS:
+            p = tl.load(kpos_ptr + r.to(tl.int64) * cap + j, mask=ok, other=0)
+            tl.store(pos_ptr + lay * s_pl + db * s_pb + h * s_ph + do * s_ps, p.to(tl.int32), mask=ok)
+
+
+def place(kv: torch.Tensor, mass: torch.Tensor, pos: torch.Tensor | None, keep: torch.Tensor,
+          cand_blk: torch.Tensor, cand_off: torch.Tensor, dst_blk: torch.Tensor, dst_off: torch.Tensor,
+          keep_pos: torch.Tensor | None) -> None:
+    """GPU ``reference.place``, one launch. ``kv`` may be a strided stack of layers."""
+    lc, g, h, cap = keep.shape
+    n = cand_blk.shape[1]
+    assert kv.dim() == 5 and kv.stride(-1) == 1 and kv.shape[0] == lc and kv.shape[2] == h, kv.shape
+    assert mass.shape == kv.shape[:4] and mass.dtype == torch.float32, (mass.shape, mass.dtype)
+    assert cand_blk.shape == cand_off.shape == (g, n) and cap <= n, (cand_blk.shape, cap)
+    assert dst_blk.shape[:2] == (g, 1) and dst_blk.shape[2] >= cap and dst_off.shape[2] >= cap, dst_blk.shape
+    if pos is not None:
+        assert pos.shape == mass.shape and pos.dtype == torch.int32 and keep_pos.shape == keep.shape, pos.shape
+    if cap == 0 or lc * g * h == 0:
+        return
+    dd = kv.shape[-1]
+    dp = _pow2(dd)
+    b = max(1, min(64, 8192 // dp))  # a tile of B x 2D elements stays in registers (4 warps)
+    dblk = dst_blk.reshape(g, -1).contiguous()
+    p = pos if pos is not None else mass  # placeholders when there are no positions
+    _place_kernel[(g * h, lc)](
+        kv, mass, p, keep.contiguous(), keep_pos.contiguous() if pos is not None else keep, cand_blk.contiguous(),
+        cand_off.contiguous(), dblk, dst_off.reshape(-1).contiguous(), n, cap, dblk.stride(0),
+        *kv.stride()[:4], *mass.stride(), *p.stride(), H=h, B=b, DD=dd, DP=dp, HAS_POS=pos is not None,
+        num_warps=4)

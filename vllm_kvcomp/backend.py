@@ -661,11 +661,10 @@ def _slots(grp: CompressGroup, lc: int, h: int):
 def _place(kv, mass, pos, grp: CompressGroup, keep: torch.Tensor, cpos: torch.Tensor | None) -> None:
     """Pack the winners ``keep`` (``[Lc, G, H, cap]`` ascending candidate indices) into
     slots ``[0, cap)`` of layers ``kv`` (``[Lc, nb, H, bs, 2D]``; ``mass``/``pos``
-    ``[Lc, nb, H, bs]``), in candidate order: a prompt's compaction (position order)."""
-    lc, g, h, cap = keep.shape
-    cb, co = _slots(grp, lc, h)
-    _move(kv, mass, pos, (cb.gather(3, keep), co.gather(3, keep)),
-          (grp.dst_blk[None, ..., :cap], grp.dst_off[None, ..., :cap]), cpos, keep)
+    ``[Lc, nb, H, bs]``), in candidate order: a prompt's compaction (position order).
+    One Triton launch on the GPU (``api.place``)."""
+    api.place(kv, mass, pos, keep, grp.cand_blk, grp.cand_off, grp.dst_blk, grp.dst_off,
+              cpos.gather(3, keep) if pos is not None else None)
 
 
 def _swap_in(kv, mass, pos, grp: CompressGroup, lose: torch.Tensor) -> None:
@@ -677,20 +676,6 @@ def _swap_in(kv, mass, pos, grp: CompressGroup, lose: torch.Tensor) -> None:
     compacted token precedes every query), so ``pos`` records each slot's token position
     for the next fold's scores. One Triton launch on the GPU (``api.fold_swap``)."""
     api.fold_swap(kv, mass, pos, lose, grp.cand_blk, grp.cand_off, grp.cand_pos, grp.k0)
-
-
-def _move(kv, mass, pos, src, dst, cpos, cand) -> None:
-    """Copy tokens (KV, mass, position of candidates ``cand``) from slots ``src`` to
-    ``dst`` (``(block, offset)``, broadcasting to ``[Lc, G, H, m]``): a gather (a copy:
-    sources and destinations may overlap), then a scatter."""
-    lc, h, dev = kv.shape[0], kv.shape[2], kv.device
-    ls = torch.arange(lc, device=dev)[:, None, None, None]
-    heads = torch.arange(h, device=dev)[None, None, :, None]
-    sel, msel = kv[ls, src[0], heads, src[1]], mass[ls, src[0], heads, src[1]]
-    kv[ls, dst[0], heads, dst[1]] = sel
-    mass[ls, dst[0], heads, dst[1]] = msel  # the mass moves with its token (H2O keeps accumulating it)
-    if pos is not None:
-        pos[ls, dst[0], heads, dst[1]] = cpos.gather(3, cand).to(pos.dtype)
 
 
 def compact_group_mixed(stack: LayerStack, grp: CompressGroup) -> None:

@@ -486,6 +486,42 @@ def test_fold_swap_matches_reference(e, strided):
     assert torch.equal(kv, kv_r) and torch.equal(mass, mass_r) and torch.equal(pos, pos_r)
 
 
+@pytest.mark.parametrize("k0,d,with_pos,strided", [(0, 32, True, True), (0, 24, False, False), (40, 32, True, False)])
+def test_place_matches_reference(k0, d, with_pos, strided):
+    """The one-launch packing compaction (api.place -> Triton, no scratch copy) writes
+    exactly what the PyTorch reference (gather to a copy, then scatter) writes: KV, mass
+    and positions, for a prompt's candidates (``k0 = 0``) and a re-packing fold's (old
+    compacted slots, then live tokens), winners that overlap their destinations in the
+    same tile and across tiles, an odd head size (2D not a power of two), layers as a
+    strided view."""
+    L, nb, hkv, bs, G, n, cap = 2, 40, 3, 16, 2, 150, 70
+    g = torch.Generator().manual_seed(k0 + d)
+    rows = (torch.randperm(nb - 1, generator=g)[:G * 12] + 1).view(G, 12)
+    ls0 = torch.tensor([k0 + 3, k0 + 21]) if k0 else torch.zeros(G, dtype=torch.long)
+    ar = torch.arange(n)
+    cand = torch.where(ar < k0, ar, ls0[:, None] + ar - k0)
+    cblk, coff = rows.gather(1, cand // bs).to(DEV), (cand % bs).to(DEV)
+    dpos = torch.arange(cap)
+    dblk, doff = rows[:, dpos // bs][:, None, :].to(DEV), (dpos % bs)[None, None, :].to(DEV)
+    keep = torch.stack([torch.cat([torch.arange(5), 5 + torch.randperm(n - 5, generator=g)[:cap - 5].sort().values])
+                        for _ in range(L * G * hkv)]).view(L, G, hkv, cap).to(DEV)  # sinks in place
+    if strided:  # layers interleaved with other data, as vLLM's per-layer caches are
+        base = torch.randn(nb, L + 1, hkv, bs, 2 * d, generator=g).to(torch.bfloat16).to(DEV)
+        kv = base[:, :L].permute(1, 0, 2, 3, 4)
+    else:
+        kv = torch.randn(L, nb, hkv, bs, 2 * d, generator=g).to(torch.bfloat16).to(DEV)
+    mass = torch.rand(L, nb, hkv, bs, generator=g).to(DEV)
+    pos = torch.randint(0, 1 << 20, (L, nb, hkv, bs), generator=g, dtype=torch.int32).to(DEV) if with_pos else None
+    kpos = (cand[None, :, None, :].expand(L, G, hkv, n).to(DEV).gather(3, keep) * 7) if with_pos else None
+    kv_r, mass_r = kv.clone(), mass.clone()
+    pos_r = pos.clone() if with_pos else None
+    reference.place(kv_r, mass_r, pos_r, keep, cblk, coff, dblk, doff, kpos)
+    assert not torch.equal(kv_r, kv)  # the reference moved something
+    api.place(kv, mass, pos, keep, cblk, coff, dblk, doff, kpos)
+    assert torch.equal(kv, kv_r) and torch.equal(mass, mass_r)
+    assert not with_pos or torch.equal(pos, pos_r)
+
+
 @pytest.mark.parametrize("policy_name", ["streaming", "h2o"])
 def test_fold_evict_matches_the_policy_path(policy_name, monkeypatch):
     """The one-launch fold (api.fold_evict: scores, protection, losers, move, all in the
@@ -551,3 +587,4 @@ def test_fold_kernels_do_not_compile_per_row_count():
 
     assert constexprs(compaction._fold_swap_kernel) == {"H", "E", "DD", "CH"}
     assert constexprs(compaction._fold_evict_kernel) == {"H", "E", "NP", "DD", "CH", "BY_MASS"}
+    assert constexprs(compaction._place_kernel) == {"H", "B", "DD", "DP", "HAS_POS"}

@@ -216,3 +216,30 @@ def fold_swap(kv: torch.Tensor, mass: torch.Tensor, pos: torch.Tensor, lose: tor
     kv[ls, db, heads, do] = sel
     mass[ls, db, heads, do] = msel  # the mass moves with its token (H2O keeps accumulating it)
     pos[ls, db, heads, do] = cand_pos[None, :, None, :].expand(lc, g, h, n).gather(3, src).to(pos.dtype)
+
+
+def place(kv: torch.Tensor, mass: torch.Tensor, pos: torch.Tensor | None, keep: torch.Tensor,
+          cand_blk: torch.Tensor, cand_off: torch.Tensor, dst_blk: torch.Tensor, dst_off: torch.Tensor,
+          keep_pos: torch.Tensor | None) -> None:
+    """A packing compaction (a prompt's, or a re-packing fold): the winners ``keep``
+    (``[Lc, G, H, cap]`` ascending candidate indices) go to destination slots ``[0, cap)``
+    (``dst_blk [G, 1, >=cap]``, ``dst_off [1, 1, >=cap]``), in candidate order, with their
+    attention mass; ``pos`` gets ``keep_pos`` (``[Lc, G, H, cap]`` token positions) when
+    given. ``kv`` ``[Lc, nb, H, bs, 2D]``, ``mass``/``pos`` ``[Lc, nb, H, bs]``;
+    ``cand_blk``/``cand_off`` ``[G, n]``. Destination ``j`` is never the source of a
+    winner ranked before ``j`` (candidates are in slot order from the region's start, so
+    ``keep[j] >= j``); the gather below copies anyway. The Triton twin
+    (``triton_kernels/compaction.place``) moves each (layer, row, head) in one program."""
+    lc, g, h, cap = keep.shape
+    n, dev = cand_blk.shape[1], kv.device
+    ls = torch.arange(lc, device=dev)[:, None, None, None]
+    heads = torch.arange(h, device=dev)[None, None, :, None]
+    sb = cand_blk[None, :, None, :].expand(lc, g, h, n).gather(3, keep)
+    so = cand_off[None, :, None, :].expand(lc, g, h, n).gather(3, keep)
+    db, do = dst_blk[None, ..., :cap], dst_off[None, ..., :cap]
+    # Gather first (a copy), then scatter: sources and destinations overlap.
+    sel, msel = kv[ls, sb, heads, so], mass[ls, sb, heads, so]
+    kv[ls, db, heads, do] = sel
+    mass[ls, db, heads, do] = msel  # the mass moves with its token (H2O keeps accumulating it)
+    if pos is not None:
+        pos[ls, db, heads, do] = keep_pos.to(pos.dtype)
