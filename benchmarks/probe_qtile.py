@@ -7,8 +7,9 @@
    one unpacked tile) against the PyTorch reference, on chunked prefill over an int4 prefix;
 3. their speed: B requests, an int4 compacted prefix of P tokens, a chunk of L new queries;
 4. a register cap (maxnreg) on decode over each page format;
-5. flash-decoding splits for long-context small-batch bf16 decode vs SDPA flash.
---part regs,check,prefill,maxnreg,splits picks them. Writes one JSON line per measurement
+5. flash-decoding splits for long-context small-batch bf16 decode vs SDPA flash;
+6. the same with other decode tilings (key tile, warps, pipeline stages) x splits.
+--part regs,check,prefill,maxnreg,splits,tiles picks them. Writes one JSON line per measurement
 to --out; the runs are in docs/kernels_runs/h100_probe_qtile_run*.jsonl (docs/kernels.md).
 """
 from __future__ import annotations
@@ -114,6 +115,33 @@ def decode_splits():
         del c
 
 
+def decode_tiles():
+    """Long-context small-batch bf16 decode under other tilings than the default (64-token
+    key tiles, 4 warps, 3 stages: chosen at 64 x 8192), beside SDPA flash on the same tokens."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    configs = [dict(TILE_N=t, num_warps=w, num_stages=st) for t in (64, 128) for w in (4, 8) for st in (2, 3, 4)]
+    for B, ctx in ((8, 65536), (4, 131072), (16, 32768)):
+        c = Decode(B, ctx)
+        q = c.q.view(B, c.hkv * c.g, 1, c.d)
+        k = torch.randn(B, c.hkv, ctx, c.d, device="cuda", dtype=c.q.dtype)
+        v = torch.randn_like(k)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            t_flash = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        ref = c.run().clone()
+        del k, v
+        for cfg in configs:
+            for splits in (None, 16, 24, 32):
+                try:
+                    t = ms(lambda: c.run(num_splits=splits, config=cfg), rep=100)
+                    err = float((c.out.float() - ref.float()).norm() / ref.float().norm())
+                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+                    emit(what="decode tiles", B=B, ctx=ctx, cfg=cfg, splits=splits, error=f"{type(e).__name__}")
+                    break
+                emit(what="decode tiles", B=B, ctx=ctx, cfg=cfg, splits=splits, ms=t, flash_ms=t_flash,
+                     vs_flash=t_flash / t, rel_err=err)
+        del c
+
+
 def prefix_batch(B, P, L, bits, device, seed=0):
     """B requests: P tokens compacted into `bits` pages, then L new query tokens (live)."""
     bs, d = 16, 128
@@ -182,6 +210,8 @@ def main():
     parts = a.part.split(",")
     if "splits" in parts:
         decode_splits()
+    if "tiles" in parts:
+        decode_tiles()
     if "maxnreg" in parts:
         decode_maxnreg()
     if "regs" in parts:

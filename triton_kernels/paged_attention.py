@@ -731,6 +731,41 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# Decode with few (request, KV head) rows -- long contexts at small batch, the
+# flash-decoding regime: 128-token key tiles, a deeper pipeline and 16 splits. Measured on
+# an H200 beside SDPA flash (benchmarks/probe_qtile.py --part tiles, docs/kernels.md):
+# 8 x 64k 0.714 -> 0.582 ms (flash 0.525), 4 x 128k 0.708 -> 0.583 (0.561), 16 x 32k
+# 0.661 -> 0.594 (0.525). The default (64-token tiles, 3 stages, ~2 programs per SM per
+# row) stays for batches that fill the GPU by themselves (tuned at 64 x 8192).
+FEW_ROWS_SPLITS = 16
+
+
+def _few_rows_decode(device: torch.device, rows: int, D: int, BS: int, es: int, max_seq_len: int):
+    """(config, num_splits) of a decode launch over ``rows`` = B x H_kv rows of full-precision
+    pages; (None, None) = the default heuristic."""
+    if rows > _num_sms(device) or D > 128:
+        return None, None
+    smem = _smem_per_block(device)
+    # Triton's pipeliner keeps num_stages - 1 K+V tiles in shared memory
+    stages = next((st for st in (4, 3, 2) if (st - 1) * 128 * 2 * D * es + 16384 <= smem), None)
+    if stages is None:
+        return None, None
+    entries = -(-max_seq_len // BS) + 1
+    return {"TILE_N": 128, "num_stages": stages}, max(1, min(FEW_ROWS_SPLITS, entries * BS // 128))
+
+
+def _smem_per_block(device: torch.device) -> int:
+    """Opt-in shared memory per block in bytes (the interpreter: no limit)."""
+    if device.type != "cuda":
+        return 1 << 30
+    return _smem(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _smem(index: int) -> int:
+    return int(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0))
+
+
 def _freeze(config):
     return tuple(sorted(config.items())) if config else None
 
@@ -876,10 +911,14 @@ def paged_attention_batched(
     kvh = kv_cache.view(torch.float16)
     tags = page_tag if page_tag is not None else seq_lens  # dummy pointer when unused
     decode = max_query_len <= 1
+    fwd_config = config
+    if num_splits is None and config is None and decode and page_tag is None:
+        fwd_config, num_splits = _few_rows_decode(q.device, B * H_kv, D, BS, kv_cache.element_size(),
+                                                  max_seq_len)
     # Everything below depends on shapes only: computed once per shape (host time per
     # layer matters: attention runs between CUDA graph pieces).
     common, caps, tiling = _launch_consts(D, BS, G, kv_cache.dtype, page_tag is not None,
-                                          tuple(page_bits), decode, _freeze(config))
+                                          tuple(page_bits), decode, _freeze(fwd_config))
     BLOCK_M, TILE_N, num_warps, num_stages, qstages, planes, maxnreg = tiling
     BLOCK_Q = BLOCK_M // G
     n_qtiles = T // BLOCK_Q + B
@@ -916,9 +955,10 @@ def paged_attention_batched(
         assert stat.dtype == torch.float32 and stat.stride(2) == 1 and stat.shape[1] == H_kv
         if want_mass and has_obs:
             assert obs_cache.stride() == mass_cache.stride() and obs_cache.shape == mass_cache.shape
-        if page_tag is not None and not stats_tags:
-            common = dict(_launch_consts(D, BS, G, kv_cache.dtype, False, tuple(page_bits), decode,
-                                         _freeze(config))[0], H_Q=H_q)
+        if (page_tag is not None and not stats_tags) or fwd_config is not config:
+            # the statistics pass keeps its own (default) tiling
+            common = dict(_launch_consts(D, BS, G, kv_cache.dtype, page_tag is not None and stats_tags,
+                                         tuple(page_bits), decode, _freeze(config))[0], H_Q=H_q)
         need = max(caps.values()) if page_tag is not None and stats_tags else BS
         assert stat.shape[2] >= need, f"stat tensors need {need} slots per page"
         st = stat_table if stat_table is not None else block_table

@@ -120,6 +120,27 @@ def test_decode(d, bs, hkv, g, dtype, splits):
     _check_batch(b, splits=splits)
 
 
+def test_few_rows_decode_takes_long_tiles(monkeypatch):
+    """Decode over few (request, KV head) rows -- long contexts at small batch -- takes
+    128-token key tiles and 16 splits (flash-decoding; docs/kernels.md) and still matches
+    the reference, over live and compacted tokens, with statistics (which keep their own
+    tiling). The CPU interpreter counts 4 SMs: 2 requests x 2 KV heads are few."""
+    from vllm_kvcomp.triton_kernels import paged_attention as pa
+    from vllm_kvcomp.triton_kernels.paged_attention import FEW_ROWS_SPLITS, _few_rows_decode
+
+    cfg, splits = _few_rows_decode(DEV, 4, 128, 16, 2, 4096)
+    assert cfg["TILE_N"] == 128 and cfg["num_stages"] >= 2 and splits == FEW_ROWS_SPLITS
+    assert _few_rows_decode(DEV, 4, 128, 16, 2, 200)[1] == 1  # one tile's worth: one split
+    assert _few_rows_decode(DEV, 1 << 20, 128, 16, 2, 4096) == (None, None)  # batch fills the GPU
+    assert _few_rows_decode(DEV, 4, 256, 16, 2, 4096) == (None, None)
+    reqs = [Req(1, 40 * 16 + 3), Req(1, 30 * 16 + 1, live_start=12 * 16, kept=5 * 16 + 7)]
+    b = make_batch(reqs, hkv=2, g=4, d=128, bs=16, dtype=torch.bfloat16, device=DEV, seed=11)
+    tilings, consts = [], pa._launch_consts
+    monkeypatch.setattr(pa, "_launch_consts", lambda *a: tilings.append(a[-1]) or consts(*a))
+    _check_batch(b)
+    assert [dict(t or {}).get("TILE_N") for t in tilings] == [128, None]  # forward, then statistics
+
+
 PREFILL = [
     (32, 16, 2, 2, torch.bfloat16),
     (64, 32, 1, 4, torch.float16),
