@@ -8,8 +8,11 @@
 3. their speed: B requests, an int4 compacted prefix of P tokens, a chunk of L new queries;
 4. a register cap (maxnreg) on decode over each page format;
 5. flash-decoding splits for long-context small-batch bf16 decode vs SDPA flash;
-6. the same with other decode tilings (key tile, warps, pipeline stages) x splits.
---part regs,check,prefill,maxnreg,splits,tiles picks them. Writes one JSON line per measurement
+6. the same with other decode tilings (key tile, warps, pipeline stages) x splits;
+7. the few-rows decode launch (paged_attention._few_rows_decode) against the launch it
+   replaced (64-token tiles, 3 stages, splits to fill the GPU twice) and flash, interleaved
+   and repeated (run-to-run spread of these timings is ~10%).
+--part regs,check,prefill,maxnreg,splits,tiles,fewrows picks them. Writes one JSON line per measurement
 to --out; the runs are in docs/kernels_runs/h100_probe_qtile_run*.jsonl (docs/kernels.md).
 """
 from __future__ import annotations
@@ -142,6 +145,26 @@ def decode_tiles():
         del c
 
 
+def decode_few_rows(repeats=3):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from vllm_kvcomp.triton_kernels.paged_attention import _num_sms
+    for B, ctx in ((8, 65536), (4, 131072), (16, 32768), (2, 131072), (16, 8192)):
+        c = Decode(B, ctx)
+        q = c.q.view(B, c.hkv * c.g, 1, c.d)
+        k = torch.randn(B, c.hkv, ctx, c.d, device="cuda", dtype=c.q.dtype)
+        v = torch.randn_like(k)
+        old_splits = max(1, min(-(-2 * _num_sms(q.device) // (B * c.hkv)), (ctx // c.bs + 1) // 4, 64))
+        for rep in range(repeats):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                t_flash = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            t_new = ms(lambda: c.run(), rep=100)
+            t_old = ms(lambda: c.run(num_splits=old_splits, config={"TILE_N": 64, "num_stages": 3}), rep=100)
+            emit(what="few rows", B=B, ctx=ctx, rep=rep, new_ms=t_new, old_ms=t_old, old_splits=old_splits,
+                 flash_ms=t_flash, new_vs_flash=t_flash / t_new, old_vs_flash=t_flash / t_old)
+        del c, k, v
+
+
 def prefix_batch(B, P, L, bits, device, seed=0):
     """B requests: P tokens compacted into `bits` pages, then L new query tokens (live)."""
     bs, d = 16, 128
@@ -212,6 +235,8 @@ def main():
         decode_splits()
     if "tiles" in parts:
         decode_tiles()
+    if "fewrows" in parts:
+        decode_few_rows()
     if "maxnreg" in parts:
         decode_maxnreg()
     if "regs" in parts:
