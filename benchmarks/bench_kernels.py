@@ -105,6 +105,7 @@ class Decode:
         self.q = torch.randn(B, hkv * g, d, device=DEV, dtype=DT, generator=gen)
         self.qsl = torch.arange(B + 1, dtype=torch.int32, device=DEV)
         self.out = torch.empty_like(self.q)
+        self.max_seq = int(self.seq.max())  # on the host once: run() can be captured in a CUDA graph
 
     def _fill_meta(self, blocks, bits, cap):
         """Random codes are already there (random bytes); give every page sane fp16 scales."""
@@ -123,7 +124,7 @@ class Decode:
     def run(self, **kw):
         return paged_attention_batched(self.q, self.kv, self.bt, self.qsl, self.seq, self.kept, self.live,
                                        self.d ** -0.5, page_tag=self.tag, out=self.out, max_query_len=1,
-                                       max_seq_len=int(self.seq.max()), **kw)
+                                       max_seq_len=self.max_seq, **kw)
 
 
 def prefill_case(B, L, hkv=8, g=4, d=128, bs=16):

@@ -11,7 +11,8 @@
 6. the same with other decode tilings (key tile, warps, pipeline stages) x splits;
 7. the few-rows decode launch (paged_attention._few_rows_decode) against the launch it
    replaced (64-token tiles, 3 stages, splits to fill the GPU twice) and flash, interleaved
-   and repeated (run-to-run spread of these timings is ~10%).
+   and repeated (run-to-run spread of these timings is ~10%); also replayed from CUDA graphs
+   (no host launch time, as vLLM replays decode).
 --part regs,check,prefill,maxnreg,splits,tiles,fewrows picks them. Writes one JSON line per measurement
 to --out; the runs are in docs/kernels_runs/h100_probe_qtile_run*.jsonl (docs/kernels.md).
 """
@@ -155,14 +156,37 @@ def decode_few_rows(repeats=3):
         k = torch.randn(B, c.hkv, ctx, c.d, device="cuda", dtype=c.q.dtype)
         v = torch.randn_like(k)
         old_splits = max(1, min(-(-2 * _num_sms(q.device) // (B * c.hkv)), (ctx // c.bs + 1) // 4, 64))
-        for rep in range(repeats):
+        def flash():
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                t_flash = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-            t_new = ms(lambda: c.run(), rep=100)
-            t_old = ms(lambda: c.run(num_splits=old_splits, config={"TILE_N": 64, "num_stages": 3}), rep=100)
-            emit(what="few rows", B=B, ctx=ctx, rep=rep, new_ms=t_new, old_ms=t_old, old_splits=old_splits,
-                 flash_ms=t_flash, new_vs_flash=t_flash / t_new, old_vs_flash=t_flash / t_old)
-        del c, k, v
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+        def old():
+            return c.run(num_splits=old_splits, config={"TILE_N": 64, "num_stages": 3})
+
+        fns = dict(flash=flash, new=c.run, old=old)
+        graphs = {name: _graph(fn) for name, fn in fns.items()}  # replayed: no host launch time, as in serving
+        for rep in range(repeats):
+            t = {name: ms(fn, rep=100) for name, fn in fns.items()}
+            tg = {name: ms(g.replay, rep=100) for name, g in graphs.items()}
+            emit(what="few rows", B=B, ctx=ctx, rep=rep, new_ms=t["new"], old_ms=t["old"], old_splits=old_splits,
+                 flash_ms=t["flash"], new_vs_flash=t["flash"] / t["new"], old_vs_flash=t["flash"] / t["old"],
+                 graph_ms=tg, graph_new_vs_flash=tg["flash"] / tg["new"], graph_old_vs_flash=tg["flash"] / tg["old"])
+        del c, k, v, graphs
+
+
+def _graph(fn):
+    fn()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()  # warm-up on a side stream before capture, as PyTorch advises
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    torch.cuda.synchronize()
+    return g
 
 
 def prefix_batch(B, P, L, bits, device, seed=0):
