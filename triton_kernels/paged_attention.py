@@ -733,10 +733,11 @@ def _sm_count(index: int) -> int:
 
 # Decode with few (request, KV head) rows -- long contexts at small batch, the
 # flash-decoding regime: 128-token key tiles, a deeper pipeline and 16 splits. Measured on
-# an H200 beside SDPA flash (benchmarks/probe_qtile.py --part tiles, docs/kernels.md):
-# 8 x 64k 0.714 -> 0.582 ms (flash 0.525), 4 x 128k 0.708 -> 0.583 (0.561), 16 x 32k
-# 0.661 -> 0.594 (0.525). The default (64-token tiles, 3 stages, ~2 programs per SM per
-# row) stays for batches that fill the GPU by themselves (tuned at 64 x 8192).
+# an H200 beside SDPA flash (benchmarks/probe_qtile.py --part fewrows, docs/kernels.md):
+# 8 x 64k 0.561 -> 0.509 ms (flash 0.53-0.59), 4 x 128k 0.601 -> 0.503 (0.57-0.63),
+# 16 x 32k 0.558 -> 0.520 (0.53-0.58), 2 x 128k 0.325 -> 0.262 (0.29-0.30); 16 x 8k
+# 0.157 -> 0.161 (0.144). The default (64-token tiles, 3 stages, splits to fill the GPU
+# twice) stays for batches that fill the GPU by themselves (tuned at 64 x 8192).
 FEW_ROWS_SPLITS = 16
 
 
