@@ -7,9 +7,10 @@ top GPU kernels (torch.profiler). Run on the GPU machine:
 ``--prompt N`` times a prompt's compaction instead (N candidates packed into ``--cap``
 slots, once per request at the end of its prefill): the policy's ``select`` and the
 move of the kept tokens (``api.place``: one Triton launch; ``--reference-move`` times the
-PyTorch gather + scatter instead). On the GPU it first checks that both moves agree. At 0.25 of 8k this one-time cost is, by subtraction
-(docs/gpu.md, "On an H200"), most of the "scoring + compaction" share. ``--device cpu`` runs it on the CPU path
-(a smoke test of the script; no timings worth reporting).
+PyTorch gather + scatter instead). On the GPU it first checks that both moves agree.
+8,192 -> 2,048 on an H200: 2.55 ms per request with the PyTorch move, 0.68 ms with the
+kernel (docs/gpu.md, "A prompt's compaction in one launch"). ``--device cpu`` runs it on
+the CPU path (a smoke test of the script; no timings worth reporting).
 """
 from __future__ import annotations
 

@@ -652,12 +652,6 @@ def _fused_fold(grp: CompressGroup, pos: torch.Tensor | None, kv: torch.Tensor) 
         and api.can_fold_evict(kv, n, n - grp.k0)
 
 
-def _slots(grp: CompressGroup, lc: int, h: int):
-    """``[Lc, G, H, n]`` block and offset of every candidate."""
-    g, n = grp.cand_blk.shape
-    return (grp.cand_blk[None, :, None, :].expand(lc, g, h, n), grp.cand_off[None, :, None, :].expand(lc, g, h, n))
-
-
 def _place(kv, mass, pos, grp: CompressGroup, keep: torch.Tensor, cpos: torch.Tensor | None) -> None:
     """Pack the winners ``keep`` (``[Lc, G, H, cap]`` ascending candidate indices) into
     slots ``[0, cap)`` of layers ``kv`` (``[Lc, nb, H, bs, 2D]``; ``mass``/``pos``

@@ -226,10 +226,12 @@ def place(kv: torch.Tensor, mass: torch.Tensor, pos: torch.Tensor | None, keep: 
     (``dst_blk [G, 1, >=cap]``, ``dst_off [1, 1, >=cap]``), in candidate order, with their
     attention mass; ``pos`` gets ``keep_pos`` (``[Lc, G, H, cap]`` token positions) when
     given. ``kv`` ``[Lc, nb, H, bs, 2D]``, ``mass``/``pos`` ``[Lc, nb, H, bs]``;
-    ``cand_blk``/``cand_off`` ``[G, n]``. Destination ``j`` is never the source of a
-    winner ranked before ``j`` (candidates are in slot order from the region's start, so
-    ``keep[j] >= j``); the gather below copies anyway. The Triton twin
-    (``triton_kernels/compaction.place``) moves each (layer, row, head) in one program."""
+    ``cand_blk``/``cand_off`` ``[G, n]``. Candidate ``i`` sits at or after slot ``i``
+    (old compacted slots first, then live tokens further on) and ``keep[j] >= j``, so
+    destination ``j`` can only be the source of a winner ranked at or before ``j``: moving
+    winners in rank order never overwrites a source still to be read. The Triton twin
+    (``triton_kernels/compaction.place``) relies on that, one program per (layer, row,
+    head); the gather below copies anyway."""
     lc, g, h, cap = keep.shape
     n, dev = cand_blk.shape[1], kv.device
     ls = torch.arange(lc, device=dev)[:, None, None, None]
