@@ -141,6 +141,32 @@ def test_few_rows_decode_takes_long_tiles(monkeypatch):
     assert [dict(t or {}).get("TILE_N") for t in tilings] == [128, None]  # forward, then statistics
 
 
+def test_benchmark_decode_call_reads_nothing_back(monkeypatch):
+    """Regression (docs/kernels.md, "Measured on an H200"): ``bench_kernels.Decode.run``
+    read ``max_seq_len`` from the device inside every timed call -- a host sync that added
+    0.07-0.14 ms to every decode timing for weeks and made ours look slower than flash. A
+    timed call must read no device tensor on the host (it can then also be captured in a
+    CUDA graph, as vLLM runs decode)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_kernels.py")
+    spec = importlib.util.spec_from_file_location("bench_kernels_under_test", path)
+    bk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bk)
+    monkeypatch.setattr(bk, "DEV", str(DEV))
+    c = bk.Decode(2, 100, hkv=2, g=2, d=32)
+
+    def host_read(*a, **k):
+        raise AssertionError("a timed call read a device tensor on the host")
+
+    for name in ("item", "tolist", "__int__", "__bool__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    out = c.run()
+    monkeypatch.undo()
+    assert out.shape == c.q.shape and not out.isnan().any()
+
+
 PREFILL = [
     (32, 16, 2, 2, torch.bfloat16),
     (64, 32, 1, 4, torch.float16),
