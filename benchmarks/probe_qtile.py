@@ -104,15 +104,11 @@ def decode_maxnreg():
 
 def decode_splits():
     """Long-context small-batch bf16 decode: number of flash-decoding splits vs SDPA flash."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     for B, ctx in ((8, 65536), (16, 32768), (64, 8192)):
         c = Decode(B, ctx)
-        q = c.q.view(B, c.hkv * c.g, 1, c.d)
-        k = torch.randn(B, c.hkv, ctx, c.d, device="cuda", dtype=c.q.dtype)
-        v = torch.randn_like(k)
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            t_flash = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-        del k, v
+        flash = _flash_decode(c)
+        t_flash = ms(flash)
+        del flash
         for splits in (None, 4, 8, 12, 16, 24, 32, 48):
             t = ms(lambda: c.run(num_splits=splits), rep=100)
             emit(what="decode splits", B=B, ctx=ctx, splits=splits, ms=t, flash_ms=t_flash, vs_flash=t_flash / t)
@@ -122,17 +118,13 @@ def decode_splits():
 def decode_tiles():
     """Long-context small-batch bf16 decode under other tilings than the default (64-token
     key tiles, 4 warps, 3 stages: chosen at 64 x 8192), beside SDPA flash on the same tokens."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     configs = [dict(TILE_N=t, num_warps=w, num_stages=st) for t in (64, 128) for w in (4, 8) for st in (2, 3, 4)]
     for B, ctx in ((8, 65536), (4, 131072), (16, 32768)):
         c = Decode(B, ctx)
-        q = c.q.view(B, c.hkv * c.g, 1, c.d)
-        k = torch.randn(B, c.hkv, ctx, c.d, device="cuda", dtype=c.q.dtype)
-        v = torch.randn_like(k)
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            t_flash = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        flash = _flash_decode(c)
+        t_flash = ms(flash)
         ref = c.run().clone()
-        del k, v
+        del flash
         for cfg in configs:
             for splits in (None, 16, 24, 32):
                 try:
@@ -147,18 +139,11 @@ def decode_tiles():
 
 
 def decode_few_rows(repeats=3):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     from vllm_kvcomp.triton_kernels.paged_attention import _num_sms
     for B, ctx in ((8, 65536), (4, 131072), (16, 32768), (2, 131072), (16, 8192)):
         c = Decode(B, ctx)
-        q = c.q.view(B, c.hkv * c.g, 1, c.d)
-        k = torch.randn(B, c.hkv, ctx, c.d, device="cuda", dtype=c.q.dtype)
-        v = torch.randn_like(k)
-        old_splits = max(1, min(-(-2 * _num_sms(q.device) // (B * c.hkv)), (ctx // c.bs + 1) // 4, 64))
-        def flash():
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        flash = _flash_decode(c)
+        old_splits = max(1, min(-(-2 * _num_sms(c.q.device) // (B * c.hkv)), (ctx // c.bs + 1) // 4, 64))
 
         def old():
             return c.run(num_splits=old_splits, config={"TILE_N": 64, "num_stages": 3})
@@ -171,7 +156,20 @@ def decode_few_rows(repeats=3):
             emit(what="few rows", B=B, ctx=ctx, rep=rep, new_ms=t["new"], old_ms=t["old"], old_splits=old_splits,
                  flash_ms=t["flash"], new_vs_flash=t["flash"] / t["new"], old_vs_flash=t["flash"] / t["old"],
                  graph_ms=tg, graph_new_vs_flash=tg["flash"] / tg["new"], graph_old_vs_flash=tg["flash"] / tg["old"])
-        del c, k, v, graphs
+        del c, flash, graphs
+
+
+def _flash_decode(c: Decode):
+    """SDPA flash decode over ``c``'s query and fresh dense K/V of the same shape: a callable."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q = c.q.view(c.B, c.hkv * c.g, 1, c.d)
+    k = torch.randn(c.B, c.hkv, c.ctx, c.d, device="cuda", dtype=c.q.dtype)
+    v = torch.randn_like(k)
+
+    def flash():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    return flash
 
 
 def _graph(fn):

@@ -498,6 +498,15 @@ def test_compact_mixed_all_layers_and_rows_at_once(bits):
     assert torch.equal(got[:, used].view(torch.uint8), ref[:, used].view(torch.uint8))
 
 
+def _layer_stack(L, nb, hkv, bs, d, g, strided):
+    """Random ``[L, nb, H, bs, 2D]`` bf16 caches; ``strided``: layers interleaved with other
+    data, as a view over vLLM's per-layer caches (the backend's stack) is."""
+    if strided:
+        base = torch.randn(nb, L + 1, hkv, bs, 2 * d, generator=g).to(torch.bfloat16).to(DEV)
+        return base[:, :L].permute(1, 0, 2, 3, 4)
+    return torch.randn(L, nb, hkv, bs, 2 * d, generator=g).to(torch.bfloat16).to(DEV)
+
+
 @pytest.mark.parametrize("e,strided", [(32, False), (24, True)])
 def test_fold_swap_matches_reference(e, strided):
     """The one-launch decode fold (api.fold_swap -> Triton) writes exactly what the PyTorch
@@ -519,11 +528,7 @@ def test_fold_swap_matches_reference(e, strided):
         both = torch.cat([old, folded])
         lose.view(-1, e)[i] = both[torch.randperm(e, generator=g)]
     lose = lose.to(DEV)
-    if strided:  # layers interleaved with other data, as vLLM's per-layer caches are
-        base = torch.randn(nb, L + 1, hkv, bs, 2 * d, generator=g).to(torch.bfloat16).to(DEV)
-        kv = base[:, :L].permute(1, 0, 2, 3, 4)
-    else:
-        kv = torch.randn(L, nb, hkv, bs, 2 * d, generator=g).to(torch.bfloat16).to(DEV)
+    kv = _layer_stack(L, nb, hkv, bs, d, g, strided)
     mass = torch.rand(L, nb, hkv, bs, generator=g).to(DEV)
     pos = torch.randint(0, 1 << 20, (L, nb, hkv, bs), generator=g, dtype=torch.int32).to(DEV)
     kv_r, mass_r, pos_r = kv.clone(), mass.clone(), pos.clone()
@@ -552,11 +557,7 @@ def test_place_matches_reference(k0, d, with_pos, strided):
     dblk, doff = rows[:, dpos // bs][:, None, :].to(DEV), (dpos % bs)[None, None, :].to(DEV)
     keep = torch.stack([torch.cat([torch.arange(5), 5 + torch.randperm(n - 5, generator=g)[:cap - 5].sort().values])
                         for _ in range(L * G * hkv)]).view(L, G, hkv, cap).to(DEV)  # sinks in place
-    if strided:  # layers interleaved with other data, as vLLM's per-layer caches are
-        base = torch.randn(nb, L + 1, hkv, bs, 2 * d, generator=g).to(torch.bfloat16).to(DEV)
-        kv = base[:, :L].permute(1, 0, 2, 3, 4)
-    else:
-        kv = torch.randn(L, nb, hkv, bs, 2 * d, generator=g).to(torch.bfloat16).to(DEV)
+    kv = _layer_stack(L, nb, hkv, bs, d, g, strided)
     mass = torch.rand(L, nb, hkv, bs, generator=g).to(DEV)
     pos = torch.randint(0, 1 << 20, (L, nb, hkv, bs), generator=g, dtype=torch.int32).to(DEV) if with_pos else None
     kpos = (cand[None, :, None, :].expand(L, G, hkv, n).to(DEV).gather(3, keep) * 7) if with_pos else None
