@@ -139,11 +139,11 @@ def decode_tiles():
 
 
 def decode_few_rows(repeats=3):
-    from vllm_kvcomp.triton_kernels.paged_attention import _num_sms
+    from vllm_kvcomp.triton_kernels.paged_attention import _default_splits
     for B, ctx in ((8, 65536), (4, 131072), (16, 32768), (2, 131072), (16, 8192)):
         c = Decode(B, ctx)
         flash = _flash_decode(c)
-        old_splits = max(1, min(-(-2 * _num_sms(c.q.device) // (B * c.hkv)), (ctx // c.bs + 1) // 4, 64))
+        old_splits = _default_splits(c.q.device, B * c.hkv, c.max_seq, c.bs)
 
         def old():
             return c.run(num_splits=old_splits, config={"TILE_N": 64, "num_stages": 3})

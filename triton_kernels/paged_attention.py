@@ -746,25 +746,33 @@ def _few_rows_decode(device: torch.device, rows: int, D: int, BS: int, es: int, 
     pages; (None, None) = the default heuristic."""
     if rows > _num_sms(device) or D > 128:
         return None, None
-    smem = _smem_per_block(device)
-    # Triton's pipeliner keeps num_stages - 1 K+V tiles in shared memory
-    stages = next((st for st in (4, 3, 2) if (st - 1) * 128 * 2 * D * es + 16384 <= smem), None)
-    if stages is None:
+    index = -1  # the interpreter
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    config = _few_rows_config(index, D, es)
+    if config is None:
         return None, None
     entries = -(-max_seq_len // BS) + 1
-    return {"TILE_N": 128, "num_stages": stages}, max(1, min(FEW_ROWS_SPLITS, entries * BS // 128))
-
-
-def _smem_per_block(device: torch.device) -> int:
-    """Opt-in shared memory per block in bytes (the interpreter: no limit)."""
-    if device.type != "cuda":
-        return 1 << 30
-    return _smem(device.index if device.index is not None else torch.cuda.current_device())
+    return config, max(1, min(FEW_ROWS_SPLITS, entries * BS // 128))
 
 
 @functools.lru_cache(maxsize=None)
-def _smem(index: int) -> int:
-    return int(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0))
+def _few_rows_config(index: int, D: int, es: int) -> dict | None:
+    """The few-rows tiling on device ``index`` (-1: the interpreter, no shared-memory limit):
+    the deepest pipeline whose K+V tiles fit -- Triton's pipeliner keeps num_stages - 1 of
+    them in shared memory. Computed once (decode launches run per layer)."""
+    smem = 1 << 30 if index < 0 else \
+        int(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0))
+    stages = next((st for st in (4, 3, 2) if (st - 1) * 128 * 2 * D * es + 16384 <= smem), None)
+    return None if stages is None else {"TILE_N": 128, "num_stages": stages}
+
+
+def _default_splits(device: torch.device, rows: int, max_seq_len: int, BS: int) -> int:
+    """Flash-decoding splits of the default decode launch: enough programs to fill the GPU
+    twice over, but >= 4 entries per split."""
+    want = -(-2 * _num_sms(device) // max(1, rows))
+    entries = -(-max_seq_len // BS) + 1
+    return max(1, min(want, entries // 4, 64))
 
 
 def _freeze(config):
@@ -924,13 +932,7 @@ def paged_attention_batched(
     BLOCK_Q = BLOCK_M // G
     n_qtiles = T // BLOCK_Q + B
     if num_splits is None:
-        if decode:
-            # enough programs to fill the GPU twice over, but >= 4 entries per split
-            want = -(-2 * _num_sms(q.device) // max(1, B * H_kv))
-            entries = -(-max_seq_len // BS) + 1
-            num_splits = max(1, min(want, entries // 4, 64))
-        else:
-            num_splits = 1
+        num_splits = _default_splits(q.device, B * H_kv, max_seq_len, BS) if decode else 1
     write_lse = stats
     lse = torch.empty(T, H_q, device=q.device, dtype=torch.float32) if (write_lse or num_splits > 1) else out
     if num_splits > 1:
@@ -956,10 +958,11 @@ def paged_attention_batched(
         assert stat.dtype == torch.float32 and stat.stride(2) == 1 and stat.shape[1] == H_kv
         if want_mass and has_obs:
             assert obs_cache.stride() == mass_cache.stride() and obs_cache.shape == mass_cache.shape
-        if (page_tag is not None and not stats_tags) or fwd_config is not config:
-            # the statistics pass keeps its own (default) tiling
-            common = dict(_launch_consts(D, BS, G, kv_cache.dtype, page_tag is not None and stats_tags,
-                                         tuple(page_bits), decode, _freeze(config))[0], H_Q=H_q)
+        stat_tags = page_tag is not None and stats_tags  # False: read every page as full
+        if stat_tags != (page_tag is not None) or fwd_config is not config:
+            # the statistics pass keeps the caller's tiling (the forward may have taken few-rows')
+            common = dict(_launch_consts(D, BS, G, kv_cache.dtype, stat_tags, tuple(page_bits), decode,
+                                         _freeze(config))[0], H_Q=H_q)
         need = max(caps.values()) if page_tag is not None and stats_tags else BS
         assert stat.shape[2] >= need, f"stat tensors need {need} slots per page"
         st = stat_table if stat_table is not None else block_table

@@ -205,17 +205,11 @@ def fold_swap(kv: torch.Tensor, mass: torch.Tensor, pos: torch.Tensor, lose: tor
     won = torch.sort(won[..., :e], dim=3, descending=True, stable=True).indices + k0
     # As many old losers as folded winners; past them each folded loser stays where it is.
     src = torch.where(lose < k0, won, lose)
-    dev = kv.device
-    ls = torch.arange(lc, device=dev)[:, None, None, None]
-    heads = torch.arange(h, device=dev)[None, None, :, None]
     cb, co = cand_blk[None, :, None, :].expand(lc, g, h, n), cand_off[None, :, None, :].expand(lc, g, h, n)
-    sb, so, db, do = cb.gather(3, src), co.gather(3, src), cb.gather(3, lose), co.gather(3, lose)
     # Sources are folded (live) slots, destinations old slots or the source itself: no
     # destination is another move's source, so one gather then one scatter is exact.
-    sel, msel = kv[ls, sb, heads, so], mass[ls, sb, heads, so]
-    kv[ls, db, heads, do] = sel
-    mass[ls, db, heads, do] = msel  # the mass moves with its token (H2O keeps accumulating it)
-    pos[ls, db, heads, do] = cand_pos[None, :, None, :].expand(lc, g, h, n).gather(3, src).to(pos.dtype)
+    _move_slots(kv, mass, pos, (cb.gather(3, src), co.gather(3, src)), (cb.gather(3, lose), co.gather(3, lose)),
+                cand_pos[None, :, None, :].expand(lc, g, h, n).gather(3, src))
 
 
 def place(kv: torch.Tensor, mass: torch.Tensor, pos: torch.Tensor | None, keep: torch.Tensor,
@@ -233,15 +227,22 @@ def place(kv: torch.Tensor, mass: torch.Tensor, pos: torch.Tensor | None, keep: 
     (``triton_kernels/compaction.place``) relies on that, one program per (layer, row,
     head); the gather below copies anyway."""
     lc, g, h, cap = keep.shape
-    n, dev = cand_blk.shape[1], kv.device
-    ls = torch.arange(lc, device=dev)[:, None, None, None]
-    heads = torch.arange(h, device=dev)[None, None, :, None]
-    sb = cand_blk[None, :, None, :].expand(lc, g, h, n).gather(3, keep)
-    so = cand_off[None, :, None, :].expand(lc, g, h, n).gather(3, keep)
-    db, do = dst_blk[None, ..., :cap], dst_off[None, ..., :cap]
-    # Gather first (a copy), then scatter: sources and destinations overlap.
-    sel, msel = kv[ls, sb, heads, so], mass[ls, sb, heads, so]
-    kv[ls, db, heads, do] = sel
-    mass[ls, db, heads, do] = msel  # the mass moves with its token (H2O keeps accumulating it)
+    n = cand_blk.shape[1]
+    src = (cand_blk[None, :, None, :].expand(lc, g, h, n).gather(3, keep),
+           cand_off[None, :, None, :].expand(lc, g, h, n).gather(3, keep))
+    _move_slots(kv, mass, pos, src, (dst_blk[None, ..., :cap], dst_off[None, ..., :cap]), keep_pos)
+
+
+def _move_slots(kv, mass, pos, src, dst, positions) -> None:
+    """Tokens of slots ``src`` -> slots ``dst`` (``(block, offset)`` pairs broadcasting to
+    ``[Lc, G, H, m]``), each layer and head its own: KV and attention mass (H2O keeps
+    accumulating it), and ``positions`` into ``pos`` when given. A gather (a copy: sources
+    and destinations may overlap), then a scatter."""
+    dev = kv.device
+    ls = torch.arange(kv.shape[0], device=dev)[:, None, None, None]
+    heads = torch.arange(kv.shape[2], device=dev)[None, None, :, None]
+    sel, msel = kv[ls, src[0], heads, src[1]], mass[ls, src[0], heads, src[1]]
+    kv[ls, dst[0], heads, dst[1]] = sel
+    mass[ls, dst[0], heads, dst[1]] = msel
     if pos is not None:
-        pos[ls, db, heads, do] = keep_pos.to(pos.dtype)
+        pos[ls, dst[0], heads, dst[1]] = positions.to(pos.dtype)
