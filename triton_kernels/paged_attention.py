@@ -369,8 +369,10 @@ def _fwd_kernel(
     HAS2: tl.constexpr, ELEM: tl.constexpr, MAG: tl.constexpr, MAG8: tl.constexpr, CAP8: tl.constexpr, CAP4: tl.constexpr,
     CAP2: tl.constexpr, QT8: tl.constexpr, QT4: tl.constexpr, QT2: tl.constexpr,
     SCAN: tl.constexpr, WRITE_LSE: tl.constexpr, F32: tl.constexpr, QSTAGES: tl.constexpr,
-    PLANES: tl.constexpr,
+    PLANES: tl.constexpr, QSEP: tl.constexpr, PSPLITS: tl.constexpr,
 ):
+    """QSEP: a sorted region's quantized run is read by quant_decode._qrun_kernel, which
+    writes partials beside ours (PSPLITS slots per row: NUM_SPLITS of ours, then its)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -422,7 +424,7 @@ def _fwd_kernel(
         acc, m_i, l_i = _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb, stride_kh,
                                           e0 * BS, tl.minimum(tl.minimum(ce1, nf) * BS, kept), False,
                                           scale2, D, BS, TILE_N, F32)
-        if HAS_TAGS:
+        if HAS_TAGS and not QSEP:
             j0 = tl.maximum(e0, nf)
             n_q = kept - nf * BS
             if HAS4:
@@ -473,7 +475,7 @@ def _fwd_kernel(
                                       tl.maximum(le0 * BS, live_start), tl.minimum(le1 * BS, last_pos + 1),
                                       True, scale2, D, BS, TILE_N, F32)
 
-    if NUM_SPLITS == 1:
+    if PSPLITS == 1:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         o_row = (q_start + tok).to(tl.int64) * stride_ot + hq * stride_oh
         tl.store(out_ptr + o_row[:, None] + offs_d[None, :], (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty),
@@ -482,7 +484,7 @@ def _fwd_kernel(
             tl.store(lse_ptr + (q_start + tok).to(tl.int64) * H_Q + hq, m_i + tl.log2(l_safe), mask=row_ok)
     else:
         # partials: [T, H_Q, NUM_SPLITS, D] and [T, H_Q, NUM_SPLITS, 2]
-        prow = ((q_start + tok).to(tl.int64) * H_Q + hq) * NUM_SPLITS + split
+        prow = ((q_start + tok).to(tl.int64) * H_Q + hq) * PSPLITS + split
         tl.store(pacc_ptr + prow[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
         tl.store(pml_ptr + prow * 2, m_i, mask=row_ok)
         tl.store(pml_ptr + prow * 2 + 1, l_i, mask=row_ok)
@@ -933,11 +935,19 @@ def paged_attention_batched(
     n_qtiles = T // BLOCK_Q + B
     if num_splits is None:
         num_splits = _default_splits(q.device, B * H_kv, max_seq_len, BS) if decode else 1
+    from . import quant_decode  # (imports this module)
+
+    # decode over a sorted region's quantized run: its own launch (quant_decode), whose
+    # partials the reduction merges with ours
+    qsep = decode and page_tag is not None and (config or {}).get("QRUN", True) and \
+        quant_decode.supported(D, kv_cache.dtype, page_bits, caps)
+    qsplits = quant_decode.qrun_splits(_num_sms(q.device), B * H_kv, max_seq_len, caps, page_bits) if qsep else 0
+    psplits = num_splits + qsplits
     write_lse = stats
-    lse = torch.empty(T, H_q, device=q.device, dtype=torch.float32) if (write_lse or num_splits > 1) else out
-    if num_splits > 1:
-        pacc = torch.empty(T, H_q, num_splits, D, device=q.device, dtype=torch.float32)
-        pml = torch.empty(T, H_q, num_splits, 2, device=q.device, dtype=torch.float32)
+    lse = torch.empty(T, H_q, device=q.device, dtype=torch.float32) if (write_lse or psplits > 1) else out
+    if psplits > 1:
+        pacc = torch.empty(T, H_q, psplits, D, device=q.device, dtype=torch.float32)
+        pml = torch.empty(T, H_q, psplits, 2, device=q.device, dtype=torch.float32)
     else:
         pacc = pml = out
     scale2 = float(scale) * LOG2E
@@ -948,11 +958,20 @@ def paged_attention_batched(
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, WRITE_LSE=write_lse, num_warps=num_warps, num_stages=num_stages, QSTAGES=qstages,
-        PLANES=planes, **({"maxnreg": maxnreg} if maxnreg and q.is_cuda else {}),
+        PLANES=planes, QSEP=qsep, PSPLITS=psplits, **({"maxnreg": maxnreg} if maxnreg and q.is_cuda else {}),
         **common)
-    if num_splits > 1:
+    if qsep:
+        quant_decode._qrun_kernel[(B, H_kv, qsplits)](
+            q, kvb, kvh, tags, block_table, query_start_loc, kept, pacc, pml, scale2, B, block_table.shape[1],
+            q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
+            H_Q=H_q, D=D, BS=BS, G=G, BLOCK_M=max(16, _pow2(G)), PSPLITS=psplits, SPLIT0=num_splits,
+            QSPLITS=qsplits, HAS8=common["HAS8"], HAS4=common["HAS4"], HAS2=common["HAS2"], CAP8=caps[8],
+            CAP4=caps[4], CAP2=caps[2], QT8=_pow2(caps[8]), QT4=_pow2(caps[4]), QT2=_pow2(caps[2]),
+            PB=quant_decode.PB, STAGES=quant_decode.STAGES, SCAN=64, F32=common["F32"],
+            num_warps=quant_decode.NUM_WARPS)
+    if psplits > 1:
         _reduce_kernel[(T, H_q)](pacc, pml, out, lse, out.stride(0), out.stride(1), H_Q=H_q, D=D,
-                                 NUM_SPLITS=num_splits, SPLITS_P2=_pow2(num_splits), WRITE_LSE=write_lse)
+                                 NUM_SPLITS=psplits, SPLITS_P2=_pow2(psplits), WRITE_LSE=write_lse)
     if stats:
         stat = mass_cache if want_mass else obs_cache
         assert stat.dtype == torch.float32 and stat.stride(2) == 1 and stat.shape[1] == H_kv

@@ -218,6 +218,49 @@ def test_mixed_multi_page_runs(splits):
     _check_batch(b, splits=splits)
 
 
+class _Spy:
+    """Counts launches of a Triton kernel (kernel[grid](...)) and runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def _decode_runs_batch(d, hkv, g, bs, seed, scale_runs=1):
+    """Decode rows: a sorted run of each format (several pages, partial last page), an
+    unsorted region, full pages only, nothing compacted."""
+    plans = [[0] + [4] * 5 * scale_runs, [2] * 3 * scale_runs, [8] * 5 * scale_runs, [0, 0] + [4] * scale_runs,
+             [4, 2], [0, 0], None]
+    reqs = []
+    for i, plan in enumerate(plans):
+        if plan is None:
+            reqs.append(Req(1, 40 + i))
+            continue
+        caps = sum(quant.page_capacity(t, bs, d, 2) for t in plan)
+        live = -(-caps // bs) * bs + bs
+        reqs.append(Req(1, live + 5 + 7 * i, live_start=live, plan=plan, obs=i % 2))
+    return make_batch(reqs, hkv=hkv, g=g, d=d, bs=bs, dtype=torch.bfloat16, device=DEV, seed=seed, tags=True)
+
+
+@pytest.mark.parametrize("splits", [None, 3])
+def test_decode_quantized_runs_own_launch(splits, monkeypatch):
+    """Decode reads a sorted region's quantized run in quant_decode's launch (packed code
+    conversion; on the CPU the same kernel unpacks with shifts), merged with the forward's
+    partials: every row matches the reference, with and without that launch."""
+    from vllm_kvcomp.triton_kernels import quant_decode
+
+    spy = _Spy(quant_decode._qrun_kernel)
+    monkeypatch.setattr(quant_decode, "_qrun_kernel", spy)
+    b = _decode_runs_batch(64, 2, 4, 16, seed=7)
+    _check_batch(b, splits=splits)
+    assert spy.launches == 1
+    _check_batch(b, splits=splits, config={"QRUN": False})
+    assert spy.launches == 1  # the fused kernel alone read the runs
+
+
 def test_api_per_request_matches_reference():
     """The reference-signature entry points return reference-shaped outputs."""
     bs, d = 16, 32
@@ -405,6 +448,12 @@ def test_gpu_mixed_realistic():
         reqs.append(Req(1 if i % 2 else 17, live + 500, live_start=live, plan=plan, obs=1))
     b = make_batch(reqs, hkv=8, g=4, d=128, bs=16, dtype=torch.bfloat16, device=DEV, seed=2, tags=True)
     _check_batch(b)
+
+
+@gpu_only
+def test_gpu_decode_quantized_runs_realistic():
+    """CPU twin: test_decode_quantized_runs_own_launch."""
+    _check_batch(_decode_runs_batch(128, 8, 4, 16, seed=3, scale_runs=12))
 
 
 @gpu_only

@@ -1,0 +1,289 @@
+"""Decode attention over a request's run of quantized pages (int8/int4/int2), as its own
+launch beside paged_attention._fwd_kernel.
+
+Semantics: the part of ``vllm_kvcomp.ops.quant.paged_attention_mixed`` that reads the
+quantized pages of a compacted region shaped as compaction writes it -- ``[full pages]
+[pages all at one precision]`` (docs/page_format.md). The forward kernel reads the full
+pages and the live blocks and skips that run; both write flash-decoding partials (running
+max, sum, unnormalised output) into the same per-row slots, and paged_attention's
+_reduce_kernel merges them. Rows whose region has another shape (or no quantized page)
+write an empty partial here and are read whole by the forward's per-page dispatch.
+
+Why a launch of its own: the fused forward's quantized loop converted every code on its
+own (one 32-bit register per byte, ~6-8 instructions per code) inside a kernel that also
+carries the full-precision and any-order paths (~250 registers per thread), and decode
+over quantized pages stayed at ~0.56 ms for 64 x 8192 tokens whatever the bits, slower
+than bf16 pages (0.50 ms) on an H200. Here (benchmarks/probe_packed.py, docs/kernels.md):
+
+* codes reach the dots as fp16 pairs through inline PTX, 4 code bytes at a time: ``prmt``
+  spreads bytes (0, 1) and (2, 3) into two 32-bit words, one ``lop3`` per plane ORs the
+  code bits into the mantissa of 1024.0 (0x6400), one ``fma.f16x2`` makes the codes exact
+  and one more applies the key's per-channel scale and zero (fp16, one rounding);
+* PB pages are one step, as a batch (3-D tiles, batched dots): Triton puts the warps on the
+  batch, so each warp runs its own page's online softmax with warp-local reductions, and
+  the per-step costs are shared. The PB softmax states are merged at the end.
+
+Values fold their per-token scale into p: o += (p * VS) . codes + sum(p * VZ). The query
+(times the softmax scale) is fp16 for the key dots; fp32 caches do not come here.
+Under the interpreter (F32) codes are unpacked with plain shifts and masks in fp32.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .paged_attention import _scan_compacted
+
+
+# ----------------------------------------------------------------------------- PTX
+def _h2(v: float) -> str:
+    u = torch.tensor([v], dtype=torch.float16).view(torch.int16).item() & 0xFFFF
+    return f"0x{u:04X}{u:04X}"
+
+
+def _ptx(bits: int, p: int, deq: bool) -> str:
+    """Plane p of 4 code bytes ($2, pack=4 of uint8) -> two fp16x2 registers ($0, $1), the
+    codes exactly; deq: then * ks + kz (args $3..$6, fp16 pairs). Elementwise: element i
+    of the output is code p of byte i (Triton may group any 4 elements of a thread)."""
+    m = ((1 << bits) - 1) << (bits * p)
+    mask = f"0x{m | m << 16:08X}"
+    k = bits * p
+    lines = [".reg .b32 t<2>, z, s, b, a;", "mov.b32 z, 0;",
+             "prmt.b32 t0, $2, z, 0x4140;",            # bytes 0, 1 -> the low bytes of two halves
+             "prmt.b32 t1, $2, z, 0x4342;",            # bytes 2, 3
+             f"mov.b32 s, {_h2(2.0 ** -k)};", f"mov.b32 b, {_h2(-1024.0 * 2.0 ** -k)};"]
+    for half in range(2):
+        lines.append(f"lop3.b32 a, t{half}, {mask}, 0x64006400, 0xEA;")  # (t & mask) | 1024.0
+        if deq:
+            lines += ["fma.rn.f16x2 a, a, s, b;", f"fma.rn.f16x2 ${half}, a, ${3 + half}, ${5 + half};"]
+        else:
+            lines.append(f"fma.rn.f16x2 ${half}, a, s, b;")  # (1024 + 2^k c) 2^-k - 1024 2^-k = c
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_K8_0 = tl.constexpr(_ptx(8, 0, True))
+_K4_0 = tl.constexpr(_ptx(4, 0, True))
+_K4_1 = tl.constexpr(_ptx(4, 1, True))
+_K2_0 = tl.constexpr(_ptx(2, 0, True))
+_K2_1 = tl.constexpr(_ptx(2, 1, True))
+_K2_2 = tl.constexpr(_ptx(2, 2, True))
+_K2_3 = tl.constexpr(_ptx(2, 3, True))
+_V8_0 = tl.constexpr(_ptx(8, 0, False))
+_V4_0 = tl.constexpr(_ptx(4, 0, False))
+_V4_1 = tl.constexpr(_ptx(4, 1, False))
+_V2_0 = tl.constexpr(_ptx(2, 0, False))
+_V2_1 = tl.constexpr(_ptx(2, 1, False))
+_V2_2 = tl.constexpr(_ptx(2, 2, False))
+_V2_3 = tl.constexpr(_ptx(2, 3, False))
+
+
+@triton.jit
+def _asm(x, ks, kz, ASM: tl.constexpr, DEQ: tl.constexpr):
+    if DEQ:
+        return tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r,r", [x, ks, kz], dtype=tl.float16, is_pure=True,
+                                         pack=4)
+    else:
+        return tl.inline_asm_elementwise(ASM, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _plane(x, ks, kz, BITS: tl.constexpr, P: tl.constexpr, DEQ: tl.constexpr, F32: tl.constexpr):
+    """Codes of plane P of the code bytes x (uint8): DEQ -> codes * ks + kz, else the codes;
+    fp16 on the GPU, fp32 under the interpreter."""
+    if F32:
+        c = ((x.to(tl.int32) >> (BITS * P)) & ((1 << BITS) - 1)).to(tl.float32)
+        if DEQ:
+            c = c * ks.to(tl.float32) + kz.to(tl.float32)
+        return c
+    elif BITS == 8:
+        return _asm(x, ks, kz, _K8_0 if DEQ else _V8_0, DEQ)
+    elif BITS == 4:
+        if P == 0:
+            return _asm(x, ks, kz, _K4_0 if DEQ else _V4_0, DEQ)
+        else:
+            return _asm(x, ks, kz, _K4_1 if DEQ else _V4_1, DEQ)
+    else:
+        if P == 0:
+            return _asm(x, ks, kz, _K2_0 if DEQ else _V2_0, DEQ)
+        elif P == 1:
+            return _asm(x, ks, kz, _K2_1 if DEQ else _V2_1, DEQ)
+        elif P == 2:
+            return _asm(x, ks, kz, _K2_2 if DEQ else _V2_2, DEQ)
+        else:
+            return _asm(x, ks, kz, _K2_3 if DEQ else _V2_3, DEQ)
+
+
+@triton.jit
+def _bdot(a, b, F32: tl.constexpr):
+    """Batched dot [PB, M, K] x [PB, K, N] (fp16 on the GPU; fp32 under the interpreter)."""
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _key_plane(q_ptr, q_off, row_ok, kx, kvh_ptr, sc, scale2, P: tl.constexpr, BITS: tl.constexpr,
+               W: tl.constexpr, D: tl.constexpr, PB: tl.constexpr, QT: tl.constexpr, BLOCK_M: tl.constexpr,
+               F32: tl.constexpr):
+    """Scores of plane P's channels [P*W, (P+1)*W): q [PB, M, W] . K^T [PB, W, QT]."""
+    e = tl.arange(0, W)
+    q = tl.load(q_ptr + q_off[:, None] + P * W + e[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q = q * scale2
+    if not F32:
+        q = q.to(tl.float16)
+    q = tl.broadcast_to(q[None, :, :], (PB, BLOCK_M, W))
+    ks = tl.broadcast_to(tl.load(kvh_ptr + sc + P * W)[:, None, :], (PB, QT, W))       # per channel
+    kz = tl.broadcast_to(tl.load(kvh_ptr + sc + D + P * W)[:, None, :], (PB, QT, W))
+    k = _plane(kx, ks, kz, BITS, P, True, F32)
+    return _bdot(q, tl.permute(k, (0, 2, 1)), F32)
+
+
+@triton.jit
+def _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh, j_lo, j_hi, jbase, n_tok,
+          scale2, BITS: tl.constexpr, CAP: tl.constexpr, QT: tl.constexpr, PB: tl.constexpr, D: tl.constexpr,
+          BLOCK_M: tl.constexpr, STAGES: tl.constexpr, F32: tl.constexpr):
+    """Pages [j_lo, j_hi) of a run that starts at entry jbase and holds n_tok tokens (each
+    page full but the last), PB pages a step. Returns the merged (acc [M, D], m [M], l [M])."""
+    NP: tl.constexpr = 8 // BITS
+    W: tl.constexpr = D // NP          # channels of a plane = bytes of a code row
+    KS: tl.constexpr = 2 * CAP * W     # page byte offsets (quant.page_offsets)
+    VS: tl.constexpr = KS + 4 * D
+    e = tl.arange(0, W)
+    t = tl.arange(0, QT)
+    pg = tl.arange(0, PB)
+    m_i = tl.full([PB, BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([PB, BLOCK_M], tl.float32)
+    a0 = tl.zeros([PB, BLOCK_M, W], tl.float32)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    for j0 in tl.range(j_lo, j_hi, PB, num_stages=STAGES):
+        j = j0 + pg
+        b = tl.load(bt_row + j, mask=j < j_hi, other=0).to(tl.int64)
+        hb = b * stride_kb + h * stride_kh                  # page start, in 2-byte units
+        rows = hb[:, None, None] * 2 + t[None, :, None] * W + e[None, None, :]
+        valid = (t[None, :] < tl.minimum(CAP, n_tok - (j - jbase)[:, None] * CAP)) & (j < j_hi)[:, None]
+        kx = tl.load(kvb_ptr + rows)                        # [PB, QT, W] key code bytes
+        sc = hb[:, None] + KS // 2 + e[None, :]
+        s = _key_plane(q_ptr, q_off, row_ok, kx, kvh_ptr, sc, scale2, 0, BITS, W, D, PB, QT, BLOCK_M, F32)
+        if NP >= 2:
+            s += _key_plane(q_ptr, q_off, row_ok, kx, kvh_ptr, sc, scale2, 1, BITS, W, D, PB, QT, BLOCK_M, F32)
+        if NP == 4:
+            s += _key_plane(q_ptr, q_off, row_ok, kx, kvh_ptr, sc, scale2, 2, BITS, W, D, PB, QT, BLOCK_M, F32)
+            s += _key_plane(q_ptr, q_off, row_ok, kx, kvh_ptr, sc, scale2, 3, BITS, W, D, PB, QT, BLOCK_M, F32)
+        s = tl.where(valid[:, None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 2))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, :, None])
+        l_i = l_i * alpha + tl.sum(p, 2)
+        m_i = m_new
+        # rows past a page's tokens hold other bytes of the page: zero their value scales
+        vsz = hb[:, None] + VS // 2 + t[None, :]
+        vs = tl.where(valid, tl.load(kvh_ptr + vsz).to(tl.float32), 0.0)
+        vz = tl.where(valid, tl.load(kvh_ptr + vsz + CAP).to(tl.float32), 0.0)
+        pv = p * vs[:, None, :]
+        if not F32:
+            pv = pv.to(tl.float16)
+        z = tl.sum(p * vz[:, None, :], 2)[:, :, None]
+        al = alpha[:, :, None]
+        vx = tl.load(kvb_ptr + rows + CAP * W)              # [PB, QT, W] value code bytes
+        a0 = a0 * al + _bdot(pv, _plane(vx, vx, vx, BITS, 0, False, F32), F32) + z
+        if NP >= 2:
+            a1 = a1 * al + _bdot(pv, _plane(vx, vx, vx, BITS, 1, False, F32), F32) + z
+        if NP == 4:
+            a2 = a2 * al + _bdot(pv, _plane(vx, vx, vx, BITS, 2, False, F32), F32) + z
+            a3 = a3 * al + _bdot(pv, _plane(vx, vx, vx, BITS, 3, False, F32), F32) + z
+    # merge the PB pages' softmax states
+    m = tl.max(m_i, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(m_i - m_safe[None, :])
+    l = tl.sum(w * l_i, 0)
+    w3 = w[:, :, None]
+    acc = tl.sum(a0 * w3, 0)
+    if NP == 2:
+        acc = tl.reshape(tl.permute(tl.join(acc, tl.sum(a1 * w3, 0)), (0, 2, 1)), (BLOCK_M, D))
+    if NP == 4:
+        j02 = tl.join(acc, tl.sum(a2 * w3, 0))
+        j13 = tl.join(tl.sum(a1 * w3, 0), tl.sum(a3 * w3, 0))
+        acc = tl.reshape(tl.permute(tl.join(j02, j13), (0, 2, 3, 1)), (BLOCK_M, D))  # planes 0 1 2 3
+    return acc, m, l
+
+
+@triton.jit(do_not_specialize=["num_reqs"])
+def _qrun_kernel(q_ptr, kvb_ptr, kvh_ptr, tag_ptr, bt_ptr, qsl_ptr, kept_ptr, pacc_ptr, pml_ptr,
+                 scale2, num_reqs, max_blocks, stride_qt, stride_qh, stride_kb, stride_kh, stride_bt,
+                 H_Q: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
+                 PSPLITS: tl.constexpr, SPLIT0: tl.constexpr, QSPLITS: tl.constexpr,
+                 HAS8: tl.constexpr, HAS4: tl.constexpr, HAS2: tl.constexpr,
+                 CAP8: tl.constexpr, CAP4: tl.constexpr, CAP2: tl.constexpr,
+                 QT8: tl.constexpr, QT4: tl.constexpr, QT2: tl.constexpr, PB: tl.constexpr, STAGES: tl.constexpr,
+                 SCAN: tl.constexpr, F32: tl.constexpr):
+    """Program (request, KV head, split of the run's pages): writes partial SPLIT0 + split."""
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    qs = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + r)
+    q_len = tl.load(qsl_ptr + r + 1) - q_start
+    if q_len == 0:
+        return
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < G
+    hq = h * G + offs_m % G
+    q_off = q_start.to(tl.int64) * stride_qt + hq * stride_qh
+    bt_row = bt_ptr + r.to(tl.int64) * stride_bt
+    kept = tl.load(kept_ptr + r)
+    nc, nf, qbits, sorted_ok = _scan_compacted(bt_row, tag_ptr, kept, max_blocks, BS, CAP8, CAP4, CAP2, SCAN)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    if sorted_ok & (qbits != 0):
+        n_q = kept - nf * BS
+        per = tl.cdiv(tl.cdiv(nc - nf, QSPLITS), PB) * PB
+        j_lo = nf + qs * per
+        j_hi = tl.minimum(nc, j_lo + per)
+        if HAS4:
+            if qbits == 4:
+                acc, m, l = _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh, j_lo,
+                                  j_hi, nf, n_q, scale2, 4, CAP4, QT4, PB, D, BLOCK_M, STAGES, F32)
+        if HAS2:
+            if qbits == 2:
+                acc, m, l = _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh, j_lo,
+                                  j_hi, nf, n_q, scale2, 2, CAP2, QT2, PB, D, BLOCK_M, STAGES, F32)
+        if HAS8:
+            if qbits == 8:
+                acc, m, l = _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh, j_lo,
+                                  j_hi, nf, n_q, scale2, 8, CAP8, QT8, PB, D, BLOCK_M, STAGES, F32)
+    prow = (q_start.to(tl.int64) * H_Q + hq) * PSPLITS + SPLIT0 + qs
+    tl.store(pacc_ptr + prow[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
+    tl.store(pml_ptr + prow * 2, m, mask=row_ok)
+    tl.store(pml_ptr + prow * 2 + 1, l, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- launch
+# VLLM_KVCOMP_QRUN=0 leaves the runs to the fused forward (A/B runs end to end; the
+# launcher's config={"QRUN": False} does the same per call).
+ENABLED = os.environ.get("VLLM_KVCOMP_QRUN", "1") != "0"
+# Tiling, measured on an H200 at 64 x 8192 tokens (benchmarks/probe_packed.py): two pages a
+# step, one per warp, 3 pipeline stages.
+PB = 2
+NUM_WARPS = 2
+STAGES = 3
+
+
+def supported(D: int, dtype: torch.dtype, page_bits, caps: dict[int, int]) -> bool:
+    """Whether this launch can read the runs of these formats: fp16/bf16 caches, a plane of
+    >= 16 channels (the smallest dot), pages of <= 128 tokens (one tile)."""
+    return ENABLED and dtype in (torch.float16, torch.bfloat16) and bool(page_bits) and all(
+        D // (8 // b) >= 16 and caps[b] <= 128 for b in page_bits)
+
+
+def qrun_splits(num_sms: int, rows: int, max_seq_len: int, caps: dict[int, int], page_bits) -> int:
+    """Splits of a run's pages: enough programs for 4 per SM, but >= 2 steps per split."""
+    pages = -(-max_seq_len // min(caps[b] for b in page_bits))
+    return max(1, min(-(-4 * num_sms // max(1, rows)), pages // (2 * PB), 32))
