@@ -3,7 +3,8 @@ for every policy (stacked on dim 0 where the policy allows it, per request other
 import pytest
 import torch
 
-from vllm_kvcomp.backend import RowStep, _strided_stack, compact_group, compact_group_layers, make_group
+from vllm_kvcomp.backend import (RowStep, _layers_per_chunk, _strided_stack, compact_group, compact_group_layers,
+                                 make_group)
 from vllm_kvcomp.layout import Layout
 from vllm_kvcomp.policies import POLICIES
 
@@ -138,3 +139,19 @@ def test_decode_folds_in_place_keep_what_repacking_keeps(name):
                     assert torch.equal(ma, mb[order])
                     if base == "streaming":  # sinks + the most recent
                         assert p[:, head].sort().values.tolist() == [0, 1, 2, 3] + list(range(ls - CAP + 4, ls))
+
+
+def test_layer_chunks_count_the_moving_path(monkeypatch):
+    """An 8k -> 2k prompt compaction of a 32-layer, 8-KV-head model: the Triton moves keep
+    only indices, so all layers go in one chunk; the reference's copies need more."""
+    from types import SimpleNamespace
+
+    from vllm_kvcomp.triton_kernels import api
+
+    kv = torch.empty(32, 600, 8, 16, 256, dtype=torch.bfloat16, device="meta")
+    grp = SimpleNamespace(cand_blk=torch.empty(1, 8192), cap=2048, k0=0,
+                          policy=POLICIES["streaming"]())
+    monkeypatch.setattr(api, "use_triton", lambda t: True)
+    assert _layers_per_chunk(kv, grp, None) == 32
+    monkeypatch.setattr(api, "use_triton", lambda t: False)
+    assert _layers_per_chunk(kv, grp, None) < 32

@@ -700,6 +700,19 @@ def compact_group_mixed(stack: LayerStack, grp: CompressGroup) -> None:
                               demoted[layer, i], policy.bits)
 
 
+def _layers_per_chunk(kv, grp: CompressGroup, pos: torch.Tensor | None, budget: int = 256 << 20) -> int:
+    """Layers scored and moved together: their temporaries (scores, gathered keys, indices,
+    the reference's copies of moved K/V) stay under ``budget`` bytes."""
+    L, h, dd = kv.shape[0], kv.shape[2], kv.shape[4] // 2
+    g, n = grp.cand_blk.shape
+    es = kv.element_size()
+    moved = n - grp.cap if _folds_in_place(grp, pos, grp.cap) else grp.cap
+    # the Triton moves (place, fold_swap) go straight from slot to slot: indices only
+    move_bytes = 40 + (0 if api.use_triton(kv) else 2 * dd * es)
+    per_layer = g * h * (n * (28 + (2 * dd * es if "keys" in grp.policy.needs else 0)) + moved * move_bytes)
+    return max(1, min(L, budget // max(per_layer, 1)))
+
+
 def compact_group_layers(kv, mass, obs, grp: CompressGroup, pos: torch.Tensor | None = None) -> None:
     """``compact_group`` for every layer at once: ``kv`` [L, nb, H, bs, 2D], ``mass``/``obs``/
     ``pos`` [L, nb, H, bs]. Rows of all layers are stacked for scoring ([L*G*H, n]), then
@@ -712,10 +725,7 @@ def compact_group_layers(kv, mass, obs, grp: CompressGroup, pos: torch.Tensor | 
                        policy.window, policy.fold_score == "mass")
         return
     dev = kv.device
-    moved = n - cap if _folds_in_place(grp, pos, cap) else cap
-    per_layer = g * h * (n * (28 + (2 * dd * kv.element_size() if "keys" in policy.needs else 0))
-                         + moved * (2 * dd * kv.element_size() + 40))
-    chunk = max(1, min(L, (256 << 20) // max(per_layer, 1)))
+    chunk = _layers_per_chunk(kv, grp, pos)
     heads = torch.arange(h, device=dev)[None, None, :, None]  # [1, 1, H, 1]
     cb, co = grp.cand_blk[None, :, None, :], grp.cand_off[None, :, None, :]  # [1, G, 1, n]
     votes = obs is not None and any(r.obs_queries for r in grp.rows)
