@@ -6,13 +6,12 @@ The production loop (paged_attention._attend_qrun) turns every code byte into it
 that makes decode instruction-bound at ~0.56 ms whatever the bits. Here one inline-PTX
 block turns 4 code bytes (8 int4 / 16 int2 codes) into fp16 pairs at once:
 
-    lop3(x, 0x000F000F, 0x64006400)  -> two fp16 1024 + code   (bytes 0 and 2, low nibbles)
+    lop3(x, 0x000F000F, 0x64006400)  -> two fp16 1024 + code   (two bytes' low nibbles)
     fma.f16x2(h, 2^-k, -1024 * 2^-k) -> the codes, exact       (plane p: k = bits * p)
     fma.f16x2(c, KS, KZ)             -> dequantized keys in fp16 (one rounding)
 
-so a code costs ~1.5 instructions. A pair holds bytes 0 and 2 of the word, so within each
-group of 4 channels the kernel sees the order (0, 2, 1, 3): q, the key scales and the
-output columns are read/written in that order (free: it is only an address).
+so a code costs ~1.5 instructions. (prmt first spreads bytes (0, 1) and (2, 3) into two
+words: the PTX must be elementwise, since Triton may group any 4 elements of a thread.)
 
 KMODE 0: keys dequantized in fp16 (above); q (times the softmax scale) in fp16.
 KMODE 1: KS folded into q per page (q*KS in fp16), codes kept biased (1024 + c) and the bias
@@ -20,6 +19,12 @@ KMODE 1: KS folded into q per page (q*KS in fp16), codes kept biased (1024 + c) 
 VMODE 0: value codes biased (lop3 only), 1024 * sum(p*VS) subtracted per tile.
 VMODE 1: value codes exact (lop3 + fma).
 Values always fold their per-token scale into p: o += (p*VS).codes + sum(p*VZ).
+PF 1: page j+1 loaded into registers while page j is computed (instead of Triton's pipeliner).
+
+Measured on an H200 (docs/kernels.md): these one-page-a-step variants take int4 from 0.56
+to 0.40 ms at 64 x 8192 (bf16 pages 0.50 ms); batching pages per step (one per warp) took
+it to 0.27 ms, and that kernel is what ships: triton_kernels/quant_decode.py, measured here
+through the launcher by --production.
 """
 from __future__ import annotations
 
@@ -75,22 +80,6 @@ def asm_codes(bits, exact, deq):
                 lines += ["fma.rn.f16x2 a, a, s, b;", f"fma.rn.f16x2 ${o}, a, ${ks}, ${ks + 2};"]
             else:
                 lines.append(f"fma.rn.f16x2 ${o}, a, s, b;")
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
-def asm_plane(bits, p, deq):
-    """PTX for plane p alone: one word of 4 code bytes -> 2 fp16x2 registers, exact codes
-    (deq: then * ks + kz, args 1 and 2)."""
-    m = _masks(bits)[p]
-    k = bits * p
-    lines = [".reg .b32 t<2>, z, s, b, a;", "mov.b32 z, 0;", "prmt.b32 t0, $2, z, 0x4140;",
-             "prmt.b32 t1, $2, z, 0x4342;", f"mov.b32 s, {_h2(2.0 ** -k)};", f"mov.b32 b, {_h2(-1024.0 * 2.0 ** -k)};"]
-    for half in range(2):
-        lines.append(_LOP.format(d="a", s=f"t{half}", m=m))
-        if deq:
-            lines += ["fma.rn.f16x2 a, a, s, b;", f"fma.rn.f16x2 ${half}, a, ${3 + half}, ${5 + half};"]
-        else:
-            lines.append(f"fma.rn.f16x2 ${half}, a, s, b;")
     return "{\n" + "\n".join(lines) + "\n}"
 
 
@@ -282,181 +271,6 @@ def _q_kernel(q_ptr, kvb_ptr, kvh_ptr, bt_ptr, out_ptr, pacc_ptr, pml_ptr, n_tok
 
 
 @triton.jit
-def _kp(kx, ks, kz, ASM: tl.constexpr):
-    return tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r,r", [kx, ks, kz], dtype=tl.float16, is_pure=True, pack=4)
-
-
-@triton.jit
-def _vp(vx, ASM: tl.constexpr):
-    return tl.inline_asm_elementwise(ASM, "=r,=r,r", [vx], dtype=tl.float16, is_pure=True, pack=4)
-
-
-@triton.jit
-def _bc3(x, PB: tl.constexpr, QT: tl.constexpr, W: tl.constexpr):
-    return tl.broadcast_to(x[:, None, :], (PB, QT, W))
-
-
-@triton.jit
-def _qb_kernel(q_ptr, kvb_ptr, kvh_ptr, bt_ptr, pacc_ptr, pml_ptr, n_tok, scale2, stride_kb, stride_kh,
-               stride_bt, H_Q: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
-               CAP: tl.constexpr, QT: tl.constexpr, BITS: tl.constexpr, VMODE: tl.constexpr, PB: tl.constexpr,
-               NUM_SPLITS: tl.constexpr, STAGES: tl.constexpr, ASM_K: tl.constexpr, ASM_V: tl.constexpr,
-               PLANEWISE: tl.constexpr, AK0: tl.constexpr, AK1: tl.constexpr, AK2: tl.constexpr, AK3: tl.constexpr,
-               AV0: tl.constexpr, AV1: tl.constexpr, AV2: tl.constexpr, AV3: tl.constexpr):
-    """PB pages per step as a batch: tiles [PB, ...], batched dots (Triton puts the warps on
-    the batch), one online softmax per page, merged at the end. Row reductions stay inside
-    a warp and the per-step costs (barriers, block-table load) are shared by PB pages."""
-    r = tl.program_id(0)
-    h = tl.program_id(1)
-    split = tl.program_id(2)
-    NP: tl.constexpr = 8 // BITS
-    W: tl.constexpr = D // NP
-    KS: tl.constexpr = 2 * CAP * W
-    VS: tl.constexpr = KS + 4 * D
-    offs_m = tl.arange(0, BLOCK_M)
-    e = tl.arange(0, W)
-    row_ok = offs_m < G
-    hq = h * G + offs_m % G
-    qb = r * (H_Q * D) + hq * D
-    q0 = _bq(q_ptr, qb, 0, e, row_ok, scale2, PB)
-    q1 = _bq(q_ptr, qb, W, e, row_ok, scale2, PB)
-    q2 = q0
-    q3 = q0
-    if NP == 4:
-        q2 = _bq(q_ptr, qb, 2 * W, e, row_ok, scale2, PB)
-        q3 = _bq(q_ptr, qb, 3 * W, e, row_ok, scale2, PB)
-    m_i = tl.full([PB, BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([PB, BLOCK_M], tl.float32)
-    a0 = tl.zeros([PB, BLOCK_M, W], tl.float32)
-    a1 = tl.zeros([PB, BLOCK_M, W], tl.float32)
-    a2 = tl.zeros([PB, BLOCK_M, W], tl.float32)
-    a3 = tl.zeros([PB, BLOCK_M, W], tl.float32)
-    bt_row = bt_ptr + r.to(tl.int64) * stride_bt
-    npg = tl.cdiv(n_tok, CAP)
-    per = tl.cdiv(tl.cdiv(npg, NUM_SPLITS), PB) * PB
-    j_lo = split * per
-    j_hi = tl.minimum(npg, j_lo + per)
-    t = tl.arange(0, QT)
-    pg = tl.arange(0, PB)
-    for j0 in tl.range(j_lo, j_hi, PB, num_stages=STAGES):
-        j = j0 + pg
-        b = tl.load(bt_row + j, mask=j < j_hi, other=0).to(tl.int64)
-        pbyte = (b * stride_kb + h * stride_kh) * 2
-        hb = pbyte // 2
-        rows = pbyte[:, None, None] + t[None, :, None] * W + e[None, None, :]
-        kx = tl.load(kvb_ptr + rows)
-        sc = hb[:, None] + KS // 2 + e[None, :]
-        ks0 = tl.load(kvh_ptr + sc)
-        ks1 = tl.load(kvh_ptr + sc + W)
-        kz0 = tl.load(kvh_ptr + sc + D)
-        kz1 = tl.load(kvh_ptr + sc + D + W)
-        valid = (t[None, :] < tl.minimum(CAP, n_tok - j[:, None] * CAP)) & (j < j_hi)[:, None]   # [PB, QT]
-        if PLANEWISE:
-            s = tl.dot(q0, tl.permute(_kp(kx, _bc3(ks0, PB, QT, W), _bc3(kz0, PB, QT, W), AK0), (0, 2, 1)))
-            s += tl.dot(q1, tl.permute(_kp(kx, _bc3(ks1, PB, QT, W), _bc3(kz1, PB, QT, W), AK1), (0, 2, 1)))
-            if NP == 4:
-                ks2 = tl.load(kvh_ptr + sc + 2 * W)
-                kz2 = tl.load(kvh_ptr + sc + D + 2 * W)
-                s += tl.dot(q2, tl.permute(_kp(kx, _bc3(ks2, PB, QT, W), _bc3(kz2, PB, QT, W), AK2), (0, 2, 1)))
-                ks3 = tl.load(kvh_ptr + sc + 3 * W)
-                kz3 = tl.load(kvh_ptr + sc + D + 3 * W)
-                s += tl.dot(q3, tl.permute(_kp(kx, _bc3(ks3, PB, QT, W), _bc3(kz3, PB, QT, W), AK3), (0, 2, 1)))
-        elif NP == 2:
-            k0, k1 = tl.inline_asm_elementwise(
-                ASM_K, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
-                [kx, _bc3(ks0, PB, QT, W), _bc3(kz0, PB, QT, W), _bc3(ks1, PB, QT, W), _bc3(kz1, PB, QT, W)],
-                dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-            s = tl.dot(q0, tl.permute(k0, (0, 2, 1))) + tl.dot(q1, tl.permute(k1, (0, 2, 1)))
-        else:
-            ks2 = tl.load(kvh_ptr + sc + 2 * W)
-            ks3 = tl.load(kvh_ptr + sc + 3 * W)
-            kz2 = tl.load(kvh_ptr + sc + D + 2 * W)
-            kz3 = tl.load(kvh_ptr + sc + D + 3 * W)
-            k0, k1, k2, k3 = tl.inline_asm_elementwise(
-                ASM_K, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-                [kx, _bc3(ks0, PB, QT, W), _bc3(kz0, PB, QT, W), _bc3(ks1, PB, QT, W), _bc3(kz1, PB, QT, W),
-                 _bc3(ks2, PB, QT, W), _bc3(kz2, PB, QT, W), _bc3(ks3, PB, QT, W), _bc3(kz3, PB, QT, W)],
-                dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
-            s = tl.dot(q0, tl.permute(k0, (0, 2, 1))) + tl.dot(q1, tl.permute(k1, (0, 2, 1)))
-            s += tl.dot(q2, tl.permute(k2, (0, 2, 1))) + tl.dot(q3, tl.permute(k3, (0, 2, 1)))
-        s = tl.where(valid[:, None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 2))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, :, None])
-        l_i = l_i * alpha + tl.sum(p, 2)
-        m_i = m_new
-        vsz = hb[:, None] + VS // 2 + t[None, :]
-        vs = tl.where(valid, tl.load(kvh_ptr + vsz).to(tl.float32), 0.0)
-        vz = tl.where(valid, tl.load(kvh_ptr + vsz + CAP).to(tl.float32), 0.0)
-        pv = (p * vs[:, None, :]).to(tl.float16)
-        z = tl.sum(p * vz[:, None, :], 2)
-        zb = z * 0.0
-        if VMODE == 0:
-            zb = 1024.0 * tl.sum(pv.to(tl.float32), 2)
-        vx = tl.load(kvb_ptr + rows + CAP * W)
-        al = alpha[:, :, None]
-        if PLANEWISE:  # exact codes
-            a0 = a0 * al + tl.dot(pv, _vp(vx, AV0)) + z[:, :, None]
-            a1 = a1 * al + tl.dot(pv, _vp(vx, AV1)) + z[:, :, None]
-            if NP == 4:
-                a2 = a2 * al + tl.dot(pv, _vp(vx, AV2)) + z[:, :, None]
-                a3 = a3 * al + tl.dot(pv, _vp(vx, AV3)) + z[:, :, None]
-        elif NP == 2:
-            v0, v1 = tl.inline_asm_elementwise(ASM_V, "=r,=r,=r,=r,r", [vx], dtype=(tl.float16, tl.float16),
-                                               is_pure=True, pack=4)
-            a0 = a0 * al + tl.dot(pv, v0) + (z - zb)[:, :, None]
-            if VMODE == 0:
-                a1 = a1 * al + tl.dot(pv, v1) + ((1 << BITS) * z - zb)[:, :, None]
-            else:
-                a1 = a1 * al + tl.dot(pv, v1) + z[:, :, None]
-        else:
-            v0, v1, v2, v3 = tl.inline_asm_elementwise(ASM_V, "=r,=r,=r,=r,=r,=r,=r,=r,r", [vx],
-                                                       dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-                                                       is_pure=True, pack=4)
-            if VMODE == 0:
-                a0 = a0 * al + tl.dot(pv, v0) + (z - zb)[:, :, None]
-                a1 = a1 * al + tl.dot(pv, v1) + (4.0 * z - zb)[:, :, None]
-                a2 = a2 * al + tl.dot(pv, v2) + (16.0 * z - zb)[:, :, None]
-                a3 = a3 * al + tl.dot(pv, v3) + (64.0 * z - zb)[:, :, None]
-            else:
-                a0 = a0 * al + tl.dot(pv, v0) + z[:, :, None]
-                a1 = a1 * al + tl.dot(pv, v1) + z[:, :, None]
-                a2 = a2 * al + tl.dot(pv, v2) + z[:, :, None]
-                a3 = a3 * al + tl.dot(pv, v3) + z[:, :, None]
-    # merge the PB softmax states
-    m = tl.max(m_i, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(m_i - m_safe[None, :])
-    l = tl.sum(w * l_i, 0)
-    w3 = w[:, :, None]
-    o0 = tl.sum(a0 * w3, 0)
-    o1 = tl.sum(a1 * w3, 0)
-    if VMODE == 0:
-        o1 = o1 * (1.0 / (1 << BITS))
-    prow = ((r * H_Q + hq) * NUM_SPLITS + split).to(tl.int64)
-    tl.store(pacc_ptr + prow[:, None] * D + e[None, :], o0, mask=row_ok[:, None])
-    tl.store(pacc_ptr + prow[:, None] * D + W + e[None, :], o1, mask=row_ok[:, None])
-    if NP == 4:
-        o2 = tl.sum(a2 * w3, 0)
-        o3 = tl.sum(a3 * w3, 0)
-        if VMODE == 0:
-            o2 = o2 * (1.0 / (1 << 2 * BITS))
-            o3 = o3 * (1.0 / (1 << 3 * BITS))
-        tl.store(pacc_ptr + prow[:, None] * D + 2 * W + e[None, :], o2, mask=row_ok[:, None])
-        tl.store(pacc_ptr + prow[:, None] * D + 3 * W + e[None, :], o3, mask=row_ok[:, None])
-    tl.store(pml_ptr + prow * 2, m, mask=row_ok)
-    tl.store(pml_ptr + prow * 2 + 1, l, mask=row_ok)
-
-
-@triton.jit
-def _bq(q_ptr, qb, c0, e, row_ok, scale2, PB: tl.constexpr):
-    """q's channels [c0, c0 + W) times the softmax scale, fp16, repeated for the PB pages."""
-    q = tl.load(q_ptr + qb[:, None] + c0 + e[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * scale2
-    return tl.broadcast_to(q.to(tl.float16)[None, :, :], (PB, q.shape[0], q.shape[1]))
-
-
-@triton.jit
 def _asm_probe(x_ptr, o_ptr, R: tl.constexpr, N: tl.constexpr, ASM: tl.constexpr):
     offs = tl.arange(0, R)[:, None] * N + tl.arange(0, N)[None, :]
     x = tl.load(x_ptr + offs)
@@ -464,36 +278,6 @@ def _asm_probe(x_ptr, o_ptr, R: tl.constexpr, N: tl.constexpr, ASM: tl.constexpr
                                      pack=4)
     tl.store(o_ptr + offs, tl.trans(tl.trans(a)))
     tl.store(o_ptr + R * N + offs, b)
-
-
-def reference_planes(c, n_req, bits):
-    """fp32 attention of the first n_req requests over their pages (planes format)."""
-    d, bs, hkv, g = c.d, c.bs, c.hkv, c.g
-    cap = quant.page_capacity(bits, bs, d, 2)
-    o = quant.page_offsets(bits, bs, d, 2)
-    row = d * bits // 8
-    per = 8 // bits
-    npg = -(-c.ctx // cap)
-    raw = c.kv.view(torch.uint8).view(c.kv.shape[0], hkv, -1)
-    outs = []
-    shifts = torch.arange(per, device=raw.device, dtype=torch.int32) * bits
-    for r in range(n_req):
-        pages = raw[c.bt[r, :npg].long()]
-
-        def codes(x):
-            x = x.reshape(npg, hkv, cap, row).int()
-            return ((x[..., None, :] >> shifts[:, None]) & ((1 << bits) - 1)).flatten(-2).float()
-        kc = codes(pages[..., : cap * row])
-        vc = codes(pages[..., cap * row: 2 * cap * row])
-        hh = pages[..., o["ks"]: o["end"]].contiguous().view(torch.float16).float()
-        ks, kz = hh[..., :d], hh[..., d: 2 * d]
-        vs, vz = hh[..., 2 * d: 2 * d + cap], hh[..., 2 * d + cap: 2 * d + 2 * cap]
-        k = (kc * ks[:, :, None, :] + kz[:, :, None, :]).permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, : c.ctx]
-        v = (vc * vs[..., None] + vz[..., None]).permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, : c.ctx]
-        q = c.q[r].float().view(hkv, g, d)
-        p = torch.softmax(q @ k.transpose(1, 2) * d ** -0.5, -1)
-        outs.append((p @ v).reshape(hkv * g, d))
-    return torch.stack(outs)
 
 
 def randomize_scales(c, bits):
@@ -515,16 +299,36 @@ def randomize_scales(c, bits):
     raw[blocks] = pages
 
 
+def trial(name, go, out, ref, res, t_bf16, t_prod, do_bench):
+    """Run one variant: error against the reference on 2 requests, median time, registers,
+    and a census of the PTX it compiled to."""
+    try:
+        h = go()
+        torch.cuda.synchronize()
+        err = ((out[:2].float() - ref).norm() / ref.norm()).item()
+        t = do_bench(go, warmup=30, rep=150, return_mode="median")
+    except Exception as ex:  # noqa: BLE001
+        print(name, "FAILED", type(ex).__name__, str(ex)[-1500:], flush=True)
+        return
+    regs, spills = getattr(h, "n_regs", -1), getattr(h, "n_spills", -1)
+    ptx = h.asm.get("ptx", "")
+    census = {k: ptx.count(k) for k in ("cp.async", "ld.global", "bar.sync", "ldmatrix", "mma.sync", "st.shared",
+                                        "ld.shared", "prmt", "lop3", "cvt")}
+    res[name] = dict(ms=t, err=err, regs=regs, spills=spills, vs_bf16=t_bf16 / t, vs_prod=t_prod / t, ptx=census)
+    print(f"{name:34s} {t:.4f} ms  {t_bf16 / t:.2f}x of bf16  {t_prod / t:.2f}x of prod  err {err:.2e}  "
+          f"regs {regs} spills {spills}  {census}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--batched-only", action="store_true")
     ap.add_argument("--production", action="store_true",
                     help="sweep quant_decode's tiling (PB, warps, stages) through paged_attention_batched")
     args = ap.parse_args()
     sys.path.insert(0, "benchmarks")
     from bench_kernels import Decode  # noqa: E402
+    from int4_variants import reference_planes  # noqa: E402
     from triton.testing import do_bench
 
     # the PTX's element order, checked on 4 known bytes per group
@@ -544,11 +348,7 @@ def main():
                 json.dump(res, f, indent=1)
         return
     B, ctx = 64, 8192
-    base = Decode(B, ctx)
-    t_bf16 = do_bench(lambda: base.run(), warmup=50, rep=200, return_mode="median")
-    del base
-    res["bf16_ms"] = t_bf16
-    print(f"bf16 live {t_bf16:.4f} ms", flush=True)
+    t_bf16 = _bf16_baseline(Decode, do_bench, res, B, ctx)
     scale2 = 128 ** -0.5 * 1.4426950408889634
     grid_cfg = [(4, 2), (4, 3), (4, 4), (8, 3), (2, 3)]
     if args.quick:
@@ -576,92 +376,47 @@ def main():
         configs += [(0, 1, 1, 2, 4, 1), (0, 1, 1, 2, 2, 1)]
         if args.quick:
             configs = [(0, 1, 0, 1, 4, 3), (0, 1, 1, 1, 4, 1)]
-        bconf = [(2, 2, 3, 0, 0), (2, 2, 3, 1, 1), (2, 2, 4, 1, 1), (2, 2, 2, 1, 1), (4, 4, 3, 1, 1),
-                 (4, 4, 2, 1, 1), (4, 2, 2, 1, 1), (2, 1, 3, 1, 1), (4, 4, 4, 1, 1)]
-        if args.quick:
-            bconf = [(2, 2, 3, 1, 1)]
-        for pbn, warps, stages, vmode, pw in bconf:
-            pl = [asm_plane(bits, i, True) for i in range(8 // bits)] + [""] * 2
-            plv = [asm_plane(bits, i, False) for i in range(8 // bits)] + [""] * 2
-            asm_k = asm_codes(bits, False, True)
-            asm_v = asm_codes(bits, vmode == 1, False)
-            name = f"int{bits} batched PB{pbn} V{vmode} planewise{pw} w{warps} s{stages}"
-            splits = 1
-            pacc = torch.empty(B, c.hkv * c.g, splits, c.d, device="cuda", dtype=torch.float32)
-            pml = torch.empty(B, c.hkv * c.g, splits, 2, device="cuda", dtype=torch.float32)
-            try:
-                def go():
-                    h = _qb_kernel[(B, c.hkv, splits)](
-                        c.q, kvb, kvh, c.bt, pacc, pml, ctx, scale2, sk[0], sk[1], c.bt.stride(0),
-                        H_Q=c.hkv * c.g, D=c.d, G=c.g, BLOCK_M=16, CAP=cap, QT=qt, BITS=bits, VMODE=vmode,
-                        PB=pbn, NUM_SPLITS=splits, STAGES=stages, ASM_K=asm_k, ASM_V=asm_v, PLANEWISE=pw,
-                        AK0=pl[0], AK1=pl[1], AK2=pl[2], AK3=pl[3], AV0=plv[0], AV1=plv[1], AV2=plv[2], AV3=plv[3],
-                        num_warps=warps)
-                    _reduce_kernel[(B, c.hkv * c.g)](pacc, pml, out, out, out.stride(0), out.stride(1),
-                                                     H_Q=c.hkv * c.g, D=c.d, NUM_SPLITS=splits,
-                                                     SPLITS_P2=triton.next_power_of_2(splits), WRITE_LSE=False)
-                    return h
-                h = go()
-                torch.cuda.synchronize()
-                err = ((out[:2].float() - ref).norm() / ref.norm()).item()
-                t = do_bench(go, warmup=30, rep=150, return_mode="median")
-            except Exception as ex:  # noqa: BLE001
-                print(name, "FAILED", type(ex).__name__, str(ex)[-1500:], flush=True)
-                continue
-            regs, spills = getattr(h, "n_regs", -1), getattr(h, "n_spills", -1)
-            res[name] = dict(ms=t, err=err, regs=regs, spills=spills, vs_bf16=t_bf16 / t, vs_prod=t_prod / t)
-            print(f"{name:34s} {t:.4f} ms  {t_bf16 / t:.2f}x of bf16  {t_prod / t:.2f}x of prod  "
-                  f"err {err:.2e}  regs {regs} spills {spills}", flush=True)
-        if args.batched_only:
-            configs = []
         for kmode, vmode, pf, splits, warps, stages in configs:
             asm_k = asm_codes(bits, False, True) if kmode == 0 else asm_codes(bits, False, False)
             asm_v = asm_codes(bits, vmode == 1, False)
-            name = f"int{bits} K{kmode} V{vmode} pf{pf} sp{splits} w{warps} s{stages}"
             pacc = torch.empty(B, c.hkv * c.g, splits, c.d, device="cuda", dtype=torch.float32)
             pml = torch.empty(B, c.hkv * c.g, splits, 2, device="cuda", dtype=torch.float32)
-            try:
-                def go():
-                    h = _q_kernel[(B, c.hkv, splits)](
-                        c.q, kvb, kvh, c.bt, out, pacc, pml, ctx, scale2, sk[0], sk[1], c.bt.stride(0),
-                        H_Q=c.hkv * c.g, D=c.d, G=c.g, BLOCK_M=16, CAP=cap, QT=qt, BITS=bits,
-                        KMODE=kmode, VMODE=vmode, NUM_SPLITS=splits, STAGES=stages, PF=pf, ASM_K=asm_k,
-                        ASM_V=asm_v, num_warps=warps)
-                    _reduce_kernel[(B, c.hkv * c.g)](pacc, pml, out, out, out.stride(0), out.stride(1),
-                                                     H_Q=c.hkv * c.g, D=c.d, NUM_SPLITS=splits,
-                                                     SPLITS_P2=triton.next_power_of_2(splits), WRITE_LSE=False)
-                    return h
-                h = go()
-                torch.cuda.synchronize()
-                err = ((out[:2].float() - ref).norm() / ref.norm()).item()
-                t = do_bench(go, warmup=30, rep=150, return_mode="median")
-            except Exception as ex:  # noqa: BLE001
-                print(name, "FAILED", type(ex).__name__, str(ex)[-1500:], flush=True)
-                continue
-            regs, spills = getattr(h, "n_regs", -1), getattr(h, "n_spills", -1)
-            ptx = h.asm.get("ptx", "")
-            census = {k: ptx.count(k) for k in ("cp.async", "ld.global", "bar.sync", "ldmatrix", "mma.sync",
-                                                "st.shared", "ld.shared", "prmt", "lop3", "cvt")}
-            res[name] = dict(ms=t, err=err, regs=regs, spills=spills, vs_bf16=t_bf16 / t, vs_prod=t_prod / t,
-                             ptx=census)
-            print(f"{name:34s} {t:.4f} ms  {t_bf16 / t:.2f}x of bf16  {t_prod / t:.2f}x of prod  "
-                  f"err {err:.2e}  regs {regs} spills {spills}  {census}", flush=True)
+
+            def go():
+                h = _q_kernel[(B, c.hkv, splits)](
+                    c.q, kvb, kvh, c.bt, out, pacc, pml, ctx, scale2, sk[0], sk[1], c.bt.stride(0),
+                    H_Q=c.hkv * c.g, D=c.d, G=c.g, BLOCK_M=16, CAP=cap, QT=qt, BITS=bits,
+                    KMODE=kmode, VMODE=vmode, NUM_SPLITS=splits, STAGES=stages, PF=pf, ASM_K=asm_k,
+                    ASM_V=asm_v, num_warps=warps)
+                _reduce_kernel[(B, c.hkv * c.g)](pacc, pml, out, out, out.stride(0), out.stride(1),
+                                                 H_Q=c.hkv * c.g, D=c.d, NUM_SPLITS=splits,
+                                                 SPLITS_P2=triton.next_power_of_2(splits), WRITE_LSE=False)
+                return h
+            trial(f"int{bits} K{kmode} V{vmode} pf{pf} sp{splits} w{warps} s{stages}", go, out, ref, res,
+                  t_bf16, t_prod, do_bench)
         del c
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
 
 
+def _bf16_baseline(Decode, do_bench, res, B, ctx):
+    """Decode over the same number of tokens in plain bf16 blocks."""
+    base = Decode(B, ctx)
+    t = do_bench(lambda: base.run(), warmup=50, rep=200, return_mode="median")
+    res["bf16_ms"] = t
+    print(f"bf16 live {t:.4f} ms", flush=True)
+    return t
+
+
 def production(res, Decode, do_bench):
     """The shipped launch (quant_decode beside the fused forward) at 64 x 8192 tokens, per
     tiling, against bf16 pages and against the fused forward alone (QRUN off)."""
+    from int4_variants import reference_planes  # noqa: E402
+
     from vllm_kvcomp.triton_kernels import quant_decode as qd
     B, ctx = 64, 8192
-    base = Decode(B, ctx)
-    t_bf16 = do_bench(lambda: base.run(), warmup=50, rep=200, return_mode="median")
-    del base
-    res["bf16_ms"] = t_bf16
-    print(f"bf16 live {t_bf16:.4f} ms", flush=True)
+    t_bf16 = _bf16_baseline(Decode, do_bench, res, B, ctx)
     for bits in (4, 2, 8):
         c = Decode(B, ctx, bits=bits)
         randomize_scales(c, bits)

@@ -27,9 +27,11 @@ Kernels
 
 Scores are kept in the log2 domain (scale pre-multiplied by log2(e), exp2).
 
-Measured on an H100 (docs/kernels.md): bf16 decode reads K/V at 75-90% of the copy
-bandwidth; quantized pages are read plane by plane (page format: planes), int4 1.29x and
-int2 1.27x of bf16 at equal tokens -- bound by registers and instructions, not memory.
+Decode over a region's run of quantized pages ([full][one precision], what compaction
+writes) is not read here but by quant_decode._qrun_kernel (QSEP), whose partials
+_reduce_kernel merges with ours; the quantized loops below serve prefill tiles, regions in
+any other order, fp32 caches, and QRUN off. Measured (docs/kernels.md): bf16 decode reads
+K/V at 98-100% of the copy bandwidth on an H200.
 """
 from __future__ import annotations
 
@@ -789,8 +791,10 @@ def _launch_consts(D, BS, G, dtype, has_tags, page_bits, decode, config):
     es = torch.empty((), dtype=dtype).element_size()
     caps = {b: page_capacity(b, BS, D, es) for b in (8, 4, 2)}
     qts = {b: min(_pow2(c), 128 if D <= 128 else 64) for b, c in caps.items()}
-    # Quantized tiles: one page (padded to QT slots) per step. Several pages per step
-    # (batched 3-D dots, or one 2-D tile over two pages) measured 1.6-4x slower on the H100.
+    # Quantized tiles of this kernel: one page (padded to QT slots) per step. Several pages
+    # per step (batched 3-D dots, or one 2-D tile over two pages) measured 1.6-4x slower
+    # here on the H100; quant_decode (decode over a sorted run) batches two pages a step
+    # with packed code conversion and one page per warp, and that is 2x faster.
     f32 = _INTERPRET or dtype == torch.float32
     mag = {torch.bfloat16: 128, torch.float16: 1024, torch.float32: 0}[dtype]
     assert set(page_bits) <= {8, 4, 2}

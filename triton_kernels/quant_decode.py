@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_attention import _scan_compacted
+from .paged_attention import _dot, _scan_compacted
 
 
 # ----------------------------------------------------------------------------- PTX
@@ -117,15 +117,6 @@ def _plane(x, ks, kz, BITS: tl.constexpr, P: tl.constexpr, DEQ: tl.constexpr, F3
 
 
 @triton.jit
-def _bdot(a, b, F32: tl.constexpr):
-    """Batched dot [PB, M, K] x [PB, K, N] (fp16 on the GPU; fp32 under the interpreter)."""
-    if F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
-
-@triton.jit
 def _key_plane(q_ptr, q_off, row_ok, kx, kvh_ptr, sc, scale2, P: tl.constexpr, BITS: tl.constexpr,
                W: tl.constexpr, D: tl.constexpr, PB: tl.constexpr, QT: tl.constexpr, BLOCK_M: tl.constexpr,
                F32: tl.constexpr):
@@ -139,7 +130,7 @@ def _key_plane(q_ptr, q_off, row_ok, kx, kvh_ptr, sc, scale2, P: tl.constexpr, B
     ks = tl.broadcast_to(tl.load(kvh_ptr + sc + P * W)[:, None, :], (PB, QT, W))       # per channel
     kz = tl.broadcast_to(tl.load(kvh_ptr + sc + D + P * W)[:, None, :], (PB, QT, W))
     k = _plane(kx, ks, kz, BITS, P, True, F32)
-    return _bdot(q, tl.permute(k, (0, 2, 1)), F32)
+    return _dot(q, tl.permute(k, (0, 2, 1)), F32)
 
 
 @triton.jit
@@ -192,12 +183,12 @@ def _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_k
         z = tl.sum(p * vz[:, None, :], 2)[:, :, None]
         al = alpha[:, :, None]
         vx = tl.load(kvb_ptr + rows + CAP * W)              # [PB, QT, W] value code bytes
-        a0 = a0 * al + _bdot(pv, _plane(vx, vx, vx, BITS, 0, False, F32), F32) + z
+        a0 = a0 * al + _dot(pv, _plane(vx, vx, vx, BITS, 0, False, F32), F32) + z
         if NP >= 2:
-            a1 = a1 * al + _bdot(pv, _plane(vx, vx, vx, BITS, 1, False, F32), F32) + z
+            a1 = a1 * al + _dot(pv, _plane(vx, vx, vx, BITS, 1, False, F32), F32) + z
         if NP == 4:
-            a2 = a2 * al + _bdot(pv, _plane(vx, vx, vx, BITS, 2, False, F32), F32) + z
-            a3 = a3 * al + _bdot(pv, _plane(vx, vx, vx, BITS, 3, False, F32), F32) + z
+            a2 = a2 * al + _dot(pv, _plane(vx, vx, vx, BITS, 2, False, F32), F32) + z
+            a3 = a3 * al + _dot(pv, _plane(vx, vx, vx, BITS, 3, False, F32), F32) + z
     # merge the PB pages' softmax states
     m = tl.max(m_i, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
