@@ -944,7 +944,7 @@ def paged_attention_batched(
     # decode over a sorted region's quantized run: its own launch (quant_decode), whose
     # partials the reduction merges with ours
     qsep = decode and page_tag is not None and (config or {}).get("QRUN", True) and \
-        quant_decode.supported(D, kv_cache.dtype, page_bits, caps)
+        quant_decode.supported(D, BS, kv_cache.dtype, page_bits, caps)
     qsplits = quant_decode.qrun_splits(_num_sms(q.device), B * H_kv, max_seq_len, caps, page_bits) if qsep else 0
     psplits = num_splits + qsplits
     write_lse = stats

@@ -173,8 +173,8 @@ def _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_k
         p = tl.exp2(s - m_safe[:, :, None])
         l_i = l_i * alpha + tl.sum(p, 2)
         m_i = m_new
-        # rows past a page's tokens hold other bytes of the page: zero their value scales
-        vsz = hb[:, None] + VS // 2 + t[None, :]
+        # rows past a page's tokens: clamped to its last scale (stays in the page), zeroed
+        vsz = hb[:, None] + VS // 2 + tl.minimum(t, CAP - 1)[None, :]
         vs = tl.where(valid, tl.load(kvh_ptr + vsz).to(tl.float32), 0.0)
         vz = tl.where(valid, tl.load(kvh_ptr + vsz + CAP).to(tl.float32), 0.0)
         pv = p * vs[:, None, :]
@@ -267,11 +267,22 @@ NUM_WARPS = 2
 STAGES = 3
 
 
-def supported(D: int, dtype: torch.dtype, page_bits, caps: dict[int, int]) -> bool:
+def _in_page(bits: int, BS: int, D: int, es: int) -> bool:
+    """The tile reads QT = pow2(cap) rows of codes without a mask (masked code loads measured
+    1.4x slower, benchmarks/probe_packed.py): rows past the page's tokens must still lie
+    inside the page."""
+    from vllm_kvcomp.ops.quant import page_bytes, page_offsets
+
+    o = page_offsets(bits, BS, D, es)
+    return (o["cap"] + triton.next_power_of_2(o["cap"])) * o["row"] <= page_bytes(BS, D, es)
+
+
+def supported(D: int, BS: int, dtype: torch.dtype, page_bits, caps: dict[int, int]) -> bool:
     """Whether this launch can read the runs of these formats: fp16/bf16 caches, a plane of
-    >= 16 channels (the smallest dot), pages of <= 128 tokens (one tile)."""
+    >= 16 channels (the smallest dot), pages of <= 128 tokens (one tile) read in-page."""
+    es = torch.empty((), dtype=dtype).element_size()
     return ENABLED and dtype in (torch.float16, torch.bfloat16) and bool(page_bits) and all(
-        D // (8 // b) >= 16 and caps[b] <= 128 for b in page_bits)
+        D // (8 // b) >= 16 and caps[b] <= 128 and _in_page(b, BS, D, es) for b in page_bits)
 
 
 def qrun_splits(num_sms: int, rows: int, max_seq_len: int, caps: dict[int, int], page_bits) -> int:
