@@ -325,6 +325,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--production", action="store_true",
                     help="sweep quant_decode's tiling (PB, warps, stages) through paged_attention_batched")
+    ap.add_argument("--tilings", default="2,2,3;2,2,2;4,4,3;1,1,3", help="--production: PB,warps,stages;...")
+    ap.add_argument("--qsplits", default="1,2,4", help="--production: forced split counts at 2,2,3")
     args = ap.parse_args()
     sys.path.insert(0, "benchmarks")
     from bench_kernels import Decode  # noqa: E402
@@ -342,7 +344,8 @@ def main():
 
     res = {}
     if args.production:
-        production(res, Decode, do_bench)
+        production(res, Decode, do_bench, [tuple(map(int, x.split(','))) for x in args.tilings.split(';')],
+                   [int(x) for x in args.qsplits.split(',') if x])
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)
@@ -409,7 +412,7 @@ def _bf16_baseline(Decode, do_bench, res, B, ctx):
     return t
 
 
-def production(res, Decode, do_bench):
+def production(res, Decode, do_bench, tilings, qsplits):
     """The shipped launch (quant_decode beside the fused forward) at 64 x 8192 tokens, per
     tiling, against bf16 pages and against the fused forward alone (QRUN off)."""
     from int4_variants import reference_planes  # noqa: E402
@@ -428,7 +431,7 @@ def production(res, Decode, do_bench):
         res[f"int{bits} fused only"] = dict(ms=t_old, err=err_old, vs_bf16=t_bf16 / t_old)
         print(f"int{bits} fused forward alone {t_old:.4f} ms ({t_bf16 / t_old:.2f}x of bf16) err {err_old:.2e}",
               flush=True)
-        for pb, warps, stages in ((2, 2, 3), (2, 2, 2), (4, 4, 3), (1, 1, 3)):
+        for pb, warps, stages in tilings:
             qd.PB, qd.NUM_WARPS, qd.STAGES = pb, warps, stages
             name = f"int{bits} qrun PB{pb} w{warps} s{stages}"
             try:
@@ -444,7 +447,7 @@ def production(res, Decode, do_bench):
                   flush=True)
         qd.PB, qd.NUM_WARPS, qd.STAGES = 2, 2, 3
         auto = qd.qrun_splits
-        for n in (1, 2, 4):
+        for n in qsplits:
             qd.qrun_splits = lambda *a, n=n: n  # noqa: E731
             t = do_bench(lambda: c.run(page_bits=(bits,)), warmup=30, rep=150, return_mode="median")
             res[f"int{bits} qrun PB2 w2 s3 qsplits{n}"] = dict(ms=t, vs_bf16=t_bf16 / t)

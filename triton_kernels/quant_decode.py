@@ -117,16 +117,21 @@ def _plane(x, ks, kz, BITS: tl.constexpr, P: tl.constexpr, DEQ: tl.constexpr, F3
 
 
 @triton.jit
-def _key_plane(q_ptr, q_off, row_ok, kx, kvh_ptr, sc, scale2, P: tl.constexpr, BITS: tl.constexpr,
-               W: tl.constexpr, D: tl.constexpr, PB: tl.constexpr, QT: tl.constexpr, BLOCK_M: tl.constexpr,
-               F32: tl.constexpr):
-    """Scores of plane P's channels [P*W, (P+1)*W): q [PB, M, W] . K^T [PB, W, QT]."""
+def _q_plane(q_ptr, q_off, row_ok, scale2, P: tl.constexpr, W: tl.constexpr, PB: tl.constexpr,
+             BLOCK_M: tl.constexpr, F32: tl.constexpr):
+    """q's channels [P*W, (P+1)*W) times the softmax scale (fp16), one copy per page of a step."""
     e = tl.arange(0, W)
     q = tl.load(q_ptr + q_off[:, None] + P * W + e[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
     q = q * scale2
     if not F32:
         q = q.to(tl.float16)
-    q = tl.broadcast_to(q[None, :, :], (PB, BLOCK_M, W))
+    return tl.broadcast_to(q[None, :, :], (PB, BLOCK_M, W))
+
+
+@triton.jit
+def _key_plane(q, kx, kvh_ptr, sc, P: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
+               PB: tl.constexpr, QT: tl.constexpr, F32: tl.constexpr):
+    """Scores of plane P's channels [P*W, (P+1)*W): q [PB, M, W] . K^T [PB, W, QT]."""
     ks = tl.broadcast_to(tl.load(kvh_ptr + sc + P * W)[:, None, :], (PB, QT, W))       # per channel
     kz = tl.broadcast_to(tl.load(kvh_ptr + sc + D + P * W)[:, None, :], (PB, QT, W))
     k = _plane(kx, ks, kz, BITS, P, True, F32)
@@ -146,6 +151,15 @@ def _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_k
     e = tl.arange(0, W)
     t = tl.arange(0, QT)
     pg = tl.arange(0, PB)
+    q0 = _q_plane(q_ptr, q_off, row_ok, scale2, 0, W, PB, BLOCK_M, F32)
+    q1 = q0
+    q2 = q0
+    q3 = q0
+    if NP >= 2:
+        q1 = _q_plane(q_ptr, q_off, row_ok, scale2, 1, W, PB, BLOCK_M, F32)
+    if NP == 4:
+        q2 = _q_plane(q_ptr, q_off, row_ok, scale2, 2, W, PB, BLOCK_M, F32)
+        q3 = _q_plane(q_ptr, q_off, row_ok, scale2, 3, W, PB, BLOCK_M, F32)
     m_i = tl.full([PB, BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([PB, BLOCK_M], tl.float32)
     a0 = tl.zeros([PB, BLOCK_M, W], tl.float32)
@@ -160,12 +174,12 @@ def _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_k
         valid = (t[None, :] < tl.minimum(CAP, n_tok - (j - jbase)[:, None] * CAP)) & (j < j_hi)[:, None]
         kx = tl.load(kvb_ptr + rows)                        # [PB, QT, W] key code bytes
         sc = hb[:, None] + KS // 2 + e[None, :]
-        s = _key_plane(q_ptr, q_off, row_ok, kx, kvh_ptr, sc, scale2, 0, BITS, W, D, PB, QT, BLOCK_M, F32)
+        s = _key_plane(q0, kx, kvh_ptr, sc, 0, BITS, W, D, PB, QT, F32)
         if NP >= 2:
-            s += _key_plane(q_ptr, q_off, row_ok, kx, kvh_ptr, sc, scale2, 1, BITS, W, D, PB, QT, BLOCK_M, F32)
+            s += _key_plane(q1, kx, kvh_ptr, sc, 1, BITS, W, D, PB, QT, F32)
         if NP == 4:
-            s += _key_plane(q_ptr, q_off, row_ok, kx, kvh_ptr, sc, scale2, 2, BITS, W, D, PB, QT, BLOCK_M, F32)
-            s += _key_plane(q_ptr, q_off, row_ok, kx, kvh_ptr, sc, scale2, 3, BITS, W, D, PB, QT, BLOCK_M, F32)
+            s += _key_plane(q2, kx, kvh_ptr, sc, 2, BITS, W, D, PB, QT, F32)
+            s += _key_plane(q3, kx, kvh_ptr, sc, 3, BITS, W, D, PB, QT, F32)
         s = tl.where(valid[:, None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 2))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -268,9 +282,9 @@ STAGES = 3
 
 
 def _in_page(bits: int, BS: int, D: int, es: int) -> bool:
-    """The tile reads QT = pow2(cap) rows of codes without a mask (masked code loads measured
-    1.4x slower, benchmarks/probe_packed.py): rows past the page's tokens must still lie
-    inside the page."""
+    """The tile reads QT = pow2(cap) rows of codes without a mask (whole rows, no predicate;
+    the masked version of the probe was slower, though not by that alone: docs/kernels.md):
+    rows past the page's tokens must still lie inside the page."""
     from vllm_kvcomp.ops.quant import page_bytes, page_offsets
 
     o = page_offsets(bits, BS, D, es)

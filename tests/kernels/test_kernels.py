@@ -254,6 +254,7 @@ def test_decode_quantized_runs_own_launch(splits, monkeypatch):
 
     spy = _Spy(quant_decode._qrun_kernel)
     monkeypatch.setattr(quant_decode, "_qrun_kernel", spy)
+    monkeypatch.setattr(quant_decode, "ENABLED", True)
     b = _decode_runs_batch(64, 2, 4, 16, seed=7)
     _check_batch(b, splits=splits)
     assert spy.launches == 1
