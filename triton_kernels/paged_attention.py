@@ -942,10 +942,12 @@ def paged_attention_batched(
     from . import quant_decode  # (imports this module)
 
     # decode over a sorted region's quantized run: its own launch (quant_decode), whose
-    # partials the reduction merges with ours
+    # partials the reduction merges with ours -- unless statistics read quantized pages:
+    # they recompute scores with this kernel's arithmetic (bf16 keys), so the LSE must too
     qsep = decode and page_tag is not None and (config or {}).get("QRUN", True) and \
-        quant_decode.supported(D, BS, kv_cache.dtype, page_bits, caps)
-    qsplits = quant_decode.qrun_splits(_num_sms(q.device), B * H_kv, max_seq_len, caps, page_bits) if qsep else 0
+        not (stats and stats_tags) and quant_decode.supported(D, BS, kv_cache.dtype, page_bits, caps)
+    longest = max_seq_len if max_seq_len is not None else block_table.shape[1] * BS  # no host sync
+    qsplits = quant_decode.qrun_splits(_num_sms(q.device), B * H_kv, longest, caps, page_bits) if qsep else 0
     psplits = num_splits + qsplits
     write_lse = stats
     lse = torch.empty(T, H_q, device=q.device, dtype=torch.float32) if (write_lse or psplits > 1) else out

@@ -274,10 +274,12 @@ def _qrun_kernel(q_ptr, kvb_ptr, kvh_ptr, tag_ptr, bt_ptr, qsl_ptr, kept_ptr, pa
 # VLLM_KVCOMP_QRUN=0 leaves the runs to the fused forward (A/B runs end to end; the
 # launcher's config={"QRUN": False} does the same per call).
 ENABLED = os.environ.get("VLLM_KVCOMP_QRUN", "1") != "0"
-# Tiling, measured on an H200 at 64 x 8192 tokens (benchmarks/probe_packed.py): two pages a
-# step, one per warp, 3 pipeline stages.
-PB = 2
-NUM_WARPS = 2
+# Tiling, measured on an H200 at 64 x 8192 tokens through the launcher (probe_packed.py
+# --production): one page a step in one-warp programs, 3 pipeline stages -- int4 0.360 ms,
+# int2 0.344, int8 0.477; two pages a step (one per warp) 0.380 / 0.369 / 0.503; four
+# 0.445 / 0.456 / 0.586 (the fused forward: 0.564 / 0.571 / 0.932).
+PB = 1
+NUM_WARPS = 1
 STAGES = 3
 
 

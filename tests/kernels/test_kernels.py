@@ -245,8 +245,8 @@ def _decode_runs_batch(d, hkv, g, bs, seed, scale_runs=1):
     return make_batch(reqs, hkv=hkv, g=g, d=d, bs=bs, dtype=torch.bfloat16, device=DEV, seed=seed, tags=True)
 
 
-@pytest.mark.parametrize("splits", [None, 3])
-def test_decode_quantized_runs_own_launch(splits, monkeypatch):
+@pytest.mark.parametrize("splits,pages_per_step", [(None, 1), (3, 2)])
+def test_decode_quantized_runs_own_launch(splits, pages_per_step, monkeypatch):
     """Decode reads a sorted region's quantized run in quant_decode's launch (packed code
     conversion; on the CPU the same kernel unpacks with shifts), merged with the forward's
     partials: every row matches the reference, with and without that launch."""
@@ -255,11 +255,15 @@ def test_decode_quantized_runs_own_launch(splits, monkeypatch):
     spy = _Spy(quant_decode._qrun_kernel)
     monkeypatch.setattr(quant_decode, "_qrun_kernel", spy)
     monkeypatch.setattr(quant_decode, "ENABLED", True)
+    monkeypatch.setattr(quant_decode, "PB", pages_per_step)  # > 1: the pages' softmax states merged
     b = _decode_runs_batch(64, 2, 4, 16, seed=7)
+    _check_batch(b, splits=splits, stats=False)
+    assert spy.launches == 1
+    _check_batch(b, splits=splits, stats=False, config={"QRUN": False})
+    assert spy.launches == 1  # the fused kernel alone read the runs
+    # statistics over quantized pages recompute the forward's scores: the runs stay there
     _check_batch(b, splits=splits)
     assert spy.launches == 1
-    _check_batch(b, splits=splits, config={"QRUN": False})
-    assert spy.launches == 1  # the fused kernel alone read the runs
 
 
 def test_api_per_request_matches_reference():
@@ -454,7 +458,7 @@ def test_gpu_mixed_realistic():
 @gpu_only
 def test_gpu_decode_quantized_runs_realistic():
     """CPU twin: test_decode_quantized_runs_own_launch."""
-    _check_batch(_decode_runs_batch(128, 8, 4, 16, seed=3, scale_runs=12))
+    _check_batch(_decode_runs_batch(128, 8, 4, 16, seed=3, scale_runs=12), stats=False)
 
 
 @gpu_only
