@@ -793,8 +793,8 @@ def _launch_consts(D, BS, G, dtype, has_tags, page_bits, decode, config):
     qts = {b: min(_pow2(c), 128 if D <= 128 else 64) for b, c in caps.items()}
     # Quantized tiles of this kernel: one page (padded to QT slots) per step. Several pages
     # per step (batched 3-D dots, or one 2-D tile over two pages) measured 1.6-4x slower
-    # here on the H100; quant_decode (decode over a sorted run) batches two pages a step
-    # with packed code conversion and one page per warp, and that is 2x faster.
+    # here on the H100. Decode over a sorted run goes to quant_decode instead (codes
+    # converted in packed pairs, one-warp programs): 1.6-1.9x faster on the H200.
     f32 = _INTERPRET or dtype == torch.float32
     mag = {torch.bfloat16: 128, torch.float16: 1024, torch.float32: 0}[dtype]
     assert set(page_bits) <= {8, 4, 2}
@@ -945,7 +945,7 @@ def paged_attention_batched(
     # partials the reduction merges with ours -- unless statistics read quantized pages:
     # they recompute scores with this kernel's arithmetic (bf16 keys), so the LSE must too
     qsep = decode and page_tag is not None and (config or {}).get("QRUN", True) and \
-        not (stats and stats_tags) and quant_decode.supported(D, BS, kv_cache.dtype, page_bits, caps)
+        not (stats and stats_tags) and quant_decode.supported(D, BS, kv_cache.dtype, tuple(page_bits))
     longest = max_seq_len if max_seq_len is not None else block_table.shape[1] * BS  # no host sync
     qsplits = quant_decode.qrun_splits(_num_sms(q.device), B * H_kv, longest, caps, page_bits) if qsep else 0
     psplits = num_splits + qsplits
@@ -968,7 +968,7 @@ def paged_attention_batched(
         **common)
     if qsep:
         quant_decode._qrun_kernel[(B, H_kv, qsplits)](
-            q, kvb, kvh, tags, block_table, query_start_loc, kept, pacc, pml, scale2, B, block_table.shape[1],
+            q, kvb, kvh, tags, block_table, query_start_loc, kept, pacc, pml, scale2, block_table.shape[1],
             q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
             H_Q=H_q, D=D, BS=BS, G=G, BLOCK_M=max(16, _pow2(G)), PSPLITS=psplits, SPLIT0=num_splits,
             QSPLITS=qsplits, HAS8=common["HAS8"], HAS4=common["HAS4"], HAS2=common["HAS2"], CAP8=caps[8],

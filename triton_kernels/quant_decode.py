@@ -29,6 +29,7 @@ Under the interpreter (F32) codes are unpacked with plain shifts and masks in fp
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -219,9 +220,9 @@ def _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_k
     return acc, m, l
 
 
-@triton.jit(do_not_specialize=["num_reqs"])
+@triton.jit
 def _qrun_kernel(q_ptr, kvb_ptr, kvh_ptr, tag_ptr, bt_ptr, qsl_ptr, kept_ptr, pacc_ptr, pml_ptr,
-                 scale2, num_reqs, max_blocks, stride_qt, stride_qh, stride_kb, stride_kh, stride_bt,
+                 scale2, max_blocks, stride_qt, stride_qh, stride_kb, stride_kh, stride_bt,
                  H_Q: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
                  PSPLITS: tl.constexpr, SPLIT0: tl.constexpr, QSPLITS: tl.constexpr,
                  HAS8: tl.constexpr, HAS4: tl.constexpr, HAS2: tl.constexpr,
@@ -293,12 +294,21 @@ def _in_page(bits: int, BS: int, D: int, es: int) -> bool:
     return (o["cap"] + triton.next_power_of_2(o["cap"])) * o["row"] <= page_bytes(BS, D, es)
 
 
-def supported(D: int, BS: int, dtype: torch.dtype, page_bits, caps: dict[int, int]) -> bool:
+def supported(D: int, BS: int, dtype: torch.dtype, page_bits: tuple[int, ...]) -> bool:
     """Whether this launch can read the runs of these formats: fp16/bf16 caches, a plane of
     >= 16 channels (the smallest dot), pages of <= 128 tokens (one tile) read in-page."""
+    return ENABLED and _supported(D, BS, dtype, page_bits)
+
+
+@functools.lru_cache(maxsize=None)
+def _supported(D: int, BS: int, dtype: torch.dtype, page_bits: tuple[int, ...]) -> bool:
+    from vllm_kvcomp.ops.quant import page_capacity  # (once per shape: decode runs per layer)
+
+    if dtype not in (torch.float16, torch.bfloat16) or not page_bits:
+        return False
     es = torch.empty((), dtype=dtype).element_size()
-    return ENABLED and dtype in (torch.float16, torch.bfloat16) and bool(page_bits) and all(
-        D // (8 // b) >= 16 and caps[b] <= 128 and _in_page(b, BS, D, es) for b in page_bits)
+    return all(D // (8 // b) >= 16 and page_capacity(b, BS, D, es) <= 128 and _in_page(b, BS, D, es)
+               for b in page_bits)
 
 
 def qrun_splits(num_sms: int, rows: int, max_seq_len: int, caps: dict[int, int], page_bits) -> int:

@@ -266,6 +266,21 @@ def test_decode_quantized_runs_own_launch(splits, pages_per_step, monkeypatch):
     assert spy.launches == 1
 
 
+def test_quantized_run_launch_takes_what_it_can_read(monkeypatch):
+    """quant_decode takes bf16/fp16 caches whose planes are >= 16 channels and whose pages
+    fit one tile read in-page; everything else stays in the fused forward."""
+    from vllm_kvcomp.triton_kernels import quant_decode
+
+    monkeypatch.setattr(quant_decode, "ENABLED", True)
+    assert quant_decode.supported(128, 16, torch.bfloat16, (8, 4, 2))
+    assert quant_decode.supported(64, 16, torch.float16, (2,))
+    assert not quant_decode.supported(128, 16, torch.float32, (4,))       # fp32 cache
+    assert not quant_decode.supported(32, 16, torch.bfloat16, (2,))       # int2 plane of 8 channels
+    assert not quant_decode.supported(128, 32, torch.bfloat16, (4, 2))    # int2 page of 233 tokens
+    monkeypatch.setattr(quant_decode, "ENABLED", False)                   # VLLM_KVCOMP_QRUN=0
+    assert not quant_decode.supported(128, 16, torch.bfloat16, (4,))
+
+
 def test_api_per_request_matches_reference():
     """The reference-signature entry points return reference-shaped outputs."""
     bs, d = 16, 32
