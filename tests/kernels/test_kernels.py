@@ -266,6 +266,39 @@ def test_decode_quantized_runs_own_launch(splits, pages_per_step, monkeypatch):
     assert spy.launches == 1
 
 
+def test_decode_quantized_runs_with_the_backends_statistics(monkeypatch):
+    """The backend's decode call: statistics always on, per-row flags, ``stats_tags=False``
+    (only rows without quantized pages vote or gather mass). The run's launch still takes
+    the quantized rows, and the voting rows' mass and votes come from the merged LSE."""
+    from vllm_kvcomp.triton_kernels import quant_decode
+
+    spy = _Spy(quant_decode._qrun_kernel)
+    monkeypatch.setattr(quant_decode, "_qrun_kernel", spy)
+    monkeypatch.setattr(quant_decode, "ENABLED", True)
+    b = _decode_runs_batch(64, 2, 4, 16, seed=11)
+    voting = [i for i, r in enumerate(b.reqs) if r.plan is None or not any(r.plan)]
+    assert voting and len(voting) < len(b.reqs)
+    flags = torch.tensor([1 if i in voting else 0 for i in range(len(b.reqs))], dtype=torch.int32, device=DEV)
+    nb, hkv, bs = b.kv.shape[:3]
+    mass = torch.zeros(nb, hkv, bs, device=DEV)
+    obs = torch.zeros(nb, hkv, bs, device=DEV)
+    out = torch.full_like(b.q, float("nan"))
+    scale = b.q.shape[-1] ** -0.5
+    paged_attention_batched(*b.args(), scale, page_tag=b.page_tag, out=out, mass_cache=mass, obs_cache=obs,
+                            obs_queries=flags, mass_rows=flags, stats_tags=False)
+    assert spy.launches == 1
+    qsl = b.qsl.tolist()
+    for i, r in enumerate(b.reqs):
+        row = b.block_table[i]
+        o, m, ob = quant.paged_attention_mixed(b.q[qsl[i]:qsl[i + 1]], b.kv, b.page_tag, row, r.kept,
+                                               r.live_start, r.seq_len, scale, True, int(flags[i]))
+        assert rel_err(out[qsl[i]:qsl[i + 1]], o) < TOL[torch.bfloat16], i
+        if i in voting:
+            blk, slot = quant.key_slots(b.kv, b.page_tag, row, r.kept, r.live_start, r.seq_len)
+            assert rel_err(mass[blk, :, slot].t(), m) < STAT_TOL[False], i
+            assert rel_err(obs[blk, :, slot].t(), ob) < STAT_TOL[False], i
+
+
 def test_quantized_run_launch_takes_what_it_can_read(monkeypatch):
     """quant_decode takes bf16/fp16 caches whose planes are >= 16 channels and whose pages
     fit one tile read in-page; everything else stays in the fused forward."""
