@@ -19,9 +19,11 @@ than bf16 pages (0.50 ms) on an H200. Here (benchmarks/probe_packed.py, docs/ker
   spreads bytes (0, 1) and (2, 3) into two 32-bit words, one ``lop3`` per plane ORs the
   code bits into the mantissa of 1024.0 (0x6400), one ``fma.f16x2`` makes the codes exact
   and one more applies the key's per-channel scale and zero (fp16, one rounding);
-* PB pages are one step, as a batch (3-D tiles, batched dots): Triton puts the warps on the
-  batch, so each warp runs its own page's online softmax with warp-local reductions, and
-  the per-step costs are shared. The PB softmax states are merged at the end.
+* small programs: one warp, one page a step, so the row reductions stay inside the warp
+  and more programs share each SM (the per-page latency chain, not bytes, bound the fused
+  loop). Tiles are 3-D, [PB, ...] with batched dots: PB pages a step, one per warp (Triton
+  puts the warps on the batch), each with its own online softmax merged at the end; PB = 2
+  measured 5% slower through the launcher (constants below).
 
 Values fold their per-token scale into p: o += (p * VS) . codes + sum(p * VZ). The query
 (times the softmax scale) is fp16 for the key dots; fp32 caches do not come here.
