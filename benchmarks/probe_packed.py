@@ -38,6 +38,7 @@ import triton.language as tl
 
 from vllm_kvcomp.ops import quant
 from vllm_kvcomp.triton_kernels.paged_attention import _reduce_kernel
+from vllm_kvcomp.triton_kernels.quant_decode import _h2, _mask
 
 # ----------------------------------------------------------------------------- PTX
 # Elementwise (Triton may group any 4 elements of a thread into one call): input 4 code bytes
@@ -45,16 +46,6 @@ from vllm_kvcomp.triton_kernels.paged_attention import _reduce_kernel
 # prmt spreads bytes (0, 1) and (2, 3) into the low bytes of two fp16 pairs, so one lop3
 # per plane and pair ORs the code bits into the mantissa of 1024.0 (0x6400).
 _LOP = "lop3.b32 {d}, {s}, {m}, 0x64006400, 0xEA;"  # (s & m) | 0x6400_6400
-
-
-def _masks(bits):
-    return [hex(((1 << bits) - 1) << (bits * p) | (((1 << bits) - 1) << (bits * p)) << 16)
-            for p in range(8 // bits)]
-
-
-def _h2(v):
-    u = torch.tensor([v], dtype=torch.float16).view(torch.int16).item() & 0xFFFF
-    return f"0x{u:04X}{u:04X}"
 
 
 def asm_codes(bits, exact, deq):
@@ -66,7 +57,8 @@ def asm_codes(bits, exact, deq):
     x = f"${nout}"
     lines = [".reg .b32 t<2>, z, s, b, a;", "mov.b32 z, 0;",
              f"prmt.b32 t0, {x}, z, 0x4140;", f"prmt.b32 t1, {x}, z, 0x4342;"]
-    for p, m in enumerate(_masks(bits)):
+    for p in range(8 // bits):
+        m = _mask(bits, p)
         k = bits * p
         for half in range(2):
             o = 2 * p + half
@@ -353,9 +345,6 @@ def main():
     B, ctx = 64, 8192
     t_bf16 = _bf16_baseline(Decode, do_bench, res, B, ctx)
     scale2 = 128 ** -0.5 * 1.4426950408889634
-    grid_cfg = [(4, 2), (4, 3), (4, 4), (8, 3), (2, 3)]
-    if args.quick:
-        grid_cfg = [(4, 3)]
     for bits in (4, 2):
         c = Decode(B, ctx, bits=bits)
         randomize_scales(c, bits)

@@ -47,12 +47,17 @@ def _h2(v: float) -> str:
     return f"0x{u:04X}{u:04X}"
 
 
+def _mask(bits: int, p: int) -> str:
+    """lop3 mask of plane p's code bits in both halves of an fp16 pair."""
+    m = ((1 << bits) - 1) << (bits * p)
+    return f"0x{m | m << 16:08X}"
+
+
 def _ptx(bits: int, p: int, deq: bool) -> str:
     """Plane p of 4 code bytes ($2, pack=4 of uint8) -> two fp16x2 registers ($0, $1), the
     codes exactly; deq: then * ks + kz (args $3..$6, fp16 pairs). Elementwise: element i
     of the output is code p of byte i (Triton may group any 4 elements of a thread)."""
-    m = ((1 << bits) - 1) << (bits * p)
-    mask = f"0x{m | m << 16:08X}"
+    mask = _mask(bits, p)
     k = bits * p
     lines = [".reg .b32 t<2>, z, s, b, a;", "mov.b32 z, 0;",
              "prmt.b32 t0, $2, z, 0x4140;",            # bytes 0, 1 -> the low bytes of two halves
