@@ -85,7 +85,8 @@ def _scan_compacted(bt_row, tag_ptr, kept, max_blocks, BS: tl.constexpr, CAP8: t
     last_z = -1
     min_nz = 127
     max_t = 0
-    for c0 in range(0, upper, SCAN):
+    c0 = 0
+    while (c0 < upper) & (done < kept):  # stops at the region's end, not at kept / BS entries
         j = c0 + tl.arange(0, SCAN)
         valid = j < upper
         b = tl.load(bt_row + j, mask=valid, other=0).to(tl.int64)
@@ -100,6 +101,7 @@ def _scan_compacted(bt_row, tag_ptr, kept, max_blocks, BS: tl.constexpr, CAP8: t
         min_nz = tl.minimum(min_nz, tl.min(tl.where(nz, tag, 127), 0))
         max_t = tl.maximum(max_t, tl.max(tl.where(inreg, tag, 0), 0))
         done += tl.sum(cap, 0)
+        c0 += SCAN
     nf = tl.minimum(first_nz, nc)
     ok = (last_z < first_nz) & ((min_nz == max_t) | (max_t == 0))
     return nc, nf, max_t, ok
@@ -970,7 +972,7 @@ def paged_attention_batched(
         quant_decode._qrun_kernel[(B, H_kv, qsplits)](
             q, kvb, kvh, tags, block_table, query_start_loc, kept, pacc, pml, scale2, block_table.shape[1],
             q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
-            H_Q=H_q, D=D, BS=BS, G=G, BLOCK_M=max(16, _pow2(G)), PSPLITS=psplits, SPLIT0=num_splits,
+            H_Q=H_q, D=D, BS=BS, G=G, BLOCK_M=max(quant_decode.MIN_M, _pow2(G)), PSPLITS=psplits, SPLIT0=num_splits,
             QSPLITS=qsplits, HAS8=common["HAS8"], HAS4=common["HAS4"], HAS2=common["HAS2"], CAP8=caps[8],
             CAP4=caps[4], CAP2=caps[2], QT8=_pow2(caps[8]), QT4=_pow2(caps[4]), QT2=_pow2(caps[2]),
             PB=quant_decode.PB, STAGES=quant_decode.STAGES, SCAN=64, F32=common["F32"],

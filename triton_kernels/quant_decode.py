@@ -15,15 +15,20 @@ carries the full-precision and any-order paths (~250 registers per thread), and 
 over quantized pages stayed at ~0.56 ms for 64 x 8192 tokens whatever the bits, slower
 than bf16 pages (0.50 ms) on an H200. Here (benchmarks/probe_packed.py, docs/kernels.md):
 
-* codes reach the dots as fp16 pairs through inline PTX, 4 code bytes at a time: ``prmt``
-  spreads bytes (0, 1) and (2, 3) into two 32-bit words, one ``lop3`` per plane ORs the
-  code bits into the mantissa of 1024.0 (0x6400), one ``fma.f16x2`` makes the codes exact
-  and one more applies the key's per-channel scale and zero (fp16, one rounding);
-* small programs: one warp, one page a step, so the row reductions stay inside the warp
-  and more programs share each SM (the per-page latency chain, not bytes, bound the fused
-  loop). Tiles are 3-D, [PB, ...] with batched dots: PB pages a step, one per warp (Triton
-  puts the warps on the batch), each with its own online softmax merged at the end; PB = 2
-  measured 5% slower through the launcher (constants below).
+* codes reach the dots as fp16 pairs through inline PTX, 4 code bytes at a time. Keys
+  (per plane): ``prmt`` spreads bytes (0, 1) and (2, 3) into two 32-bit words, one
+  ``lop3`` ORs the plane's code bits into the mantissa of 1024.0 (0x6400), one
+  ``fma.f16x2`` makes the codes exact and one more applies the per-channel scale and zero
+  (fp16, one rounding). Values (every plane in one block): one ``prmt`` per pair puts each
+  byte under an 0x64 byte, one ``and`` per plane keeps its bits -- 1024 + 2^(bits p) code,
+  exact; the dot's offset 1024 sum(p VS) comes off per page (kept across pages it cost
+  accuracy) and the plane's scale at the end;
+* small programs: one warp, one page a step, query tiles of G rows (Triton pads the MMA),
+  so the row reductions stay inside the warp and more programs share each SM (the per-page
+  chain of instructions, not bytes, bounds this loop: ~1,750 SASS instructions per int4
+  page per warp, benchmarks/sass_census.py). Tiles are 3-D, [PB, ...] with batched dots:
+  PB pages a step, one per warp, each with its own online softmax merged at the end (PB =
+  2 measured slower; constants below).
 
 Values fold their per-token scale into p: o += (p * VS) . codes + sum(p * VZ). The query
 (times the softmax scale) is fp16 for the key dots; fp32 caches do not come here.
@@ -53,10 +58,11 @@ def _mask(bits: int, p: int) -> str:
     return f"0x{m | m << 16:08X}"
 
 
-def _ptx(bits: int, p: int, deq: bool) -> str:
-    """Plane p of 4 code bytes ($2, pack=4 of uint8) -> two fp16x2 registers ($0, $1), the
-    codes exactly; deq: then * ks + kz (args $3..$6, fp16 pairs). Elementwise: element i
-    of the output is code p of byte i (Triton may group any 4 elements of a thread)."""
+def _ptx(bits: int, p: int) -> str:
+    """Plane p of 4 key code bytes ($2, pack=4 of uint8) -> two fp16x2 registers ($0, $1):
+    code * ks + kz (args $3..$6, fp16 pairs), the code made exact first so the result is
+    rounded once. Elementwise: element i of the output is code p of byte i (Triton may
+    group any 4 elements of a thread)."""
     mask = _mask(bits, p)
     k = bits * p
     lines = [".reg .b32 t<2>, z, s, b, a;", "mov.b32 z, 0;",
@@ -64,64 +70,102 @@ def _ptx(bits: int, p: int, deq: bool) -> str:
              "prmt.b32 t1, $2, z, 0x4342;",            # bytes 2, 3
              f"mov.b32 s, {_h2(2.0 ** -k)};", f"mov.b32 b, {_h2(-1024.0 * 2.0 ** -k)};"]
     for half in range(2):
-        lines.append(f"lop3.b32 a, t{half}, {mask}, 0x64006400, 0xEA;")  # (t & mask) | 1024.0
-        if deq:
-            lines += ["fma.rn.f16x2 a, a, s, b;", f"fma.rn.f16x2 ${half}, a, ${3 + half}, ${5 + half};"]
-        else:
-            lines.append(f"fma.rn.f16x2 ${half}, a, s, b;")  # (1024 + 2^k c) 2^-k - 1024 2^-k = c
+        lines += [f"lop3.b32 a, t{half}, {mask}, 0x64006400, 0xEA;",   # (t & mask) | 1024.0
+                  "fma.rn.f16x2 a, a, s, b;",                           # (1024 + 2^k c) 2^-k - 1024 2^-k = c
+                  f"fma.rn.f16x2 ${half}, a, ${3 + half}, ${5 + half};"]
     return "{\n" + "\n".join(lines) + "\n}"
 
 
-_K8_0 = tl.constexpr(_ptx(8, 0, True))
-_K4_0 = tl.constexpr(_ptx(4, 0, True))
-_K4_1 = tl.constexpr(_ptx(4, 1, True))
-_K2_0 = tl.constexpr(_ptx(2, 0, True))
-_K2_1 = tl.constexpr(_ptx(2, 1, True))
-_K2_2 = tl.constexpr(_ptx(2, 2, True))
-_K2_3 = tl.constexpr(_ptx(2, 3, True))
-_V8_0 = tl.constexpr(_ptx(8, 0, False))
-_V4_0 = tl.constexpr(_ptx(4, 0, False))
-_V4_1 = tl.constexpr(_ptx(4, 1, False))
-_V2_0 = tl.constexpr(_ptx(2, 0, False))
-_V2_1 = tl.constexpr(_ptx(2, 1, False))
-_V2_2 = tl.constexpr(_ptx(2, 2, False))
-_V2_3 = tl.constexpr(_ptx(2, 3, False))
+def _ptx_planes(bits: int) -> str:
+    """Every plane of 4 value code bytes ($X, pack=4 of uint8) at once -> two fp16x2
+    registers per plane ($2p, $2p+1) holding 1024 + 2^(bits p) code, exact in fp16 (the
+    caller removes the offset and the scale). One prmt per pair puts each byte under an
+    0x64 byte (fp16 1024 + byte); one and per plane keeps its bits. Elementwise."""
+    np_ = 8 // bits
+    lines = [".reg .b32 t<2>, c;", "mov.b32 c, 0x64646464;",
+             f"prmt.b32 t0, ${2 * np_}, c, 0x4140;",   # bytes 0, 1 under 0x64: 1024 + byte, two halves
+             f"prmt.b32 t1, ${2 * np_}, c, 0x4342;"]   # bytes 2, 3
+    for p in range(np_):
+        m = ((1 << bits) - 1) << (bits * p)
+        for half in range(2):
+            if bits == 8:
+                lines.append(f"mov.b32 ${2 * p + half}, t{half};")
+            else:
+                lines.append(f"and.b32 ${2 * p + half}, t{half}, 0x{(m | 0x6400) * 0x10001:08X};")
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_K8_0 = tl.constexpr(_ptx(8, 0))
+_K4_0 = tl.constexpr(_ptx(4, 0))
+_K4_1 = tl.constexpr(_ptx(4, 1))
+_K2_0 = tl.constexpr(_ptx(2, 0))
+_K2_1 = tl.constexpr(_ptx(2, 1))
+_K2_2 = tl.constexpr(_ptx(2, 2))
+_K2_3 = tl.constexpr(_ptx(2, 3))
+_V8 = tl.constexpr(_ptx_planes(8))
+_V4 = tl.constexpr(_ptx_planes(4))
+_V2 = tl.constexpr(_ptx_planes(2))
 
 
 @triton.jit
-def _asm(x, ks, kz, ASM: tl.constexpr, DEQ: tl.constexpr):
-    if DEQ:
-        return tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r,r", [x, ks, kz], dtype=tl.float16, is_pure=True,
-                                         pack=4)
-    else:
-        return tl.inline_asm_elementwise(ASM, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+def _asm(x, ks, kz, ASM: tl.constexpr):
+    return tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r,r", [x, ks, kz], dtype=tl.float16, is_pure=True, pack=4)
 
 
 @triton.jit
-def _plane(x, ks, kz, BITS: tl.constexpr, P: tl.constexpr, DEQ: tl.constexpr, F32: tl.constexpr):
-    """Codes of plane P of the code bytes x (uint8): DEQ -> codes * ks + kz, else the codes;
-    fp16 on the GPU, fp32 under the interpreter."""
+def _key_deq(x, ks, kz, BITS: tl.constexpr, P: tl.constexpr, F32: tl.constexpr):
+    """Plane P of the key code bytes x dequantized: codes * ks + kz (fp16; fp32 under the interpreter)."""
     if F32:
         c = ((x.to(tl.int32) >> (BITS * P)) & ((1 << BITS) - 1)).to(tl.float32)
-        if DEQ:
-            c = c * ks.to(tl.float32) + kz.to(tl.float32)
-        return c
+        return c * ks.to(tl.float32) + kz.to(tl.float32)
     elif BITS == 8:
-        return _asm(x, ks, kz, _K8_0 if DEQ else _V8_0, DEQ)
+        return _asm(x, ks, kz, _K8_0)
     elif BITS == 4:
         if P == 0:
-            return _asm(x, ks, kz, _K4_0 if DEQ else _V4_0, DEQ)
+            return _asm(x, ks, kz, _K4_0)
         else:
-            return _asm(x, ks, kz, _K4_1 if DEQ else _V4_1, DEQ)
+            return _asm(x, ks, kz, _K4_1)
     else:
         if P == 0:
-            return _asm(x, ks, kz, _K2_0 if DEQ else _V2_0, DEQ)
+            return _asm(x, ks, kz, _K2_0)
         elif P == 1:
-            return _asm(x, ks, kz, _K2_1 if DEQ else _V2_1, DEQ)
+            return _asm(x, ks, kz, _K2_1)
         elif P == 2:
-            return _asm(x, ks, kz, _K2_2 if DEQ else _V2_2, DEQ)
+            return _asm(x, ks, kz, _K2_2)
         else:
-            return _asm(x, ks, kz, _K2_3 if DEQ else _V2_3, DEQ)
+            return _asm(x, ks, kz, _K2_3)
+
+
+@triton.jit
+def _value_codes(x, BITS: tl.constexpr, F32: tl.constexpr):
+    """Every plane P of the value code bytes x (uint8) as 1024 + 2^(BITS P) codes -> (plane
+    0, 1, 2, 3), unused planes repeat plane 0. fp16 on the GPU; fp32 under the interpreter
+    (shifts and masks)."""
+    if F32:
+        xi = x.to(tl.int32)
+        m: tl.constexpr = (1 << BITS) - 1
+        c0 = ((xi & m) + 1024).to(tl.float32)
+        c1 = c0
+        c2 = c0
+        c3 = c0
+        if BITS <= 4:
+            c1 = ((xi & (m << BITS)) + 1024).to(tl.float32)
+        if BITS == 2:
+            c2 = ((xi & (m << 2 * BITS)) + 1024).to(tl.float32)
+            c3 = ((xi & (m << 3 * BITS)) + 1024).to(tl.float32)
+        return c0, c1, c2, c3
+    elif BITS == 8:
+        c0 = tl.inline_asm_elementwise(_V8, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+        return c0, c0, c0, c0
+    elif BITS == 4:
+        c0, c1 = tl.inline_asm_elementwise(_V4, "=r,=r,=r,=r,r", [x], dtype=(tl.float16, tl.float16),
+                                           is_pure=True, pack=4)
+        return c0, c1, c0, c0
+    else:
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(_V2, "=r,=r,=r,=r,=r,=r,=r,=r,r", [x],
+                                                   dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                                   is_pure=True, pack=4)
+        return c0, c1, c2, c3
 
 
 @triton.jit
@@ -142,8 +186,16 @@ def _key_plane(q, kx, kvh_ptr, sc, P: tl.constexpr, BITS: tl.constexpr, W: tl.co
     """Scores of plane P's channels [P*W, (P+1)*W): q [PB, M, W] . K^T [PB, W, QT]."""
     ks = tl.broadcast_to(tl.load(kvh_ptr + sc + P * W)[:, None, :], (PB, QT, W))       # per channel
     kz = tl.broadcast_to(tl.load(kvh_ptr + sc + D + P * W)[:, None, :], (PB, QT, W))
-    k = _plane(kx, ks, kz, BITS, P, True, F32)
+    k = _key_deq(kx, ks, kz, BITS, P, F32)
     return _dot(q, tl.permute(k, (0, 2, 1)), F32)
+
+
+@triton.jit
+def _value_plane(a, al, pv, off, v, F32: tl.constexpr):
+    """a * al + p . V's plane, v = 1024 + 2^(BITS P) codes: the page's offset 1024 sum(pv)
+    comes off before the page joins a (kept across pages it cost accuracy), the plane's
+    scale 2^(BITS P) at the end."""
+    return a * al + (_dot(pv, v, F32) - off)
 
 
 @triton.jit
@@ -170,6 +222,7 @@ def _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_k
         q3 = _q_plane(q_ptr, q_off, row_ok, scale2, 3, W, PB, BLOCK_M, F32)
     m_i = tl.full([PB, BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([PB, BLOCK_M], tl.float32)
+    z_i = tl.zeros([PB, BLOCK_M], tl.float32)     # sum p * VZ: the values' zero-points, added at the end
     a0 = tl.zeros([PB, BLOCK_M, W], tl.float32)
     a1 = a0
     a2 = a0
@@ -188,6 +241,10 @@ def _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_k
         if NP == 4:
             s += _key_plane(q2, kx, kvh_ptr, sc, 2, BITS, W, D, PB, QT, F32)
             s += _key_plane(q3, kx, kvh_ptr, sc, 3, BITS, W, D, PB, QT, F32)
+        # rows past a page's tokens: clamped to its last scale (stays in the page), zeroed
+        vsz = hb[:, None] + VS // 2 + tl.minimum(t, CAP - 1)[None, :]
+        vs = tl.where(valid, tl.load(kvh_ptr + vsz).to(tl.float32), 0.0)
+        vz = tl.where(valid, tl.load(kvh_ptr + vsz + CAP).to(tl.float32), 0.0)
         s = tl.where(valid[:, None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 2))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -195,35 +252,38 @@ def _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_k
         p = tl.exp2(s - m_safe[:, :, None])
         l_i = l_i * alpha + tl.sum(p, 2)
         m_i = m_new
-        # rows past a page's tokens: clamped to its last scale (stays in the page), zeroed
-        vsz = hb[:, None] + VS // 2 + tl.minimum(t, CAP - 1)[None, :]
-        vs = tl.where(valid, tl.load(kvh_ptr + vsz).to(tl.float32), 0.0)
-        vz = tl.where(valid, tl.load(kvh_ptr + vsz + CAP).to(tl.float32), 0.0)
+        z_i = z_i * alpha + tl.sum(p * vz[:, None, :], 2)
         pv = p * vs[:, None, :]
         if not F32:
             pv = pv.to(tl.float16)
-        z = tl.sum(p * vz[:, None, :], 2)[:, :, None]
+        off = (1024.0 * tl.sum(pv.to(tl.float32), 2))[:, :, None]   # the codes' offset, as the dots see pv
         al = alpha[:, :, None]
         vx = tl.load(kvb_ptr + rows + CAP * W)              # [PB, QT, W] value code bytes
-        a0 = a0 * al + _dot(pv, _plane(vx, vx, vx, BITS, 0, False, F32), F32) + z
+        v0, v1, v2, v3 = _value_codes(vx, BITS, F32)
+        a0 = _value_plane(a0, al, pv, off, v0, F32)
         if NP >= 2:
-            a1 = a1 * al + _dot(pv, _plane(vx, vx, vx, BITS, 1, False, F32), F32) + z
+            a1 = _value_plane(a1, al, pv, off, v1, F32)
         if NP == 4:
-            a2 = a2 * al + _dot(pv, _plane(vx, vx, vx, BITS, 2, False, F32), F32) + z
-            a3 = a3 * al + _dot(pv, _plane(vx, vx, vx, BITS, 3, False, F32), F32) + z
-    # merge the PB pages' softmax states
+            a2 = _value_plane(a2, al, pv, off, v2, F32)
+            a3 = _value_plane(a3, al, pv, off, v3, F32)
+    # merge the PB pages' softmax states; each plane's scale 2^(BITS P) off, zero-points on,
+    # planes back to channel order
     m = tl.max(m_i, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(m_i - m_safe[None, :])
     l = tl.sum(w * l_i, 0)
     w3 = w[:, :, None]
-    acc = tl.sum(a0 * w3, 0)
+    z = tl.sum(w * z_i, 0)[:, None]
+    acc = tl.sum(a0 * w3, 0) + z
     if NP == 2:
-        acc = tl.reshape(tl.permute(tl.join(acc, tl.sum(a1 * w3, 0)), (0, 2, 1)), (BLOCK_M, D))
+        acc1 = tl.sum(a1 * w3, 0) * (1.0 / (1 << BITS)) + z
+        acc = tl.reshape(tl.permute(tl.join(acc, acc1), (0, 2, 1)), (BLOCK_M, D))
     if NP == 4:
-        j02 = tl.join(acc, tl.sum(a2 * w3, 0))
-        j13 = tl.join(tl.sum(a1 * w3, 0), tl.sum(a3 * w3, 0))
-        acc = tl.reshape(tl.permute(tl.join(j02, j13), (0, 2, 3, 1)), (BLOCK_M, D))  # planes 0 1 2 3
+        acc1 = tl.sum(a1 * w3, 0) * (1.0 / (1 << BITS)) + z
+        acc2 = tl.sum(a2 * w3, 0) * (1.0 / (1 << (2 * BITS))) + z
+        acc3 = tl.sum(a3 * w3, 0) * (1.0 / (1 << (3 * BITS))) + z
+        acc = tl.reshape(tl.permute(tl.join(tl.join(acc, acc2), tl.join(acc1, acc3)), (0, 2, 3, 1)),
+                         (BLOCK_M, D))  # planes 0 1 2 3
     return acc, m, l
 
 
@@ -283,12 +343,14 @@ def _qrun_kernel(q_ptr, kvb_ptr, kvh_ptr, tag_ptr, bt_ptr, qsl_ptr, kept_ptr, pa
 # launcher's config={"QRUN": False} does the same per call).
 ENABLED = os.environ.get("VLLM_KVCOMP_QRUN", "1") != "0"
 # Tiling, measured on an H200 at 64 x 8192 tokens through the launcher (probe_packed.py
-# --production): one page a step in one-warp programs, 3 pipeline stages -- int4 0.360 ms,
-# int2 0.344, int8 0.477; two pages a step (one per warp) 0.380 / 0.369 / 0.503; four
-# 0.445 / 0.456 / 0.586 (the fused forward: 0.564 / 0.571 / 0.932).
+# --production, docs/kernels.md): one page a step in one-warp programs, 3 pipeline stages,
+# query tiles of G rows -- int4 0.326 ms, int2 0.30, int8 0.45; 16-row query tiles 0.349 /
+# 0.334 / 0.477; two pages a step (one per warp) 0.340 / 0.357 / 0.470; two warps a page
+# 0.66 / 0.56 / 0.73 (the fused forward: 0.559 / 0.565 / 0.923).
 PB = 1
 NUM_WARPS = 1
 STAGES = 3
+MIN_M = 4       # rows of the query tile: G padded up to it (Triton pads the MMA's 16 rows)
 
 
 def _in_page(bits: int, BS: int, D: int, es: int) -> bool:
