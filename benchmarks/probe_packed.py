@@ -24,7 +24,8 @@ PF 1: page j+1 loaded into registers while page j is computed (instead of Triton
 Measured on an H200 (docs/kernels.md): these one-page-a-step variants take int4 from 0.56
 to 0.40 ms at 64 x 8192 (bf16 pages 0.50 ms); batching pages per step (one per warp) took
 it to 0.27 ms, and that kernel is what ships: triton_kernels/quant_decode.py, measured here
-through the launcher by --production.
+through the launcher by --production (each tiling's kernels timed apart by torch.profiler;
+benchmarks/sass_census.py counts a variant's instructions per page without a GPU).
 """
 from __future__ import annotations
 
@@ -317,8 +318,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--production", action="store_true",
                     help="sweep quant_decode's tiling (PB, warps, stages) through paged_attention_batched")
-    ap.add_argument("--tilings", default="2,2,3;2,2,2;4,4,3;1,1,3", help="--production: PB,warps,stages;...")
-    ap.add_argument("--qsplits", default="1,2,4", help="--production: forced split counts at 2,2,3")
+    ap.add_argument("--tilings", default="2,2,3;2,2,2;4,4,3;1,1,3", help="--production: PB,warps,stages[,MIN_M];...")
+    ap.add_argument("--qsplits", default="1,2,4", help="--production: forced split counts at each format's best tiling")
     args = ap.parse_args()
     sys.path.insert(0, "benchmarks")
     from bench_kernels import Decode  # noqa: E402
@@ -401,14 +402,50 @@ def _bf16_baseline(Decode, do_bench, res, B, ctx):
     return t
 
 
+class _Grab:
+    """Stands in for a kernel: launches it and keeps the compiled handle (registers, spills)."""
+
+    def __init__(self, k):
+        self.k, self.h = k, None
+
+    def __getitem__(self, grid):
+        def go(*a, **kw):
+            self.h = self.k[grid](*a, **kw)
+            return self.h
+        return go
+
+
+def _kernel_times(fn, n=20):
+    """Median-free but sync-free: mean device time per call of each kernel, by torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", 0) or getattr(ev, "self_cuda_time_total", 0)
+        if t > 0:
+            out[ev.key[:40]] = t / n / 1000.0  # ms per call
+    return out
+
+
 def production(res, Decode, do_bench, tilings, qsplits):
     """The shipped launch (quant_decode beside the fused forward) at 64 x 8192 tokens, per
-    tiling, against bf16 pages and against the fused forward alone (QRUN off)."""
+    tiling (PB, warps, stages, MIN_M), against bf16 pages and against the fused
+    forward alone (QRUN off); per-kernel device times of each through torch.profiler."""
     from int4_variants import reference_planes  # noqa: E402
 
     from vllm_kvcomp.triton_kernels import quant_decode as qd
     B, ctx = 64, 8192
     t_bf16 = _bf16_baseline(Decode, do_bench, res, B, ctx)
+    shipped = (qd.PB, qd.NUM_WARPS, qd.STAGES, qd.MIN_M)
+    kern = qd._qrun_kernel
+    grab = _Grab(kern)
+    qd._qrun_kernel = grab
     for bits in (4, 2, 8):
         c = Decode(B, ctx, bits=bits)
         randomize_scales(c, bits)
@@ -420,30 +457,42 @@ def production(res, Decode, do_bench, tilings, qsplits):
         res[f"int{bits} fused only"] = dict(ms=t_old, err=err_old, vs_bf16=t_bf16 / t_old)
         print(f"int{bits} fused forward alone {t_old:.4f} ms ({t_bf16 / t_old:.2f}x of bf16) err {err_old:.2e}",
               flush=True)
-        for pb, warps, stages in tilings:
-            qd.PB, qd.NUM_WARPS, qd.STAGES = pb, warps, stages
-            name = f"int{bits} qrun PB{pb} w{warps} s{stages}"
+        best = (1e9, None)
+        for tiling in tilings:
+            pb, warps, stages, mm = (tuple(tiling) + (shipped[3],))[:4]
+            qd.PB, qd.NUM_WARPS, qd.STAGES, qd.MIN_M = pb, warps, stages, mm
+            name = f"int{bits} qrun PB{pb} w{warps} s{stages} M{mm}"
             try:
                 c.run(page_bits=(bits,))
                 torch.cuda.synchronize()
                 err = ((c.out[:2].float() - ref).norm() / ref.norm()).item()
                 t = do_bench(lambda: c.run(page_bits=(bits,)), warmup=30, rep=150, return_mode="median")
+                kt = _kernel_times(lambda: c.run(page_bits=(bits,)))
             except Exception as ex:  # noqa: BLE001
                 print(name, "FAILED", type(ex).__name__, str(ex)[-800:], flush=True)
                 continue
-            res[name] = dict(ms=t, err=err, vs_bf16=t_bf16 / t, vs_fused=t_old / t)
-            print(f"{name:30s} {t:.4f} ms  {t_bf16 / t:.2f}x of bf16  {t_old / t:.2f}x of fused  err {err:.2e}",
+            regs, spills = getattr(grab.h, "n_regs", -1), getattr(grab.h, "n_spills", -1)
+            res[name] = dict(ms=t, err=err, vs_bf16=t_bf16 / t, vs_fused=t_old / t, regs=regs, spills=spills,
+                             kernels=kt)
+            print(f"{name:40s} {t:.4f} ms  {t_bf16 / t:.2f}x of bf16  {t_old / t:.2f}x of fused  err {err:.2e}"
+                  f"  regs {regs} spills {spills}  " + " ".join(f"{k.split('(')[0]}={v:.4f}" for k, v in kt.items()),
                   flush=True)
-        qd.PB, qd.NUM_WARPS, qd.STAGES = 2, 2, 3
+            if t < best[0]:
+                best = (t, (pb, warps, stages, mm))
+        if best[1] is None:
+            continue
+        qd.PB, qd.NUM_WARPS, qd.STAGES, qd.MIN_M = best[1]
         auto = qd.qrun_splits
         for n in qsplits:
             qd.qrun_splits = lambda *a, n=n: n  # noqa: E731
             t = do_bench(lambda: c.run(page_bits=(bits,)), warmup=30, rep=150, return_mode="median")
-            res[f"int{bits} qrun PB2 w2 s3 qsplits{n}"] = dict(ms=t, vs_bf16=t_bf16 / t)
-            print(f"int{bits} qrun PB2 w2 s3 qsplits={n} (auto {auto(132, B * c.hkv, c.max_seq, quant.capacities(c.kv), (bits,))}) "
+            res[f"int{bits} best {best[1]} qsplits{n}"] = dict(ms=t, vs_bf16=t_bf16 / t)
+            print(f"int{bits} best {best[1]} qsplits={n} (auto {auto(132, B * c.hkv, c.max_seq, quant.capacities(c.kv), (bits,))}) "
                   f"{t:.4f} ms  {t_bf16 / t:.2f}x of bf16", flush=True)
         qd.qrun_splits = auto
         del c
+    qd._qrun_kernel = kern
+    qd.PB, qd.NUM_WARPS, qd.STAGES, qd.MIN_M = shipped
 
 
 if __name__ == "__main__":
