@@ -344,9 +344,9 @@ def _qrun_kernel(q_ptr, kvb_ptr, kvh_ptr, tag_ptr, bt_ptr, qsl_ptr, kept_ptr, pa
 ENABLED = os.environ.get("VLLM_KVCOMP_QRUN", "1") != "0"
 # Tiling, measured on an H200 at 64 x 8192 tokens through the launcher (probe_packed.py
 # --production, docs/kernels.md): one page a step in one-warp programs, 3 pipeline stages,
-# query tiles of G rows -- int4 0.326 ms, int2 0.30, int8 0.45; 16-row query tiles 0.349 /
-# 0.334 / 0.477; two pages a step (one per warp) 0.340 / 0.357 / 0.470; two warps a page
-# 0.66 / 0.56 / 0.73 (the fused forward: 0.559 / 0.565 / 0.923).
+# query tiles of G rows -- int4 0.319 ms, int2 0.278, int8 0.452; 16-row query tiles 0.356 /
+# 0.338 / 0.486; two pages a step (one per warp) 0.340 / 0.305 / 0.464; two warps a page
+# 0.66 / 0.56 / 0.73 (the fused forward: 0.562 / 0.563 / 0.938; bf16 pages 0.490).
 PB = 1
 NUM_WARPS = 1
 STAGES = 3
