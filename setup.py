@@ -9,8 +9,10 @@ setup(
     # triton_kernels/ is installed *under* our package: a top-level `triton_kernels`
     # would shadow the package of that name that vLLM itself imports.
     packages=["vllm_kvcomp", "vllm_kvcomp.policies", "vllm_kvcomp.ops", "vllm_kvcomp.accuracy",
-              "vllm_kvcomp.triton_kernels"],
-    package_dir={"vllm_kvcomp.triton_kernels": "triton_kernels"},
+              "vllm_kvcomp.triton_kernels", "vllm_kvcomp.csrc"],
+    # csrc/ (CUDA sources, compiled at run time by NVRTC) likewise, as package data beside it
+    package_dir={"vllm_kvcomp.triton_kernels": "triton_kernels", "vllm_kvcomp.csrc": "csrc"},
+    package_data={"vllm_kvcomp.csrc": ["*.cu"]},
     include_package_data=True,
     install_requires=["pydantic>=2", "pyyaml"],
     extras_require={

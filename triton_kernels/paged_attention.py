@@ -841,7 +841,7 @@ def _launch_consts(D, BS, G, dtype, has_tags, page_bits, decode, config):
                   TILE_P=min(TILE_N, BS), HAS_TAGS=has_tags, HAS8=has_tags and 8 in page_bits,
                   HAS4=has_tags and 4 in page_bits, HAS2=has_tags and 2 in page_bits, ELEM=es, MAG=mag,
                   MAG8=0 if mag == 128 else mag,
-                  CAP8=caps[8], CAP4=caps[4], CAP2=caps[2], QT8=qts[8], QT4=qts[4], QT2=qts[2], SCAN=64, F32=f32)
+                  CAP8=caps[8], CAP4=caps[4], CAP2=caps[2], QT8=qts[8], QT4=qts[4], QT2=qts[2], SCAN=256, F32=f32)
     return common, caps, (BLOCK_M, TILE_N, num_warps, num_stages, qstages, planes, maxnreg)
 
 
@@ -949,7 +949,8 @@ def paged_attention_batched(
     qsep = decode and page_tag is not None and (config or {}).get("QRUN", True) and \
         not (stats and stats_tags) and quant_decode.supported(D, BS, kv_cache.dtype, tuple(page_bits))
     longest = max_seq_len if max_seq_len is not None else block_table.shape[1] * BS  # no host sync
-    qsplits = quant_decode.qrun_splits(_num_sms(q.device), B * H_kv, longest, caps, page_bits) if qsep else 0
+    qkind, qsplits = quant_decode.plan(q, D=D, BS=BS, G=G, rows=B * H_kv, longest=longest, caps=caps,
+                                       page_bits=tuple(page_bits), num_sms=_num_sms(q.device)) if qsep else ("", 0)
     psplits = num_splits + qsplits
     write_lse = stats
     lse = torch.empty(T, H_q, device=q.device, dtype=torch.float32) if (write_lse or psplits > 1) else out
@@ -968,16 +969,12 @@ def paged_attention_batched(
         NUM_SPLITS=num_splits, WRITE_LSE=write_lse, num_warps=num_warps, num_stages=num_stages, QSTAGES=qstages,
         PLANES=planes, QSEP=qsep, PSPLITS=psplits, **({"maxnreg": maxnreg} if maxnreg and q.is_cuda else {}),
         **common)
-    if qsep:
-        quant_decode._qrun_kernel[(B, H_kv, qsplits)](
-            q, kvb, kvh, tags, block_table, query_start_loc, kept, pacc, pml, scale2, block_table.shape[1],
-            q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
-            H_Q=H_q, D=D, BS=BS, G=G, BLOCK_M=max(quant_decode.MIN_M, _pow2(G)), PSPLITS=psplits, SPLIT0=num_splits,
-            QSPLITS=qsplits, HAS8=common["HAS8"], HAS4=common["HAS4"], HAS2=common["HAS2"], CAP8=caps[8],
-            CAP4=caps[4], CAP2=caps[2], QT8=_pow2(caps[8]), QT4=_pow2(caps[4]), QT2=_pow2(caps[2]),
-            PB=quant_decode.PB, STAGES=quant_decode.STAGES, SCAN=64, F32=common["F32"],
-            num_warps=quant_decode.NUM_WARPS)
-    if psplits > 1:
+    merged = qsep and quant_decode.launch(
+        qkind, qsplits, q, kv_cache, kvb, tags, block_table, query_start_loc, kept, pacc, pml, scale2, G=G,
+        psplits=psplits, split0=num_splits, caps=caps, page_bits=tuple(page_bits),
+        has={8: common["HAS8"], 4: common["HAS4"], 2: common["HAS2"]}, F32=common["F32"], out=out, lse=lse,
+        write_lse=write_lse)
+    if psplits > 1 and not merged:
         _reduce_kernel[(T, H_q)](pacc, pml, out, lse, out.stride(0), out.stride(1), H_Q=H_q, D=D,
                                  NUM_SPLITS=psplits, SPLITS_P2=_pow2(psplits), WRITE_LSE=write_lse)
     if stats:

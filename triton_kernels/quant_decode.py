@@ -36,8 +36,11 @@ Under the interpreter (F32) codes are unpacked with plain shifts and masks in fp
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import logging
 import os
+from pathlib import Path
 
 import torch
 import triton
@@ -380,7 +383,153 @@ def _supported(D: int, BS: int, dtype: torch.dtype, page_bits: tuple[int, ...]) 
                for b in page_bits)
 
 
-def qrun_splits(num_sms: int, rows: int, max_seq_len: int, caps: dict[int, int], page_bits) -> int:
-    """Splits of a run's pages: enough programs for 4 per SM, but >= 2 steps per split."""
+def qrun_splits(num_sms: int, rows: int, max_seq_len: int, caps: dict[int, int], page_bits, per_sm: int = 4) -> int:
+    """Splits of a run's pages: enough programs for per_sm per SM, but >= 2 steps per split."""
     pages = -(-max_seq_len // min(caps[b] for b in page_bits))
-    return max(1, min(-(-4 * num_sms // max(1, rows)), pages // (2 * PB), 32))
+    return max(1, min(-(-per_sm * num_sms // max(1, rows)), pages // (2 * PB), 32))
+
+
+# ----------------------------------------------------------------------------- CUDA twin
+# csrc/quant_decode.cu: the same partials from a CUDA kernel (mma.sync fed straight from
+# vector loads; why: its header, docs/kernels.md). Built at first use per shape by NVRTC
+# (torch.cuda._compile_kernel), no toolkit needed. VLLM_KVCOMP_QRUN_CUDA=0 keeps the Triton
+# kernel above (A/B runs; it is also the CPU/interpreter path and the fallback).
+CUDA = os.environ.get("VLLM_KVCOMP_QRUN_CUDA", "1") != "0"
+# Measured on the H200 (benchmarks/quant_decode_cuda.py, docs/kernels.md): 2 pages in shared
+# memory per warp (one in flight while one is read) and registers capped for 12 warps per SM
+# let 12 one-warp programs share an SM; the splits then fill every SM in a single wave
+# (int4 0.155 ms at 64 x 8192 tokens; 3 stages: 9 programs an SM, two waves, 0.195).
+CUDA_STAGES = 2
+CUDA_MINB = 12       # __launch_bounds__'s minimum blocks per SM (caps the registers)
+CUDA_PER_SM = 0      # programs per SM the splits aim at; 0: as many as fit (the occupancy API)
+_CU = Path(__file__).resolve().parent.parent / "csrc" / "quant_decode.cu"
+_log = logging.getLogger(__name__)
+
+
+def cuda_supported(q: torch.Tensor, D: int, BS: int, G: int, page_bits: tuple[int, ...]) -> bool:
+    """Whether the CUDA twin reads these runs: a GPU with mma.sync/cp.async (sm_80+), head
+    dims 64/128, a KV group of <= 8 query heads (the mma's 8 columns), pages of <= 128
+    tokens (the kernel keeps a page's scores in registers) and a kernel that compiled."""
+    if not (CUDA and q.is_cuda and D in (64, 128) and G <= 8):
+        return False
+    return _cuda_for(q, D, BS, page_bits) is not None
+
+
+def _cuda_for(q: torch.Tensor, D: int, BS: int, page_bits: tuple[int, ...]):
+    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    return _cuda_kernel(D, BS, q.element_size(), tuple(sorted(page_bits)), q.dtype == torch.bfloat16, dev, CUDA_STAGES,
+                        CUDA_MINB)
+
+
+def cuda_source(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bool, stages: int, minb: int) -> str:
+    """csrc/quant_decode.cu with this shape's #defines in front (what NVRTC compiles)."""
+    from vllm_kvcomp.ops.quant import page_bytes, page_capacity
+
+    caps = {b: page_capacity(b, BS, D, es) for b in (8, 4, 2)}
+    defs = dict(D=D, BS=BS, P=page_bytes(BS, D, es), CAP8=caps[8], CAP4=caps[4], CAP2=caps[2],
+                HAS8=int(8 in page_bits), HAS4=int(4 in page_bits), HAS2=int(2 in page_bits), STAGES=stages,
+                QBF16=int(qbf16), MINB=minb)
+    return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + _CU.read_text()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_kernel(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bool, device: int, stages: int,
+                 minb: int):
+    """The launcher of this shape's kernel, or None (logged once) where it cannot be built."""
+    from vllm_kvcomp.ops.quant import page_capacity
+
+    if torch.cuda.get_device_capability(device) < (8, 0) or any(page_capacity(b, BS, D, es) > 128
+                                                                 for b in page_bits):
+        return None
+    src = cuda_source(D, BS, es, page_bits, qbf16, stages, minb)
+    P = BS * 2 * D * es
+    cc = "".join(map(str, torch.cuda.get_device_capability(device)))
+    try:
+        with torch.cuda.device(device):
+            kernel = torch.cuda._compile_kernel(src, "qrun", compute_capability=cc, nvcc_options=["-std=c++17"])
+            smem = stages * P
+            if smem >= 48 * 1024:
+                kernel.set_shared_memory_config(smem)
+        launcher = _Launcher(kernel.func, smem)
+    except Exception as ex:  # noqa: BLE001 -- no NVRTC, an old torch: the Triton kernel reads the runs
+        _log.warning("vllm-kvcomp: CUDA quant_decode unavailable (%s: %s); using the Triton kernel",
+                     type(ex).__name__, str(ex)[:500])
+        return None
+    return launcher
+
+
+class _Launcher:
+    """cuLaunchKernel with the argument block built once: torch's NVRTC wrapper rebuilds it
+    through ctypes on every call (~0.2 ms of host time per launch seen on the H200, longer
+    than the kernel); here a call sets 25 values in place."""
+
+    # q, kvb, tags, block_table, query_start_loc, kept, pacc, pml, counters, out, lse | scale2 | 14 ints
+    TYPES = [ctypes.c_void_p] * 11 + [ctypes.c_double] + [ctypes.c_int] * 14
+
+    def __init__(self, func, smem: int):
+        self.func, self.smem = func, smem
+        self.lib = ctypes.CDLL("libcuda.so.1")
+        n = ctypes.c_int(0)
+        self.lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), func, 32, ctypes.c_size_t(smem))
+        self.per_sm = max(1, n.value)
+        self.vals = [t() for t in self.TYPES]
+        self.argv = (ctypes.c_void_p * len(self.vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p)
+                                                         for v in self.vals])
+
+    def __call__(self, grid: tuple[int, int, int], args: list) -> None:
+        for v, a in zip(self.vals, args):
+            v.value = a.data_ptr() if isinstance(a, torch.Tensor) else a
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        err = self.lib.cuLaunchKernel(self.func, grid[0], grid[1], grid[2], 32, 1, 1, self.smem, stream, self.argv,
+                                      None)
+        if err != 0:
+            raise RuntimeError(f"quant_decode CUDA launch failed: CUresult {err}")
+
+
+def plan(q: torch.Tensor, *, D: int, BS: int, G: int, rows: int, longest: int, caps: dict[int, int],
+         page_bits: tuple[int, ...], num_sms: int) -> tuple[str, int]:
+    """(kernel, splits) of the run's own launch: the CUDA twin where it applies, else
+    _qrun_kernel. The caller sizes the partials with the splits, then calls launch."""
+    if cuda_supported(q, D, BS, G, page_bits):
+        per_sm = CUDA_PER_SM or _cuda_for(q, D, BS, page_bits).per_sm
+        # one wave: every program resident at once (equal splits end together)
+        return "cuda", max(1, min((per_sm * num_sms) // max(1, rows), qrun_splits(num_sms, rows, longest, caps,
+                                                                                   page_bits, per_sm=per_sm)))
+    return "triton", qrun_splits(num_sms, rows, longest, caps, page_bits)
+
+
+_counters: dict[int, torch.Tensor] = {}
+
+
+def _counter(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters per (row, KV head), kept per device; the kernel leaves them zero."""
+    c = _counters.get(device.index)
+    if c is None or c.numel() < n:
+        c = _counters[device.index] = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
+    return c
+
+
+def launch(kind: str, qsplits: int, q, kv_cache, kvb, tags, block_table, query_start_loc, kept, pacc, pml,
+           scale2: float, *, G: int, psplits: int, split0: int, caps: dict[int, int], page_bits: tuple[int, ...],
+           has: dict[int, bool], F32: bool, out: torch.Tensor, lse: torch.Tensor, write_lse: bool) -> bool:
+    """Partials [split0, split0 + qsplits) of every decode row from the run's own launch.
+    Returns whether the output (and LSE) is already merged: the CUDA twin's last program of
+    each row reduces all partials, so paged_attention's _reduce_kernel is not needed."""
+    B = query_start_loc.shape[0] - 1
+    H_kv, BS, D = kv_cache.shape[1], kv_cache.shape[2], q.shape[2]
+    strides = (q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0))
+    if kind == "cuda":
+        _cuda_for(q, D, BS, page_bits)((B, H_kv, qsplits), [
+            q, kvb, tags, block_table, query_start_loc, kept, pacc, pml, _counter(q.device, B * H_kv), out, lse,
+            float(scale2), block_table.shape[1], *strides, H_kv * G, G, psplits, split0, qsplits, out.stride(0),
+            out.stride(1), int(write_lse)])
+        return True
+    p2 = triton.next_power_of_2
+    _qrun_kernel[(B, H_kv, qsplits)](
+        q, kvb, kv_cache.view(torch.float16), tags, block_table, query_start_loc, kept, pacc, pml, scale2,
+        block_table.shape[1], *strides,
+        H_Q=H_kv * G, D=D, BS=BS, G=G, BLOCK_M=max(MIN_M, p2(G)), PSPLITS=psplits, SPLIT0=split0,
+        QSPLITS=qsplits, HAS8=has[8], HAS4=has[4], HAS2=has[2], CAP8=caps[8], CAP4=caps[4], CAP2=caps[2],
+        QT8=p2(caps[8]), QT4=p2(caps[4]), QT2=p2(caps[2]), PB=PB, STAGES=STAGES, SCAN=64, F32=F32,
+        num_warps=NUM_WARPS)
+    return False

@@ -6,6 +6,9 @@ Each GPU-only test names its CPU twin.
 """
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 from .kvbatch import Req, make_batch, rel_err
@@ -219,14 +222,20 @@ def test_mixed_multi_page_runs(splits):
 
 
 class _Spy:
-    """Counts launches of a Triton kernel (kernel[grid](...)) and runs it."""
+    """Counts the run's own launches (quant_decode.launch: the CUDA twin or the Triton
+    kernel, by kind) and runs them."""
 
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
+    def __init__(self, monkeypatch, quant_decode):
+        self.launch, self.kinds = quant_decode.launch, []
+        monkeypatch.setattr(quant_decode, "launch", self)
 
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
+    @property
+    def launches(self):
+        return len(self.kinds)
+
+    def __call__(self, kind, *a, **kw):
+        self.kinds.append(kind)
+        return self.launch(kind, *a, **kw)
 
 
 def _decode_runs_batch(d, hkv, g, bs, seed, scale_runs=1):
@@ -252,18 +261,49 @@ def test_decode_quantized_runs_own_launch(splits, pages_per_step, monkeypatch):
     partials: every row matches the reference, with and without that launch."""
     from vllm_kvcomp.triton_kernels import quant_decode
 
-    spy = _Spy(quant_decode._qrun_kernel)
-    monkeypatch.setattr(quant_decode, "_qrun_kernel", spy)
+    spy = _Spy(monkeypatch, quant_decode)
     monkeypatch.setattr(quant_decode, "ENABLED", True)
     monkeypatch.setattr(quant_decode, "PB", pages_per_step)  # > 1: the pages' softmax states merged
     b = _decode_runs_batch(64, 2, 4, 16, seed=7)
     _check_batch(b, splits=splits, stats=False)
-    assert spy.launches == 1
+    # on a GPU the CUDA twin (csrc/quant_decode.cu) reads them; here the Triton kernel
+    assert spy.kinds == ["cuda" if CUDA else "triton"]
     _check_batch(b, splits=splits, stats=False, config={"QRUN": False})
     assert spy.launches == 1  # the fused kernel alone read the runs
     # statistics over quantized pages recompute the forward's scores: the runs stay there
     _check_batch(b, splits=splits)
     assert spy.launches == 1
+
+
+_NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
+
+
+@pytest.mark.skipif(_NVCC is None, reason="no nvcc here: on GPU machines NVRTC builds the CUDA twin at first use, "
+                                          "and the decode tests above run it")
+@pytest.mark.parametrize("D,page_bits", [(128, (4,)), (128, (2,)), (128, (8,)), (128, (2, 4, 8)), (64, (2, 4, 8))])
+def test_cuda_twin_compiles_for_hopper_without_spills(D, page_bits):
+    """csrc/quant_decode.cu, with the #defines the launcher gives it, compiles for an
+    H100/H200 (sm_90) for each format and head dim it is sent, within the register cap of
+    __launch_bounds__ and without spilling (a spill would cost every page). Checks the
+    source where there is no GPU; its results are checked against the reference by the
+    decode tests above on a GPU."""
+    import re
+    import subprocess
+    import tempfile
+
+    from vllm_kvcomp.triton_kernels import quant_decode as qd
+
+    src = qd.cuda_source(D, 16, 2, page_bits, True, qd.CUDA_STAGES, qd.CUDA_MINB)
+    with tempfile.TemporaryDirectory() as tmp:
+        cu = os.path.join(tmp, "k.cu")
+        with open(cu, "w") as f:
+            f.write(src)
+        r = subprocess.run([_NVCC, "-arch=sm_90", "-cubin", "-std=c++17", "-Xptxas", "-v", cu, "-o",
+                            os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    regs = int(re.search(r"Used (\d+) registers", r.stderr).group(1))
+    assert regs <= 65536 // (32 * qd.CUDA_MINB), regs
+    assert "0 bytes spill stores" in r.stderr, r.stderr[-1500:]
 
 
 def test_decode_quantized_runs_with_the_backends_statistics(monkeypatch):
@@ -272,8 +312,7 @@ def test_decode_quantized_runs_with_the_backends_statistics(monkeypatch):
     the quantized rows, and the voting rows' mass and votes come from the merged LSE."""
     from vllm_kvcomp.triton_kernels import quant_decode
 
-    spy = _Spy(quant_decode._qrun_kernel)
-    monkeypatch.setattr(quant_decode, "_qrun_kernel", spy)
+    spy = _Spy(monkeypatch, quant_decode)
     monkeypatch.setattr(quant_decode, "ENABLED", True)
     b = _decode_runs_batch(64, 2, 4, 16, seed=11)
     voting = [i for i, r in enumerate(b.reqs) if r.plan is None or not any(r.plan)]

@@ -1,0 +1,586 @@
+// Decode attention over a request's run of quantized pages (int8/int4/int2): the CUDA twin
+// of triton_kernels/quant_decode.py's _qrun_kernel -- same grid (request, KV head, split),
+// same flash-decoding partials (unnormalised output, running max, sum); the last program of
+// a row merges them with the forward's into the output (merge_last), so the reduction
+// kernel is not launched. Page format: docs/page_format.md.
+//
+// Why CUDA here: Triton brings 8-bit codes to the MMA's operand layout through shared
+// memory one byte at a time (LDS.U8) and converts them elementwise; its int4 page loop
+// issues ~1,750 SASS instructions per page per warp (benchmarks/sass_census.py), which caps
+// int4 decode at ~1.5x of bf16 pages. Here each lane loads the bytes its mma.sync fragments
+// need with vector loads, and the conversion writes the fragments in place (~950
+// instructions per int4 page, sass_census.py --cuda). A dot product does not care in which
+// order its channels are summed, so a lane's bytes are chosen contiguous and the query's
+// fragments and the output's columns follow the same channel order.
+//
+// Built at first use by NVRTC (torch.cuda._compile_kernel, no headers); the launcher
+// (quant_decode._cuda_kernel) prepends the shape: D, BS, P (page bytes), CAP8/CAP4/CAP2,
+// HAS8/HAS4/HAS2, STAGES, QBF16, MINB.
+//
+// One warp per program. A page a step: cp.async copies the whole page (P bytes) into a
+// ring of STAGES slots in shared memory (STAGES - 1 pages in flight per warp), 16-byte
+// chunks permuted within their 128-byte line (Swz) so that the fragment loads hit distinct
+// banks. Scores and outputs are computed transposed (S^T = K q'^T, O^T = V^T P'^T): the
+// codes are the mma's A operand (16 tokens or 16 channels), the query's G <= 8 rows its 8
+// columns (Run). Per page:
+//   keys   S = (1024 + 2^(bits p) code) . q' + c      with q' = q KS 2^-(bits p) (per channel)
+//          codes -> fp16 with one prmt under 0x64 bytes and one and per plane (exact);
+//          c = KZ . q - 1024 sum(q'), by the same mma (an all-1024 operand), so the offset
+//          cancels as the tensor core rounded it.
+//   values o = o alpha - 1024 sum(P') + (1024 + 2^(bits p) code) . P',  P' = P VS (fp16),
+//          transposed into the B operand by movmatrix; z = z alpha + P VZ (zero-points,
+//          per token), added at the end with each plane's 2^-(bits p). The offset comes
+//          off per page: kept in the accumulator across pages it costs accuracy (the
+//          Triton kernel measured twice the error).
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+typedef long long i64;
+
+#define NEG_INF __int_as_float(0xff800000)
+#define H1024 0x64006400u   // fp16 pair (1024, 1024)
+#define HM1024 0xE400E400u  // fp16 pair (-1024, -1024)
+
+// d = A . B + C, one m16n8k16 tile (fp16 operands, fp32 accumulators)
+__device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1, const float* c) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+
+// an 8x8 fp16 tile in the accumulator layout, transposed into the B operand's
+__device__ __forceinline__ u32 movtrans(u32 x) {
+    u32 r;
+    asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(r) : "r"(x));
+    return r;
+}
+
+__device__ __forceinline__ float h2f(u16 x) {
+    float r;
+    asm("cvt.f32.f16 %0, %1;\n" : "=f"(r) : "h"(x));
+    return r;
+}
+
+__device__ __forceinline__ u32 pack(float lo, float hi) {  // fp16 pair, lo in the low half
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
+    u32 r;
+    asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+
+// (x & m) | 1024.0 pairs in one LOP3 (the compiler splits two immediates into two)
+__device__ __forceinline__ u32 or1024(u32 x, u32 m) {
+    u32 r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(x), "r"(m), "r"(H1024));
+    return r;
+}
+
+__device__ __forceinline__ float ex2(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ float q_at(const u16* q, i64 i) {  // one query element as fp32
+#if QBF16
+    return __uint_as_float(((u32)q[i]) << 16);
+#else
+    return h2f(q[i]);
+#endif
+}
+
+__device__ __forceinline__ void cp16(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ int cap_of(int tag) {
+    return tag == 8 ? CAP8 : tag == 4 ? CAP4 : tag == 2 ? CAP2 : BS;
+}
+
+template <int BITS>
+struct Fmt {
+    static constexpr int NP = 8 / BITS;             // planes: channel c at byte c % ROW, bits (c / ROW) BITS
+    static constexpr int ROW = D * BITS / 8;        // bytes of a code row
+    static constexpr int CAP = BITS == 8 ? CAP8 : BITS == 4 ? CAP4 : CAP2;
+    static constexpr int NSTEP = (CAP + 15) / 16;   // 16-token steps of a page
+    static constexpr int RB = ROW / 4;              // key bytes of lane t
+    static constexpr int RBV = ROW / 8;             // value bytes of lane g
+    static constexpr int NR = D / 8;                // fp16 pairs of a key row per lane = value channels per lane
+    static constexpr int KC = RB >= 16 ? RB / 16 : 1;   // 16-byte chunks of a lane's key bytes
+    static constexpr int KB = RB >= 16 ? 16 : RB;       // bytes of one key load
+    static constexpr int STEP = 16 * ROW;               // bytes of codes of a 16-token step
+    // byte offsets in a page (quant.page_offsets)
+    static constexpr int VQ = CAP * ROW;
+    static constexpr int KS = 2 * CAP * ROW;
+    static constexpr int KZ = KS + 2 * D;
+    static constexpr int VS = KZ + 2 * D;
+    static constexpr int VZ = VS + 2 * CAP;
+    // every slot of the 16-token steps lies inside the page (rows past CAP are read, then masked)
+    static_assert(VQ + 16 * NSTEP * ROW <= P && VZ + 2 * 16 * NSTEP <= P, "a step would read past the page");
+    // plane p's code bits in both halves of a pair
+    static constexpr __device__ u32 mask(int p) {
+        return BITS == 8 ? 0x00FF00FFu : (((1u << BITS) - 1) << (BITS * p)) * 0x10001u;
+    }
+};
+
+// Shared memory order of the codes: 16-byte chunks permuted within their 128-byte line, so
+// that one fragment load instruction (keys: 8 lanes, a chunk each of 2 tokens; values: the
+// lanes of 4 tokens 2 rows apart) hits distinct banks -- XOR of (line & 3) << 1 for rows of
+// 32 or 64 bytes, of line & 7 for rows of 128. The pattern repeats every 512 (1024) bytes,
+// a multiple of a 16-token step of codes, so a lane's offsets are computed once and a step
+// adds a constant. The scales (from KS on) stay in place.
+template <int BITS>
+struct Swz {
+    using F = Fmt<BITS>;
+    static constexpr int PERIOD = BITS == 8 ? 1024 : 512;
+    static constexpr bool ON = (16 * F::ROW) % PERIOD == 0 && F::KS % 128 == 0;
+    static __device__ __forceinline__ u32 at(u32 off) {
+        if (!ON || off >= (u32)F::KS) return off;
+        const u32 line = off >> 7;
+        return off ^ ((BITS == 8 ? (line & 7) : ((line & 3) << 1)) << 4);
+    }
+};
+
+// N bytes (2, 4, 8 or 16, inside one 16-byte chunk) at shared offset off, as 32-bit words
+template <int N>
+__device__ __forceinline__ void lds(const u8* pg, u32 off, u32* w) {
+    if constexpr (N == 16) {
+        uint4 v = *reinterpret_cast<const uint4*>(pg + off);
+        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+    } else if constexpr (N == 8) {
+        uint2 v = *reinterpret_cast<const uint2*>(pg + off);
+        w[0] = v.x; w[1] = v.y;
+    } else if constexpr (N == 4) {
+        w[0] = *reinterpret_cast<const u32*>(pg + off);
+    } else {
+        w[0] = *reinterpret_cast<const u16*>(pg + off);
+    }
+}
+
+template <int BITS>
+struct Run {
+    using F = Fmt<BITS>;
+    // Scores and outputs are computed transposed (S^T = K q'^T, O^T = V^T P'^T): the codes
+    // are the mma's A operand, whose 4-register groups the conversion writes directly, and
+    // the query's G <= 8 rows are the n = 8 columns. Lane (g, t) holds query rows 2t, 2t+1.
+    float o[F::NR / 2][4];  // O^T m-tile: (channel u = 2mt, rows 2t, 2t+1), (u = 2mt + 1, rows 2t, 2t+1)
+    float m[2], l[2], z[2];  // rows 2t, 2t+1: running max (log2), this lane's sum, its sum p VZ
+    u32 qs[F::NR];           // query row g times scale2, fp16 pairs in the key channel order
+    u32 qp[F::NR];           // the same times each plane's 2^-(BITS p)
+    u32 ko[2][F::KC];        // shared offsets of this lane's key bytes of tokens g, g + 8 in step 0
+    u32 vo[4];               // ... of its value bytes of tokens 2t, 2t+1, 2t+8, 2t+9
+
+    // One page in shared memory, ntok tokens (FULL: all CAP).
+    template <bool FULL>
+    __device__ __forceinline__ void page(const u8* pg, int ntok, int g, int t) {
+        // keys' per-channel scales into q (q'), and the score's part common to every token:
+        // c = q . KZ - 1024 sum(q'), by mma so that it cancels the codes' offset exactly as rounded
+        u32 ks[F::NR], kz[F::NR], qk[F::NR];
+#pragma unroll
+        for (int p = 0; p < F::NP; ++p) {
+            u32 a[F::RB / 2], b[F::RB / 2];
+            constexpr int N = F::RB * 2 >= 16 ? 16 : F::RB * 2;
+#pragma unroll
+            for (int c = 0; c < F::RB * 2 / N; ++c) {
+                lds<N>(pg, F::KS + 2 * (t * F::RB + p * F::ROW) + N * c, a + N / 4 * c);
+                lds<N>(pg, F::KZ + 2 * (t * F::RB + p * F::ROW) + N * c, b + N / 4 * c);
+            }
+#pragma unroll
+            for (int w = 0; w < F::RB / 4; ++w)
+#pragma unroll
+                for (int s = 0; s < 2; ++s) {
+                    ks[(w * F::NP + p) * 2 + s] = a[2 * w + s];
+                    kz[(w * F::NP + p) * 2 + s] = b[2 * w + s];
+                }
+        }
+#pragma unroll
+        for (int i = 0; i < F::NR; ++i) qk[i] = hmul2(qp[i], ks[i]);
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int kt = 0; kt < F::NR / 2; ++kt) {
+            mma(c, kz[2 * kt], kz[2 * kt], kz[2 * kt + 1], kz[2 * kt + 1], qs[2 * kt], qs[2 * kt + 1], c);
+            mma(c, HM1024, HM1024, HM1024, HM1024, qk[2 * kt], qk[2 * kt + 1], c);
+        }
+        // scores: lane (g, t) brings tokens g and g + 8 of each 16-token step, key bytes [t RB, (t+1) RB)
+        float s[F::NSTEP][4];
+#pragma unroll
+        for (int st = 0; st < F::NSTEP; ++st) {
+            u32 k0[F::RB / 4], k1[F::RB / 4];
+#pragma unroll
+            for (int c = 0; c < F::KC; ++c) {
+                lds<F::KB>(pg, ko[0][c] + st * F::STEP, k0 + F::KB / 4 * c);
+                lds<F::KB>(pg, ko[1][c] + st * F::STEP, k1 + F::KB / 4 * c);
+            }
+            float acc[4] = {c[0], c[1], c[2], c[3]};
+#pragma unroll
+            for (int w = 0; w < F::RB / 4; ++w) {
+                u32 x0 = __byte_perm(k0[w], 0x64646464u, 0x4140);  // bytes 0, 1 under 0x64: 1024 + byte
+                u32 x1 = __byte_perm(k0[w], 0x64646464u, 0x4342);  // bytes 2, 3
+                u32 y0 = __byte_perm(k1[w], 0x64646464u, 0x4140);
+                u32 y1 = __byte_perm(k1[w], 0x64646464u, 0x4342);
+#pragma unroll
+                for (int p = 0; p < F::NP; ++p) {
+                    const int kt = w * F::NP + p;
+                    u32 mk = BITS == 8 ? 0xFFFFFFFFu : F::mask(p) | H1024;
+                    mma(acc, x0 & mk, y0 & mk, x1 & mk, y1 & mk, qk[2 * kt], qk[2 * kt + 1], acc);
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[st][e] = acc[e];
+        }
+        // online softmax over the page; a query row's tokens are spread over the lanes g
+        const int lim = FULL ? F::CAP : ntok;
+        float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+        for (int st = 0; st < F::NSTEP; ++st)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                // (a full page: only its last step has rows past CAP)
+                if ((!FULL || st * 16 + 16 > F::CAP) && st * 16 + g + (e >> 1) * 8 >= lim) s[st][e] = NEG_INF;
+                mx[e & 1] = fmaxf(mx[e & 1], s[st][e]);
+            }
+        float alpha[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+#pragma unroll
+            for (int d = 4; d < 32; d <<= 1) mx[e] = fmaxf(mx[e], __shfl_xor_sync(0xffffffffu, mx[e], d));
+            float mn = fmaxf(m[e], mx[e]);
+            alpha[e] = ex2(m[e] - mn);
+            m[e] = mn;
+            l[e] *= alpha[e];
+            z[e] *= alpha[e];
+        }
+        // P' = P VS (per token), transposed into the value dots' B operand; the codes' offset
+        // 1024 sum(P') by mma; zero-points z += P VZ
+        u32 pb[F::NSTEP][2];
+        float f[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int st = 0; st < F::NSTEP; ++st) {
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const int slot = st * 16 + g + 8 * hf;
+                float p0 = ex2(s[st][2 * hf] - m[0]), p1 = ex2(s[st][2 * hf + 1] - m[1]);
+                // past the page's tokens p = 0, and the scales may be any bits (NaN): zeroed
+                // (the slots lie inside the page: static_assert in Fmt)
+                const u16 vsb = *reinterpret_cast<const u16*>(pg + F::VS + 2 * slot);
+                const u16 vzb = *reinterpret_cast<const u16*>(pg + F::VZ + 2 * slot);
+                const bool in = (FULL && st * 16 + 16 <= F::CAP) || slot < lim;
+                const float vs = in ? h2f(vsb) : 0.f, vz = in ? h2f(vzb) : 0.f;
+                l[0] += p0;
+                l[1] += p1;
+                z[0] = fmaf(p0, vz, z[0]);
+                z[1] = fmaf(p1, vz, z[1]);
+                pb[st][hf] = movtrans(pack(p0 * vs, p1 * vs));
+            }
+            mma(f, H1024, H1024, H1024, H1024, pb[st][0], pb[st][1], f);
+        }
+#pragma unroll
+        for (int mt = 0; mt < F::NR / 2; ++mt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mt][e] = fmaf(o[mt][e], alpha[e & 1], -f[e]);
+        // values: lane (g, t) brings tokens 2t, 2t+1 (a0, a1) and 2t+8, 2t+9 (a2, a3) of a step,
+        // bytes [g RBV, (g+1) RBV): channel u = p RBV + byte of the lane, m-tile u / 2
+#pragma unroll
+        for (int st = 0; st < F::NSTEP; ++st) {
+            constexpr int NW = F::RBV >= 4 ? F::RBV / 4 : 1;
+            u32 va[NW], vb[NW], vc[NW], vd[NW];
+            lds<F::RBV>(pg, vo[0] + st * F::STEP, va);
+            lds<F::RBV>(pg, vo[1] + st * F::STEP, vb);
+            lds<F::RBV>(pg, vo[2] + st * F::STEP, vc);
+            lds<F::RBV>(pg, vo[3] + st * F::STEP, vd);
+#pragma unroll
+            for (int p = 0; p < F::NP; ++p)
+#pragma unroll
+                for (int be = 0; be < F::RBV; be += 2) {
+                    // bytes be, be + 1 of both tokens of a pair into the low bytes of two halves
+                    const int b0 = be & 3, b1 = (be + 1) & 3;
+                    const u32 s0 = b0 | (b0 << 4) | ((4 + b0) << 8) | ((4 + b0) << 12);
+                    const u32 s1 = b1 | (b1 << 4) | ((4 + b1) << 8) | ((4 + b1) << 12);
+                    const u32 mk = F::mask(p);
+                    u32 a0 = or1024(__byte_perm(va[be >> 2], vb[be >> 2], s0), mk);
+                    u32 a1 = or1024(__byte_perm(va[be >> 2], vb[be >> 2], s1), mk);
+                    u32 a2 = or1024(__byte_perm(vc[be >> 2], vd[be >> 2], s0), mk);
+                    u32 a3 = or1024(__byte_perm(vc[be >> 2], vd[be >> 2], s1), mk);
+                    const int mt = (p * F::RBV + be) / 2;
+                    mma(o[mt], a0, a1, a2, a3, pb[st][0], pb[st][1], o[mt]);
+                }
+        }
+    }
+
+    // Pages [j_lo, j_hi) of the run that starts at entry jbase and holds n_tok tokens.
+    __device__ __forceinline__ void go(const u16* q, i64 q_row, double scale2d, const u8* kvb, const int* bt_row,
+                                       int stride_qh, int h, int stride_kb, int stride_kh, int j_lo, int j_hi, int jbase,
+                                       int n_tok, int G, u8* smem) {
+        const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+        const float scale2 = (float)scale2d;
+#pragma unroll
+        for (int i = 0; i < F::NR; ++i) {
+            const int w = i / (2 * F::NP), p = (i / 2) % F::NP, sp = i % 2;
+            const int ch = t * F::RB + 4 * w + 2 * sp + p * F::ROW;
+            float x0 = 0.f, x1 = 0.f;
+            if (g < G) {
+                x0 = q_at(q, q_row + (i64)g * stride_qh + ch) * scale2;
+                x1 = q_at(q, q_row + (i64)g * stride_qh + ch + 1) * scale2;
+            }
+            qs[i] = pack(x0, x1);
+            const float ps = 1.f / (float)(1 << (BITS * p));
+            qp[i] = hmul2(qs[i], pack(ps, ps));
+        }
+        // rows 8 apart share the swizzle where 8 rows span whole periods
+        constexpr bool EIGHT = (8 * F::ROW) % Swz<BITS>::PERIOD == 0;
+#pragma unroll
+        for (int c = 0; c < F::KC; ++c) {
+            ko[0][c] = Swz<BITS>::at(g * F::ROW + t * F::RB + 16 * c);
+            ko[1][c] = EIGHT ? ko[0][c] + 8 * F::ROW : Swz<BITS>::at((g + 8) * F::ROW + t * F::RB + 16 * c);
+        }
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+            vo[k] = Swz<BITS>::at(F::VQ + (2 * t + k) * F::ROW + g * F::RBV);
+            vo[k + 2] = EIGHT ? vo[k] + 8 * F::ROW : Swz<BITS>::at(F::VQ + (2 * t + k + 8) * F::ROW + g * F::RBV);
+        }
+#pragma unroll
+        for (int mt = 0; mt < F::NR / 2; ++mt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mt][e] = 0.f;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            m[e] = NEG_INF;
+            l[e] = 0.f;
+            z[e] = 0.f;
+        }
+        u32 sbase;
+        asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\n" : "=r"(sbase) : "l"(smem));
+        // the lane's chunks are lane + 32 k: their shared offsets, swizzled, are the lane's
+        // offset at k = 0 XOR a constant per k (Swz's pattern repeats every 4 or 8 lines)
+        const u32 d0 = Swz<BITS>::at(16 * lane);
+        auto issue = [&](int j, u32 slot) {  // page j -> a slot of the ring, 16-byte chunks
+            if (j < j_hi) {
+                const i64 b = bt_row[j];
+                const u8* src = kvb + (b * stride_kb + (i64)h * stride_kh) * 2 + 16 * lane;
+                const u32 dst = sbase + slot * P;
+#pragma unroll
+                for (int k = 0; k < P / 512; ++k) {
+                    u32 off;
+                    if (512 * (k + 1) <= F::KS)  // codes: swizzled
+                        off = (d0 ^ (BITS == 8 ? 64 * (k & 1) : 0)) + 512 * k;
+                    else if (512 * k >= F::KS)   // scales: in place
+                        off = 16 * lane + 512 * k;
+                    else
+                        off = Swz<BITS>::at(16 * lane + 512 * k);
+                    cp16(dst + off, src + 512 * k);
+                }
+            }
+            cp_commit();
+        };
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s) issue(j_lo + s, s);
+        u32 cur = 0;  // the ring slot of page j
+        for (int j = j_lo; j < j_hi; ++j) {
+            issue(j + STAGES - 1, cur == 0 ? STAGES - 1 : cur - 1);  // into the slot page j - 1 left
+            cp_wait<STAGES - 1>();  // page j has landed (this lane's chunks) ...
+            __syncwarp();           // ... and every lane's
+            const u8* pg = smem + cur * P;
+            const int ntok = min(F::CAP, n_tok - (j - jbase) * F::CAP);
+            if (ntok >= F::CAP)
+                page<true>(pg, ntok, g, t);
+            else
+                page<false>(pg, ntok, g, t);
+            __syncwarp();           // every lane is done with the slot before it is refilled
+            cur = cur == STAGES - 1 ? 0 : cur + 1;
+        }
+        cp_wait<0>();
+    }
+
+    __device__ __forceinline__ void store(float* pacc, float* pml, i64 prow0, int PSPLITS, int G) {
+        const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+#pragma unroll
+            for (int d = 4; d < 32; d <<= 1) {
+                l[e] += __shfl_xor_sync(0xffffffffu, l[e], d);
+                z[e] += __shfl_xor_sync(0xffffffffu, z[e], d);
+            }
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int row = 2 * t + e;
+            if (row >= G) continue;
+            const i64 prow = prow0 + (i64)row * PSPLITS;
+#pragma unroll
+            for (int mt = 0; mt < F::NR / 2; ++mt)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int u = 2 * mt + r, p = u / F::RBV;
+                    const float ps = 1.f / (float)(1 << (BITS * p));
+                    pacc[prow * D + g * F::RBV + u % F::RBV + p * F::ROW] = o[mt][2 * r + e] * ps + z[e];
+                }
+            if (g == 0) {
+                pml[prow * 2] = m[e];
+                pml[prow * 2 + 1] = l[e];
+            }
+        }
+    }
+};
+
+// The region's shape (paged_attention._scan_compacted): entries nc of the compacted region,
+// its leading full pages nf, the largest tag, and whether it is [full pages][one precision].
+__device__ __forceinline__ void scan(const int* bt_row, const signed char* tags, int kept, int max_blocks, int& nc,
+                                     int& nf, int& qbits, bool& ok) {
+    const int lane = threadIdx.x;
+    int upper = min((kept + BS - 1) / BS, max_blocks);
+    int done = 0, first_nz = 1 << 30, last_z = -1, min_nz = 127, max_t = 0;
+    nc = 0;
+    // block ids, then tags, of 8 x 32 entries at once: two round trips to memory per 256 entries
+    for (int c0 = 0; c0 < upper && done < kept; c0 += 256) {
+        int tag[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int j = c0 + 32 * u + lane;
+            tag[u] = j < upper ? bt_row[j] : 0;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) tag[u] = c0 + 32 * u + lane < upper ? (int)tags[tag[u]] : 0;
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int j = c0 + 32 * u + lane;
+            const bool valid = j < upper;
+            const int cap = valid ? cap_of(tag[u]) : 0;
+            int incl = cap;
+#pragma unroll
+            for (int d = 1; d < 32; d <<= 1) {
+                const int y = __shfl_up_sync(0xffffffffu, incl, d);
+                if (lane >= d) incl += y;
+            }
+            const bool inreg = valid && done + incl - cap < kept;
+            nc += __popc(__ballot_sync(0xffffffffu, inreg));
+            const bool nz = inreg && tag[u] != 0;
+            first_nz = min(first_nz, __reduce_min_sync(0xffffffffu, nz ? j : 1 << 30));
+            last_z = max(last_z, __reduce_max_sync(0xffffffffu, inreg && tag[u] == 0 ? j : -1));
+            min_nz = min(min_nz, __reduce_min_sync(0xffffffffu, nz ? tag[u] : 127));
+            max_t = max(max_t, __reduce_max_sync(0xffffffffu, inreg ? tag[u] : 0));
+            done += __shfl_sync(0xffffffffu, incl, 31);
+        }
+    }
+    nf = min(first_nz, nc);
+    qbits = max_t;
+    ok = last_z < first_nz && (min_nz == max_t || max_t == 0);
+}
+
+
+__device__ __forceinline__ float ldcg(const float* p) {  // from L2: written by other programs
+    float r;
+    asm volatile("ld.global.cg.f32 %0, [%1];\n" : "=f"(r) : "l"(p));
+    return r;
+}
+
+// The last program of a (row, KV head) to finish merges the PSPLITS partials of its G query
+// heads -- the forward's and every split's -- into the output (and the LSE): what
+// paged_attention._reduce_kernel does, without its launch. cnt[r * H_kv + h] counts the
+// programs done and is reset by the last.
+__device__ __forceinline__ void merge_last(int* cnt, const float* pacc, const float* pml, u16* out, float* lse,
+                                           int write_lse, int q_start, int h, int G, int H_Q, int PSPLITS,
+                                           int QSPLITS, int stride_ot, int stride_oh) {
+    const int lane = threadIdx.x;
+    __threadfence();
+    int last = 0;
+    if (lane == 0) {
+        const int k = blockIdx.x * gridDim.y + h;
+        last = atomicAdd(cnt + k, 1) == QSPLITS - 1;
+        if (last) cnt[k] = 0;
+    }
+    if (!__shfl_sync(0xffffffffu, last, 0)) return;
+    __threadfence();
+    for (int i = 0; i < G; ++i) {
+        const i64 hq = (i64)h * G + i, prow = ((i64)q_start * H_Q + hq) * PSPLITS;
+        float mmax = NEG_INF;
+        for (int s = 0; s < PSPLITS; ++s) mmax = fmaxf(mmax, ldcg(pml + (prow + s) * 2));
+        if (mmax == NEG_INF) mmax = 0.f;
+        float ltot = 0.f, acc[D / 32];
+#pragma unroll
+        for (int c = 0; c < D / 32; ++c) acc[c] = 0.f;
+        for (int s = 0; s < PSPLITS; ++s) {
+            const float w = ex2(ldcg(pml + (prow + s) * 2) - mmax);
+            ltot += w * ldcg(pml + (prow + s) * 2 + 1);
+#pragma unroll
+            for (int c = 0; c < D / 32; ++c) acc[c] += w * ldcg(pacc + (prow + s) * D + 32 * c + lane);
+        }
+        if (ltot == 0.f) ltot = 1.f;
+        const float inv = 1.f / ltot;
+        u16* o = out + (i64)q_start * stride_ot + hq * stride_oh;
+#pragma unroll
+        for (int c = 0; c < D / 32; ++c) {
+            u16 v;
+#if QBF16
+            asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(v) : "f"(acc[c] * inv));
+#else
+            asm("cvt.rn.f16.f32 %0, %1;\n" : "=h"(v) : "f"(acc[c] * inv));
+#endif
+            o[32 * c + lane] = v;
+        }
+        if (write_lse && lane == 0) lse[(i64)q_start * H_Q + hq] = mmax + __log2f(ltot);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(32, MINB)
+qrun(const u16* q, const u8* kvb, const signed char* tags, const int* bt, const int* qsl, const int* kept_p,
+     float* pacc, float* pml, int* cnt, u16* out, float* lse, double scale2, int max_blocks, int stride_qt,
+     int stride_qh, int stride_kb, int stride_kh, int stride_bt, int H_Q, int G, int PSPLITS, int SPLIT0, int QSPLITS,
+     int stride_ot, int stride_oh, int write_lse) {
+    extern __shared__ __align__(128) u8 smem[];
+    const int r = blockIdx.x, h = blockIdx.y, qsplit = blockIdx.z, lane = threadIdx.x;
+    const int q_start = qsl[r];
+    if (qsl[r + 1] == q_start) return;
+    const int* bt_row = bt + (i64)r * stride_bt;
+    const int kept = kept_p[r];
+    int nc, nf, qbits;
+    bool ok;
+    scan(bt_row, tags, kept, max_blocks, nc, nf, qbits, ok);
+    const i64 q_row = (i64)q_start * stride_qt + (i64)h * G * stride_qh;
+    const i64 prow0 = ((i64)q_start * H_Q + (i64)h * G) * PSPLITS + SPLIT0 + qsplit;
+    int per = (nc - nf + QSPLITS - 1) / QSPLITS;
+    int j_lo = nf + qsplit * per, j_hi = min(nc, j_lo + per), n_q = kept - nf * BS;
+    bool run = ok && qbits != 0 && j_lo < j_hi;
+#if HAS4
+    if (run && qbits == 4) {
+        Run<4> R;
+        R.go(q, q_row, scale2, kvb, bt_row, stride_qh, h, stride_kb, stride_kh, j_lo, j_hi, nf, n_q, G, smem);
+        R.store(pacc, pml, prow0, PSPLITS, G);
+        merge_last(cnt, pacc, pml, out, lse, write_lse, q_start, h, G, H_Q, PSPLITS, QSPLITS, stride_ot, stride_oh);
+        return;
+    }
+#endif
+#if HAS2
+    if (run && qbits == 2) {
+        Run<2> R;
+        R.go(q, q_row, scale2, kvb, bt_row, stride_qh, h, stride_kb, stride_kh, j_lo, j_hi, nf, n_q, G, smem);
+        R.store(pacc, pml, prow0, PSPLITS, G);
+        merge_last(cnt, pacc, pml, out, lse, write_lse, q_start, h, G, H_Q, PSPLITS, QSPLITS, stride_ot, stride_oh);
+        return;
+    }
+#endif
+#if HAS8
+    if (run && qbits == 8) {
+        Run<8> R;
+        R.go(q, q_row, scale2, kvb, bt_row, stride_qh, h, stride_kb, stride_kh, j_lo, j_hi, nf, n_q, G, smem);
+        R.store(pacc, pml, prow0, PSPLITS, G);
+        merge_last(cnt, pacc, pml, out, lse, write_lse, q_start, h, G, H_Q, PSPLITS, QSPLITS, stride_ot, stride_oh);
+        return;
+    }
+#endif
+    // nothing of this row's region here: an empty partial
+    for (int i = lane; i < G * D; i += 32) pacc[(prow0 + (i64)(i / D) * PSPLITS) * D + i % D] = 0.f;
+    if (lane < G) {
+        pml[(prow0 + (i64)lane * PSPLITS) * 2] = NEG_INF;
+        pml[(prow0 + (i64)lane * PSPLITS) * 2 + 1] = 0.f;
+    }
+    merge_last(cnt, pacc, pml, out, lse, write_lse, q_start, h, G, H_Q, PSPLITS, QSPLITS, stride_ot, stride_oh);
+}
