@@ -9,12 +9,17 @@ are a guide, timings decide.
 
     python benchmarks/sass_census.py                # int4, int2, int8 at the shipped tiling
     python benchmarks/sass_census.py --bits 4 --block-m 16 --dump /tmp/sass
+    python benchmarks/sass_census.py --cuda         # the CUDA twin (csrc/quant_decode.cu; needs nvcc)
+
+For the CUDA twin the count is the path a full page takes (the loop's branch to the
+partial-page body, taken once per run, is left out).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 from collections import Counter
@@ -53,10 +58,25 @@ def compile_qrun(bits: int, pb: int, warps: int, stages: int, block_m: int, D: i
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
 
 
+def compile_cuda(bits: int, D: int = 128, BS: int = 16, G: int = 4) -> bytes:
+    """csrc/quant_decode.cu for one format with the launcher's #defines, as an sm_90 cubin (nvcc)."""
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    source = qd.cuda_source(D, BS, 2, (bits,), True, qd.CUDA_STAGES, qd.CUDA_MINB)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = os.path.join(tmp, "k.cu"), os.path.join(tmp, "k.cubin")
+        with open(src, "w") as f:
+            f.write(source)
+        subprocess.run([nvcc, "-arch=sm_90", "-cubin", "-O3", "-std=c++17", src, "-o", out], check=True,
+                       capture_output=True, text=True)
+        with open(out, "rb") as f:
+            return f.read()
+
+
 def census(kernel):
-    """(registers, stack bytes, SASS text, opcode counts of the largest loop's body)."""
+    """(registers, stack bytes, SASS text, opcode counts of the largest loop's body, leaving
+    out what an unconditional forward branch inside it jumps over)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(kernel.asm["cubin"])
+        f.write(kernel if isinstance(kernel, bytes) else kernel.asm["cubin"])
     usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
                            text=True).stdout
     sass = subprocess.run([os.path.join(_BIN, "nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
@@ -74,7 +94,12 @@ def census(kernel):
         m = re.search(r"BRA\s.*`\(\.(L_x_\d+)\)", x)
         if m and labels.get(m.group(1), i) < i and i - labels[m.group(1)] > loop[1] - loop[0]:
             loop = (labels[m.group(1)], i + 1)
-    ops = Counter(re.sub(r"^@!?U?P\w+\s+", "", x).split()[0] for x in ins[loop[0]:loop[1]])
+    skip = set()
+    for i in range(*loop):
+        m = re.match(r"BRA\s+`\(\.(L_x_\d+)\)", ins[i])
+        if m and labels[m.group(1)] > i:
+            skip |= set(range(i + 1, labels[m.group(1)]))
+    ops = Counter(re.sub(r"^@!?U?P\w+\s+", "", ins[i]).split()[0] for i in range(*loop) if i not in skip)
     return (int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1)), sass,
             ops)
 
@@ -87,9 +112,12 @@ def main():
     ap.add_argument("--stages", type=int, default=qd.STAGES)
     ap.add_argument("--block-m", type=int, default=qd.MIN_M)
     ap.add_argument("--dump", default=None, help="folder for the SASS of each kernel")
+    ap.add_argument("--cuda", action="store_true", help="the CUDA twin instead of the Triton kernel")
     args = ap.parse_args()
     for bits in map(int, args.bits.split(",")):
-        regs, stack, sass, ops = census(compile_qrun(bits, args.pb, args.warps, args.stages, args.block_m))
+        kernel = compile_cuda(bits) if args.cuda else compile_qrun(bits, args.pb, args.warps, args.stages,
+                                                                    args.block_m)
+        regs, stack, sass, ops = census(kernel)
         cap = quant.page_capacity(bits, 16, 128, 2)
         print(f"int{bits}: {regs} registers, {stack} B stack; page loop {sum(ops.values())} instructions per warp "
               f"per page of {cap} tokens; {dict(ops.most_common(12))}")
