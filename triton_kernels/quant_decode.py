@@ -503,15 +503,17 @@ def plan(q: torch.Tensor, *, D: int, BS: int, G: int, rows: int, longest: int, c
     return "triton", qrun_splits(num_sms, rows, longest, caps, page_bits)
 
 
-_counters: dict[int, torch.Tensor] = {}
+_counters: dict[int, list[torch.Tensor]] = {}
 
 
 def _counter(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters per (row, KV head), kept per device; the kernel leaves them zero."""
-    c = _counters.get(device.index)
-    if c is None or c.numel() < n:
-        c = _counters[device.index] = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
-    return c
+    """Zeroed int32 counters per (row, KV head), kept per device; the kernel leaves them zero.
+    A larger batch gets a larger buffer; the smaller ones stay alive, since CUDA graphs
+    captured with them keep their addresses."""
+    held = _counters.setdefault(device.index, [])
+    if not held or held[-1].numel() < n:
+        held.append(torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device))
+    return held[-1]
 
 
 def launch(kind: str, qsplits: int, q, kv_cache, kvb, tags, block_table, query_start_loc, kept, pacc, pml,
