@@ -107,6 +107,11 @@ __device__ __forceinline__ int cap_of(int tag) {
     return tag == 8 ? CAP8 : tag == 4 ? CAP4 : tag == 2 ? CAP2 : BS;
 }
 
+template <int B>
+struct Bits {
+    static constexpr int value = B;
+};
+
 template <int BITS>
 struct Fmt {
     static constexpr int NP = 8 / BITS;             // planes: channel c at byte c % ROW, bits (c / ROW) BITS
@@ -549,38 +554,28 @@ qrun(const u16* q, const u8* kvb, const signed char* tags, const int* bt, const 
     int per = (nc - nf + QSPLITS - 1) / QSPLITS;
     int j_lo = nf + qsplit * per, j_hi = min(nc, j_lo + per), n_q = kept - nf * BS;
     bool run = ok && qbits != 0 && j_lo < j_hi;
-#if HAS4
-    if (run && qbits == 4) {
-        Run<4> R;
+    // the run's pages, read at its format, into this program's partials
+    auto read = [&](auto bits) {
+        Run<decltype(bits)::value> R;
         R.go(q, q_row, scale2, kvb, bt_row, stride_qh, h, stride_kb, stride_kh, j_lo, j_hi, nf, n_q, G, smem);
         R.store(pacc, pml, prow0, PSPLITS, G);
-        merge_last(cnt, pacc, pml, out, lse, write_lse, q_start, h, G, H_Q, PSPLITS, QSPLITS, stride_ot, stride_oh);
-        return;
-    }
+    };
+    bool done = false;
+#if HAS4
+    if (!done && run && qbits == 4) done = (read(Bits<4>{}), true);
 #endif
 #if HAS2
-    if (run && qbits == 2) {
-        Run<2> R;
-        R.go(q, q_row, scale2, kvb, bt_row, stride_qh, h, stride_kb, stride_kh, j_lo, j_hi, nf, n_q, G, smem);
-        R.store(pacc, pml, prow0, PSPLITS, G);
-        merge_last(cnt, pacc, pml, out, lse, write_lse, q_start, h, G, H_Q, PSPLITS, QSPLITS, stride_ot, stride_oh);
-        return;
-    }
+    if (!done && run && qbits == 2) done = (read(Bits<2>{}), true);
 #endif
 #if HAS8
-    if (run && qbits == 8) {
-        Run<8> R;
-        R.go(q, q_row, scale2, kvb, bt_row, stride_qh, h, stride_kb, stride_kh, j_lo, j_hi, nf, n_q, G, smem);
-        R.store(pacc, pml, prow0, PSPLITS, G);
-        merge_last(cnt, pacc, pml, out, lse, write_lse, q_start, h, G, H_Q, PSPLITS, QSPLITS, stride_ot, stride_oh);
-        return;
-    }
+    if (!done && run && qbits == 8) done = (read(Bits<8>{}), true);
 #endif
-    // nothing of this row's region here: an empty partial
-    for (int i = lane; i < G * D; i += 32) pacc[(prow0 + (i64)(i / D) * PSPLITS) * D + i % D] = 0.f;
-    if (lane < G) {
-        pml[(prow0 + (i64)lane * PSPLITS) * 2] = NEG_INF;
-        pml[(prow0 + (i64)lane * PSPLITS) * 2 + 1] = 0.f;
+    if (!done) {  // nothing of this row's region here: an empty partial
+        for (int i = lane; i < G * D; i += 32) pacc[(prow0 + (i64)(i / D) * PSPLITS) * D + i % D] = 0.f;
+        if (lane < G) {
+            pml[(prow0 + (i64)lane * PSPLITS) * 2] = NEG_INF;
+            pml[(prow0 + (i64)lane * PSPLITS) * 2 + 1] = 0.f;
+        }
     }
     merge_last(cnt, pacc, pml, out, lse, write_lse, q_start, h, G, H_Q, PSPLITS, QSPLITS, stride_ot, stride_oh);
 }
