@@ -416,7 +416,7 @@ def cuda_supported(q: torch.Tensor, D: int, BS: int, G: int, page_bits: tuple[in
     dims 64/128, a KV group of <= 8 query heads (the mma's 8 columns), pages of <= 128
     tokens (the kernel keeps a page's scores in registers) and a kernel that compiled.
     Blocks of 16 tokens only: the size its GPU tests and measurements ran at (larger
-    blocks compile, sass_census/test_kernels, but take the Triton kernel until tested)."""
+    blocks compile, some with spills, but take the Triton kernel until tested)."""
     if not (CUDA and q.is_cuda and D in (64, 128) and G <= 8 and BS == 16):
         return False
     return _cuda_for(q, D, BS, page_bits) is not None
