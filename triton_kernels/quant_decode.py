@@ -417,9 +417,14 @@ def cuda_supported(q: torch.Tensor, D: int, BS: int, G: int, page_bits: tuple[in
     tokens (the kernel keeps a page's scores in registers) and a kernel that compiled.
     Blocks of 16 tokens only: the size its GPU tests and measurements ran at (larger
     blocks compile, some with spills, but take the Triton kernel until tested)."""
+    return _cuda_if(q, D, BS, G, page_bits) is not None
+
+
+def _cuda_if(q: torch.Tensor, D: int, BS: int, G: int, page_bits: tuple[int, ...]):
+    """The twin's launcher where it applies (cuda_supported), else None."""
     if not (CUDA and q.is_cuda and D in (64, 128) and G <= 8 and BS == 16):
-        return False
-    return _cuda_for(q, D, BS, page_bits) is not None
+        return None
+    return _cuda_for(q, D, BS, page_bits)
 
 
 def _cuda_for(q: torch.Tensor, D: int, BS: int, page_bits: tuple[int, ...]):
@@ -497,8 +502,9 @@ def plan(q: torch.Tensor, *, D: int, BS: int, G: int, rows: int, longest: int, c
          page_bits: tuple[int, ...], num_sms: int) -> tuple[str, int]:
     """(kernel, splits) of the run's own launch: the CUDA twin where it applies, else
     _qrun_kernel. The caller sizes the partials with the splits, then calls launch."""
-    if cuda_supported(q, D, BS, G, page_bits):
-        per_sm = CUDA_PER_SM or _cuda_for(q, D, BS, page_bits).per_sm
+    cuda = _cuda_if(q, D, BS, G, page_bits)
+    if cuda is not None:
+        per_sm = CUDA_PER_SM or cuda.per_sm
         # one wave: every program resident at once (equal splits end together)
         return "cuda", max(1, min((per_sm * num_sms) // max(1, rows), qrun_splits(num_sms, rows, longest, caps,
                                                                                    page_bits, per_sm=per_sm)))
