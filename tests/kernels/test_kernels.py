@@ -306,6 +306,51 @@ def test_cuda_twin_compiles_for_hopper_without_spills(D, page_bits):
     assert "0 bytes spill stores" in r.stderr, r.stderr[-1500:]
 
 
+def _nvrtc():
+    """libnvrtc where one is installed (the test extra's nvidia-cuda-nvrtc wheel, or a CUDA
+    toolkit's), else None."""
+    import ctypes
+    import ctypes.util
+    import glob
+
+    try:
+        import nvidia
+
+        found = [p for d in nvidia.__path__ for p in sorted(glob.glob(os.path.join(d, "*", "lib", "libnvrtc.so*")))]
+    except ImportError:
+        found = []
+    for path in found + [ctypes.util.find_library("nvrtc")]:
+        if path:
+            try:
+                # the builtins it dlopens at compile time, loaded first: the wheel's folder is
+                # on no library path
+                for b in glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so*")):
+                    ctypes.CDLL(b, mode=ctypes.RTLD_GLOBAL)
+                return ctypes.CDLL(path)
+            except OSError:
+                pass
+    return None
+
+
+@pytest.mark.skipif(_nvrtc() is None, reason="no libnvrtc here (pip install nvidia-cuda-nvrtc)")
+@pytest.mark.parametrize("D,page_bits", [(128, (2, 4, 8)), (64, (4,))])
+def test_cuda_twin_compiles_under_nvrtc_as_at_run_time(monkeypatch, D, page_bits):
+    """The twin through torch's own NVRTC path with the options _cuda_kernel passes: NVRTC
+    is stricter than nvcc (its JIT mode rejects an unannotated lambda as host code, which
+    once made every GPU fall back to the Triton kernel while the nvcc test passed)."""
+    import torch.cuda._utils as cu_utils
+    import torch.utils.cpp_extension as cpp_ext
+
+    from vllm_kvcomp.triton_kernels import quant_decode as qd
+
+    lib = _nvrtc()
+    monkeypatch.setattr(cu_utils, "_get_gpu_rtc_library", lambda: lib)
+    monkeypatch.setattr(cpp_ext, "include_paths", lambda *a, **k: [])  # the .cu includes no headers
+    src = qd.cuda_source(D, 16, 2, page_bits, True, qd.CUDA_STAGES, qd.CUDA_MINB)
+    cubin, name = cu_utils._nvrtc_compile(src, "qrun", "90", nvcc_options=list(qd.NVRTC_OPTIONS))
+    assert name == "qrun" and cubin[:4] == b"\x7fELF"
+
+
 def test_decode_quantized_runs_with_the_backends_statistics(monkeypatch):
     """The backend's decode call: statistics always on, per-row flags, ``stats_tags=False``
     (only rows without quantized pages vote or gather mass). The run's launch still takes
