@@ -3,8 +3,7 @@ its Triton kernel and against bf16 pages, at 64 requests x 8192 tokens (llama3-8
 attention shape: 8 KV heads x 4 query heads, head dim 128, blocks of 16), through
 paged_attention_batched as the backend calls it. Prints, per format and kernel: median
 time (triton.testing.do_bench), the ratio to bf16 pages, the error against an fp32
-reference on 2 requests, and each kernel's device time (torch.profiler); the CUDA kernel
-with and without programmatic dependent launch (quant_decode.CUDA_PDL); then a sweep of
+reference on 2 requests, and each kernel's device time (torch.profiler); then a sweep of
 the CUDA kernel's pipeline depth and programs per SM. GPU only.
 
     python benchmarks/quant_decode_cuda.py [--json out.json] [--sweep "2,0,12;3,0,12;2,8,12"]
@@ -46,14 +45,14 @@ def main():
     res["bf16_ms"], res["bf16_graph_ms"] = t_bf16, g_bf16
     print(f"bf16 pages {t_bf16:.4f} ms, from a CUDA graph {g_bf16:.4f} ms", flush=True)
     del base
-    shipped = (qd.CUDA, qd.CUDA_STAGES, qd.CUDA_PER_SM, qd.CUDA_MINB, qd.CUDA_PDL)
+    shipped = (qd.CUDA, qd.CUDA_STAGES, qd.CUDA_PER_SM, qd.CUDA_MINB)
     for bits in map(int, args.bits.split(",")):
         c = Decode(args.batch, args.ctx, bits=bits)
         randomize_scales(c, bits)
         ref = reference_planes(c, 2, bits)
         run = lambda: c.run(page_bits=(bits,))  # noqa: E731
-        for kind, on, pdl in (("cuda", True, True), ("cuda-nopdl", True, False), ("triton", False, False)):
-            qd.CUDA, qd.CUDA_PDL = on, pdl
+        for kind, on in (("cuda", True), ("triton", False)):
+            qd.CUDA = on
             chosen = "cuda" if qd.cuda_supported(c.q, c.d, c.bs, c.g, (bits,)) else "triton"
             c.out.fill_(float("nan"))
             run()
@@ -65,11 +64,11 @@ def main():
             kt = _kernel_times(run)
             res[f"int{bits} {kind}"] = dict(ms=t, vs_bf16=t_bf16 / t, graph_ms=tg, graph_vs_bf16=g_bf16 / tg, err=err,
                                             nan=nan, ran=chosen, kernels=kt)
-            print(f"int{bits} {kind:10s} (ran {chosen}) {t:.4f} ms  {t_bf16 / t:.2f}x of bf16; graph {tg:.4f} ms "
+            print(f"int{bits} {kind:6s} (ran {chosen}) {t:.4f} ms  {t_bf16 / t:.2f}x of bf16; graph {tg:.4f} ms "
                   f"{g_bf16 / tg:.2f}x  err {err:.2e}"
                   f"{'  NaN!' if nan else ''}  " + " ".join(f"{k.split('(')[0]}={v:.4f}" for k, v in kt.items()),
                   flush=True)
-        qd.CUDA, qd.CUDA_PDL = True, shipped[4]
+        qd.CUDA = True
         for item in filter(None, args.sweep.split(";")):
             st, per, minb = map(int, item.split(","))
             qd.CUDA_STAGES, qd.CUDA_PER_SM, qd.CUDA_MINB = st, per, minb
@@ -86,7 +85,7 @@ def main():
             res[name] = dict(ms=t, vs_bf16=t_bf16 / t, err=err, kernels=kt)
             print(f"{name}: {t:.4f} ms  {t_bf16 / t:.2f}x of bf16  err {err:.2e}  "
                   + " ".join(f"{k.split('(')[0]}={v:.4f}" for k, v in kt.items()), flush=True)
-        qd.CUDA, qd.CUDA_STAGES, qd.CUDA_PER_SM, qd.CUDA_MINB, qd.CUDA_PDL = shipped
+        qd.CUDA, qd.CUDA_STAGES, qd.CUDA_PER_SM, qd.CUDA_MINB = shipped
         del c
     if args.json:
         with open(args.json, "w") as f:

@@ -503,11 +503,6 @@ __device__ __forceinline__ void merge_last(int* cnt, const float* pacc, const fl
         if (last) cnt[k] = 0;
     }
     if (!__shfl_sync(0xffffffffu, last, 0)) return;
-#if __CUDA_ARCH__ >= 900
-    // launched as a programmatic dependent of the forward (quant_decode.CUDA_PDL): its
-    // partials are complete and visible only after this (a no-op in plain stream order)
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
     __threadfence();
     for (int i = 0; i < G; ++i) {
         const i64 hq = (i64)h * G + i, prow = ((i64)q_start * H_Q + hq) * PSPLITS;

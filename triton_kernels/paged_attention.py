@@ -373,14 +373,10 @@ def _fwd_kernel(
     HAS2: tl.constexpr, ELEM: tl.constexpr, MAG: tl.constexpr, MAG8: tl.constexpr, CAP8: tl.constexpr, CAP4: tl.constexpr,
     CAP2: tl.constexpr, QT8: tl.constexpr, QT4: tl.constexpr, QT2: tl.constexpr,
     SCAN: tl.constexpr, WRITE_LSE: tl.constexpr, F32: tl.constexpr, QSTAGES: tl.constexpr,
-    PLANES: tl.constexpr, QSEP: tl.constexpr, PSPLITS: tl.constexpr, PDL: tl.constexpr = False,
+    PLANES: tl.constexpr, QSEP: tl.constexpr, PSPLITS: tl.constexpr,
 ):
     """QSEP: a sorted region's quantized run is read by quant_decode._qrun_kernel, which
-    writes partials beside ours (PSPLITS slots per row: NUM_SPLITS of ours, then its).
-    PDL: quant_decode's CUDA twin, launched next as a programmatic dependent, may start
-    now; it reads nothing we write until it waits for us (griddepcontrol.wait)."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
+    writes partials beside ours (PSPLITS slots per row: NUM_SPLITS of ours, then its)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -971,8 +967,7 @@ def paged_attention_batched(
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, WRITE_LSE=write_lse, num_warps=num_warps, num_stages=num_stages, QSTAGES=qstages,
-        PLANES=planes, QSEP=qsep, PSPLITS=psplits, PDL=quant_decode.pdl(qkind, q),
-        **({"maxnreg": maxnreg} if maxnreg and q.is_cuda else {}),
+        PLANES=planes, QSEP=qsep, PSPLITS=psplits, **({"maxnreg": maxnreg} if maxnreg and q.is_cuda else {}),
         **common)
     merged = qsep and quant_decode.launch(
         qkind, qsplits, q, kv_cache, kvb, tags, block_table, query_start_loc, kept, pacc, pml, scale2, G=G,

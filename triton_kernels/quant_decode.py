@@ -407,11 +407,6 @@ CUDA = os.environ.get("VLLM_KVCOMP_QRUN_CUDA", "1") != "0"
 CUDA_STAGES = 2
 CUDA_MINB = 12       # __launch_bounds__'s minimum blocks per SM (caps the registers)
 CUDA_PER_SM = 0      # programs per SM the splits aim at; 0: as many as fit (the occupancy API)
-# Programmatic dependent launch (sm_90+): the twin is launched while the forward still runs
-# (the forward signals at its start) and waits for the forward's partials only where its
-# last program merges them -- the forward's ~0.013 ms and the launch gap no longer add up
-# with the twin's. VLLM_KVCOMP_QRUN_PDL=0: plain stream order.
-CUDA_PDL = os.environ.get("VLLM_KVCOMP_QRUN_PDL", "1") != "0"
 _CU = Path(__file__).resolve().parent.parent / "csrc" / "quant_decode.cu"
 _log = logging.getLogger(__name__)
 
@@ -480,23 +475,10 @@ def _cuda_kernel(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bo
     return launcher
 
 
-class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute (cuda.h): id, pad to 8, a 64-byte union
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int), ("rest", ctypes.c_char * 60)]
-
-
-class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuda.h)
-    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
-                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)), ("num_attrs", ctypes.c_uint)]
-
-
-_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_*
-
-
 class _Launcher:
-    """cuLaunchKernelEx with the argument block and launch config built once: torch's NVRTC
-    wrapper rebuilds them through ctypes on every call (~0.2 ms of host time per launch seen
-    on the H200, longer than the kernel); here a call sets 25 values and the grid in place.
-    ``pdl``: launched as a programmatic dependent of the kernel before it (pdl())."""
+    """cuLaunchKernel with the argument block built once: torch's NVRTC wrapper rebuilds it
+    through ctypes on every call (~0.2 ms of host time per launch seen on the H200, longer
+    than the kernel); here a call sets 25 values in place."""
 
     # q, kvb, tags, block_table, query_start_loc, kept, pacc, pml, counters, out, lse | scale2 | 14 ints
     TYPES = [ctypes.c_void_p] * 11 + [ctypes.c_double] + [ctypes.c_int] * 14
@@ -510,31 +492,15 @@ class _Launcher:
         self.vals = [t() for t in self.TYPES]
         self.argv = (ctypes.c_void_p * len(self.vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p)
                                                          for v in self.vals])
-        self.attr = _LaunchAttr(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
-        self.cfg = _LaunchConfig(block=(ctypes.c_uint * 3)(32, 1, 1), smem=smem, attrs=ctypes.pointer(self.attr))
 
-    def __call__(self, grid: tuple[int, int, int], args: list, pdl: bool) -> None:
+    def __call__(self, grid: tuple[int, int, int], args: list) -> None:
         for v, a in zip(self.vals, args):
             v.value = a.data_ptr() if isinstance(a, torch.Tensor) else a
-        self.cfg.num_attrs = int(pdl)
-        self.cfg.grid[0], self.cfg.grid[1], self.cfg.grid[2] = grid
-        self.cfg.stream = torch.cuda.current_stream().cuda_stream
-        err = self.lib.cuLaunchKernelEx(ctypes.byref(self.cfg), self.func, self.argv, None)
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        err = self.lib.cuLaunchKernel(self.func, grid[0], grid[1], grid[2], 32, 1, 1, self.smem, stream, self.argv,
+                                      None)
         if err != 0:
             raise RuntimeError(f"quant_decode CUDA launch failed: CUresult {err}")
-
-
-@functools.lru_cache(maxsize=None)
-def _pdl_capable(device: int) -> bool:
-    """sm_90+ (griddepcontrol) and a Triton that can signal from the forward."""
-    return torch.cuda.get_device_capability(device) >= (9, 0) and hasattr(tl.extra.cuda, "gdc_launch_dependents")
-
-
-def pdl(kind: str, q: torch.Tensor) -> bool:
-    """Whether the twin runs as a programmatic dependent of the forward (CUDA_PDL): the
-    forward then signals at its start (its PDL constexpr)."""
-    return kind == "cuda" and CUDA_PDL and _pdl_capable(q.device.index if q.device.index is not None
-                                                         else torch.cuda.current_device())
 
 
 def plan(q: torch.Tensor, *, D: int, BS: int, G: int, rows: int, longest: int, caps: dict[int, int],
@@ -576,7 +542,7 @@ def launch(kind: str, qsplits: int, q, kv_cache, kvb, tags, block_table, query_s
         _cuda_for(q, D, BS, page_bits)((B, H_kv, qsplits), [
             q, kvb, tags, block_table, query_start_loc, kept, pacc, pml, _counter(q.device, B * H_kv), out, lse,
             float(scale2), block_table.shape[1], *strides, H_kv * G, G, psplits, split0, qsplits, out.stride(0),
-            out.stride(1), int(write_lse)], pdl(kind, q))
+            out.stride(1), int(write_lse)])
         return True
     p2 = triton.next_power_of_2
     _qrun_kernel[(B, H_kv, qsplits)](
