@@ -368,9 +368,19 @@ struct Run {
         // the lane's chunks are lane + 32 k: their shared offsets, swizzled, are the lane's
         // offset at k = 0 XOR a constant per k (Swz's pattern repeats every 4 or 8 lines)
         const u32 d0 = Swz<BITS>::at(16 * lane);
+        // the pages' block ids, 32 at a time in a register per lane (one coalesced load; the
+        // next 32 in flight meanwhile): a page's copy starts without waiting on a load of
+        // its block id
+        int ids = j_lo + lane < j_hi ? bt_row[j_lo + lane] : 0;
+        int ids_next = j_lo + 32 + lane < j_hi ? bt_row[j_lo + 32 + lane] : 0;
         auto issue = [&](int j, u32 slot) {  // page j -> a slot of the ring, 16-byte chunks
             if (j < j_hi) {
-                const i64 b = bt_row[j];
+                const int i = (j - j_lo) & 31;
+                if (i == 0 && j != j_lo) {
+                    ids = ids_next;
+                    ids_next = j + 32 + lane < j_hi ? bt_row[j + 32 + lane] : 0;
+                }
+                const i64 b = __shfl_sync(0xffffffffu, ids, i);
                 const u8* src = kvb + (b * stride_kb + (i64)h * stride_kh) * 2 + 16 * lane;
                 const u32 dst = sbase + slot * P;
 #pragma unroll
@@ -487,10 +497,26 @@ __device__ __forceinline__ float ldcg(const float* p) {  // from L2: written by 
     return r;
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int d = 16; d; d >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, d));
+    return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int d = 16; d; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
+    return v;
+}
+
 // The last program of a (row, KV head) to finish merges the PSPLITS partials of its G query
 // heads -- the forward's and every split's -- into the output (and the LSE): what
 // paged_attention._reduce_kernel does, without its launch. cnt[r * H_kv + h] counts the
 // programs done and is reset by the last.
+// It runs after every other program of the row, with nothing left to hide its latency, so
+// its loads are issued together: lane s holds split s of every head (32 splits a round),
+// the heads unrolled, 4 splits' outputs a step. (Loading head after head and split after
+// split, each load waiting on the one before, cost ~0.03 ms per launch on the H100.)
 __device__ __forceinline__ void merge_last(int* cnt, const float* pacc, const float* pml, u16* out, float* lse,
                                            int write_lse, int q_start, int h, int G, int H_Q, int PSPLITS,
                                            int QSPLITS, int stride_ot, int stride_oh) {
@@ -504,34 +530,70 @@ __device__ __forceinline__ void merge_last(int* cnt, const float* pacc, const fl
     }
     if (!__shfl_sync(0xffffffffu, last, 0)) return;
     __threadfence();
-    for (int i = 0; i < G; ++i) {
-        const i64 hq = (i64)h * G + i, prow = ((i64)q_start * H_Q + hq) * PSPLITS;
-        float mmax = NEG_INF;
-        for (int s = 0; s < PSPLITS; ++s) mmax = fmaxf(mmax, ldcg(pml + (prow + s) * 2));
-        if (mmax == NEG_INF) mmax = 0.f;
-        float ltot = 0.f, acc[D / 32];
+    constexpr int C = D / 32;  // output channels per lane: 32 c + lane
+    const i64 prow0 = ((i64)q_start * H_Q + (i64)h * G) * PSPLITS;  // head i: prow0 + i PSPLITS
+    float mmax[8], ltot[8], acc[8][C];
 #pragma unroll
-        for (int c = 0; c < D / 32; ++c) acc[c] = 0.f;
-        for (int s = 0; s < PSPLITS; ++s) {
-            const float w = ex2(ldcg(pml + (prow + s) * 2) - mmax);
-            ltot += w * ldcg(pml + (prow + s) * 2 + 1);
+    for (int i = 0; i < 8; ++i) {
+        mmax[i] = NEG_INF;
+        ltot[i] = 0.f;
 #pragma unroll
-            for (int c = 0; c < D / 32; ++c) acc[c] += w * ldcg(pacc + (prow + s) * D + 32 * c + lane);
+        for (int c = 0; c < C; ++c) acc[i][c] = 0.f;
+    }
+    for (int s0 = 0; s0 < PSPLITS; s0 += 32) {
+        const bool ok = s0 + lane < PSPLITS;
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+            if (i < G) mmax[i] = fmaxf(mmax[i], ok ? ldcg(pml + (prow0 + i * PSPLITS + s0 + lane) * 2) : NEG_INF);
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        mmax[i] = warp_max(mmax[i]);
+        if (mmax[i] == NEG_INF) mmax[i] = 0.f;
+    }
+    for (int s0 = 0; s0 < PSPLITS; s0 += 32) {
+        const bool ok = s0 + lane < PSPLITS;
+        float w[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            w[i] = 0.f;
+            if (i < G && ok) {
+                const float* ml = pml + (prow0 + i * PSPLITS + s0 + lane) * 2;
+                w[i] = ex2(ldcg(ml) - mmax[i]);
+                ltot[i] += w[i] * ldcg(ml + 1);
+            }
         }
-        if (ltot == 0.f) ltot = 1.f;
-        const float inv = 1.f / ltot;
+        const int n = min(32, PSPLITS - s0);
+#pragma unroll 4
+        for (int k = 0; k < n; ++k)
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+                if (i < G) {
+                    const float wk = __shfl_sync(0xffffffffu, w[i], k);
+                    const float* pa = pacc + (prow0 + i * PSPLITS + s0 + k) * D + lane;
+#pragma unroll
+                    for (int c = 0; c < C; ++c) acc[i][c] += wk * ldcg(pa + 32 * c);
+                }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        if (i >= G) break;
+        float lt = warp_sum(ltot[i]);
+        if (lt == 0.f) lt = 1.f;
+        const float inv = 1.f / lt;
+        const i64 hq = (i64)h * G + i;
         u16* o = out + (i64)q_start * stride_ot + hq * stride_oh;
 #pragma unroll
-        for (int c = 0; c < D / 32; ++c) {
+        for (int c = 0; c < C; ++c) {
             u16 v;
 #if QBF16
-            asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(v) : "f"(acc[c] * inv));
+            asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(v) : "f"(acc[i][c] * inv));
 #else
-            asm("cvt.rn.f16.f32 %0, %1;\n" : "=h"(v) : "f"(acc[c] * inv));
+            asm("cvt.rn.f16.f32 %0, %1;\n" : "=h"(v) : "f"(acc[i][c] * inv));
 #endif
             o[32 * c + lane] = v;
         }
-        if (write_lse && lane == 0) lse[(i64)q_start * H_Q + hq] = mmax + __log2f(ltot);
+        if (write_lse && lane == 0) lse[(i64)q_start * H_Q + hq] = mmax[i] + __log2f(lt);
     }
 }
 

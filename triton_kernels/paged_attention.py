@@ -373,17 +373,21 @@ def _fwd_kernel(
     HAS2: tl.constexpr, ELEM: tl.constexpr, MAG: tl.constexpr, MAG8: tl.constexpr, CAP8: tl.constexpr, CAP4: tl.constexpr,
     CAP2: tl.constexpr, QT8: tl.constexpr, QT4: tl.constexpr, QT2: tl.constexpr,
     SCAN: tl.constexpr, WRITE_LSE: tl.constexpr, F32: tl.constexpr, QSTAGES: tl.constexpr,
-    PLANES: tl.constexpr, QSEP: tl.constexpr, PSPLITS: tl.constexpr,
+    PLANES: tl.constexpr, QSEP: tl.constexpr, PSPLITS: tl.constexpr, ONE_TILE: tl.constexpr = False,
 ):
     """QSEP: a sorted region's quantized run is read by quant_decode._qrun_kernel, which
-    writes partials beside ours (PSPLITS slots per row: NUM_SPLITS of ours, then its)."""
+    writes partials beside ours (PSPLITS slots per row: NUM_SPLITS of ours, then its).
+    ONE_TILE: no request has more than BLOCK_Q queries (decode), program pid is request pid."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
-    r = _find_request(pid, qsl_ptr, num_reqs, BLOCK_Q)
+    if ONE_TILE:  # no binary search: its chain of dependent loads was a third of a decode launch
+        r = pid
+    else:
+        r = _find_request(pid, qsl_ptr, num_reqs, BLOCK_Q)
     q_start = tl.load(qsl_ptr + r)
     q_len = tl.load(qsl_ptr + r + 1) - q_start
-    q_tile = pid - (q_start // BLOCK_Q + r)
+    q_tile = 0 if ONE_TILE else pid - (q_start // BLOCK_Q + r)
     if q_tile * BLOCK_Q >= q_len:
         return
     seq_len = tl.load(seq_ptr + r)
@@ -938,7 +942,8 @@ def paged_attention_batched(
                                           tuple(page_bits), decode, _freeze(fwd_config))
     BLOCK_M, TILE_N, num_warps, num_stages, qstages, planes, maxnreg = tiling
     BLOCK_Q = BLOCK_M // G
-    n_qtiles = T // BLOCK_Q + B
+    one_tile = max_query_len <= BLOCK_Q
+    n_qtiles = B if one_tile else T // BLOCK_Q + B
     if num_splits is None:
         num_splits = _default_splits(q.device, B * H_kv, max_seq_len, BS) if decode else 1
     from . import quant_decode  # (imports this module)
@@ -967,7 +972,7 @@ def paged_attention_batched(
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, WRITE_LSE=write_lse, num_warps=num_warps, num_stages=num_stages, QSTAGES=qstages,
-        PLANES=planes, QSEP=qsep, PSPLITS=psplits, **({"maxnreg": maxnreg} if maxnreg and q.is_cuda else {}),
+        PLANES=planes, QSEP=qsep, PSPLITS=psplits, ONE_TILE=one_tile, **({"maxnreg": maxnreg} if maxnreg and q.is_cuda else {}),
         **common)
     merged = qsep and quant_decode.launch(
         qkind, qsplits, q, kv_cache, kvb, tags, block_table, query_start_loc, kept, pacc, pml, scale2, G=G,
