@@ -230,13 +230,18 @@ def bench_quant(cfg, sweep=False):
                             best = (dict(config=qcfg, num_splits=splits), t)
             kw = best[0]
             RESULTS["quant_best_int4"] = kw
+        # all formats compiled in (page_bits' default) and one format (the backend's call:
+        # an engine's pages have the policy's bits), eager and replayed from a CUDA graph
         t = ms(lambda: c.run(**kw))
         t_one = ms(lambda: c.run(page_bits=(bits,), **kw)) if bits else t
         tg = ms_graph(lambda: c.run(**kw))
+        tg_one = ms_graph(lambda: c.run(page_bits=(bits,), **kw)) if bits else tg
         if bits is None:
             base, base_g = t, tg
         row(f"quant {name} B{B} ctx{ctx}", ms=t, ms_one_format=t_one, speedup_vs_bf16=base / t,
-            GBps=c.bytes / t / 1e6, ms_graph=tg, speedup_graph=base_g / tg if tg else None, cfg=str(kw))
+            speedup_one_format=base / t_one, GBps=c.bytes / t / 1e6, ms_graph=tg,
+            speedup_graph=base_g / tg if tg else None, ms_graph_one_format=tg_one,
+            speedup_graph_one_format=base_g / tg_one if tg_one else None, cfg=str(kw))
         del c
     # prefill of a fresh prompt through the tag path (an engine with quantized pages) vs
     # without tags: its tiles unpack quantized pages instead of reading them in planes

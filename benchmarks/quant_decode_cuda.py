@@ -22,7 +22,7 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--bits", default="4,2,8")
     ap.add_argument("--sweep", default="",
-                    help="CUDA stages,programs per SM (0: all that fit),launch-bounds min blocks;...")
+                    help="CUDA stages,programs per SM (0: all that fit),launch-bounds min blocks[,smem carveout %];...")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--ctx", type=int, default=8192)
     args = ap.parse_args()
@@ -45,7 +45,7 @@ def main():
     res["bf16_ms"], res["bf16_graph_ms"] = t_bf16, g_bf16
     print(f"bf16 pages {t_bf16:.4f} ms, from a CUDA graph {g_bf16:.4f} ms", flush=True)
     del base
-    shipped = (qd.CUDA, qd.CUDA_STAGES, qd.CUDA_PER_SM, qd.CUDA_MINB)
+    shipped = (qd.CUDA, qd.CUDA_STAGES, qd.CUDA_PER_SM, qd.CUDA_MINB, qd.CUDA_CARVEOUT)
     for bits in map(int, args.bits.split(",")):
         c = Decode(args.batch, args.ctx, bits=bits)
         randomize_scales(c, bits)
@@ -70,9 +70,9 @@ def main():
                   flush=True)
         qd.CUDA = True
         for item in filter(None, args.sweep.split(";")):
-            st, per, minb = map(int, item.split(","))
-            qd.CUDA_STAGES, qd.CUDA_PER_SM, qd.CUDA_MINB = st, per, minb
-            name = f"int{bits} cuda stages {st} per_sm {per:2d} minb {minb:2d}"
+            st, per, minb, carve = (list(map(int, item.split(","))) + [-1])[:4]
+            qd.CUDA_STAGES, qd.CUDA_PER_SM, qd.CUDA_MINB, qd.CUDA_CARVEOUT = st, per, minb, carve
+            name = f"int{bits} cuda stages {st} per_sm {per:2d} minb {minb:2d}" + (f" carveout {carve}" * (carve >= 0))
             try:
                 run()
                 torch.cuda.synchronize()
@@ -82,10 +82,11 @@ def main():
             except Exception as ex:  # noqa: BLE001
                 print(f"{name} FAILED {type(ex).__name__}: {str(ex)[:400]}")
                 continue
-            res[name] = dict(ms=t, vs_bf16=t_bf16 / t, err=err, kernels=kt)
-            print(f"{name}: {t:.4f} ms  {t_bf16 / t:.2f}x of bf16  err {err:.2e}  "
+            occ = qd._cuda_for(c.q, c.d, c.bs, (bits,)).per_sm  # programs an SM holds (occupancy API)
+            res[name] = dict(ms=t, vs_bf16=t_bf16 / t, err=err, kernels=kt, occupancy=occ)
+            print(f"{name}: {t:.4f} ms  {t_bf16 / t:.2f}x of bf16  err {err:.2e}  occupancy {occ}  "
                   + " ".join(f"{k.split('(')[0]}={v:.4f}" for k, v in kt.items()), flush=True)
-        qd.CUDA, qd.CUDA_STAGES, qd.CUDA_PER_SM, qd.CUDA_MINB = shipped
+        qd.CUDA, qd.CUDA_STAGES, qd.CUDA_PER_SM, qd.CUDA_MINB, qd.CUDA_CARVEOUT = shipped
         del c
     if args.json:
         with open(args.json, "w") as f:

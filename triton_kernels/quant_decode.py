@@ -400,13 +400,16 @@ def qrun_splits(num_sms: int, rows: int, max_seq_len: int, caps: dict[int, int],
 # (torch.cuda._compile_kernel), no toolkit needed. VLLM_KVCOMP_QRUN_CUDA=0 keeps the Triton
 # kernel above (A/B runs; it is also the CPU/interpreter path and the fallback).
 CUDA = os.environ.get("VLLM_KVCOMP_QRUN_CUDA", "1") != "0"
-# Measured on the H200 (benchmarks/quant_decode_cuda.py, docs/kernels.md): 2 pages in shared
-# memory per warp (one in flight while one is read) and registers capped for 12 warps per SM
-# let 12 one-warp programs share an SM; the splits then fill every SM in a single wave
-# (int4 0.155 ms at 64 x 8192 tokens; 3 stages: 9 programs an SM, two waves, 0.195).
+# Measured on the H200 and H100 (benchmarks/quant_decode_cuda.py, docs/kernels.md): 2 pages in
+# shared memory per warp (one in flight while one is read), registers capped for 12 warps
+# per SM (3 stages: 9 programs an SM, two waves, slower). Splits aim at ~4 programs per SM,
+# not at all 12 that fit: each program pays a start (its region's scan, the query) and
+# 4 x 2 pages in flight per SM already keep the memory busy -- on the H100 at 64 x 8192
+# tokens, int4 0.2140 ms with 1 split (4 per SM), 0.2181 with 2, 0.2245 with 3 (12 per SM).
 CUDA_STAGES = 2
 CUDA_MINB = 12       # __launch_bounds__'s minimum blocks per SM (caps the registers)
-CUDA_PER_SM = 0      # programs per SM the splits aim at; 0: as many as fit (the occupancy API)
+CUDA_PER_SM = 4      # programs per SM the splits aim at; 0: as many as fit (the occupancy API)
+CUDA_CARVEOUT = -1   # the kernel's preferred shared-memory carveout in percent; -1: the driver's choice
 _CU = Path(__file__).resolve().parent.parent / "csrc" / "quant_decode.cu"
 _log = logging.getLogger(__name__)
 
@@ -430,7 +433,7 @@ def _cuda_if(q: torch.Tensor, D: int, BS: int, G: int, page_bits: tuple[int, ...
 def _cuda_for(q: torch.Tensor, D: int, BS: int, page_bits: tuple[int, ...]):
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
     return _cuda_kernel(D, BS, q.element_size(), tuple(sorted(page_bits)), q.dtype == torch.bfloat16, dev, CUDA_STAGES,
-                        CUDA_MINB)
+                        CUDA_MINB, CUDA_CARVEOUT)
 
 
 def cuda_source(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bool, stages: int, minb: int) -> str:
@@ -451,7 +454,7 @@ NVRTC_OPTIONS = ("-std=c++17", "-default-device")
 
 @functools.lru_cache(maxsize=None)
 def _cuda_kernel(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bool, device: int, stages: int,
-                 minb: int):
+                 minb: int, carveout: int = -1):
     """The launcher of this shape's kernel, or None (logged once) where it cannot be built."""
     from vllm_kvcomp.ops.quant import page_capacity
 
@@ -467,7 +470,7 @@ def _cuda_kernel(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bo
             smem = stages * P
             if smem >= 48 * 1024:
                 kernel.set_shared_memory_config(smem)
-        launcher = _Launcher(kernel.func, smem)
+        launcher = _Launcher(kernel.func, smem, carveout)
     except Exception as ex:  # noqa: BLE001 -- no NVRTC, an old torch: the Triton kernel reads the runs
         _log.warning("vllm-kvcomp: CUDA quant_decode unavailable (%s: %s); using the Triton kernel",
                      type(ex).__name__, str(ex)[:500])
@@ -483,9 +486,11 @@ class _Launcher:
     # q, kvb, tags, block_table, query_start_loc, kept, pacc, pml, counters, out, lse | scale2 | 14 ints
     TYPES = [ctypes.c_void_p] * 11 + [ctypes.c_double] + [ctypes.c_int] * 14
 
-    def __init__(self, func, smem: int):
+    def __init__(self, func, smem: int, carveout: int = -1):
         self.func, self.smem = func, smem
         self.lib = ctypes.CDLL("libcuda.so.1")
+        if carveout >= 0:  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
+            self.lib.cuFuncSetAttribute(func, 9, carveout)
         n = ctypes.c_int(0)
         self.lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), func, 32, ctypes.c_size_t(smem))
         self.per_sm = max(1, n.value)
@@ -510,7 +515,7 @@ def plan(q: torch.Tensor, *, D: int, BS: int, G: int, rows: int, longest: int, c
     cuda = _cuda_if(q, D, BS, G, page_bits)
     if cuda is not None:
         per_sm = CUDA_PER_SM or cuda.per_sm
-        # one wave: every program resident at once (equal splits end together)
+        # at most one wave (per_sm <= what fits): every program resident at once, equal splits end together
         return "cuda", max(1, min((per_sm * num_sms) // max(1, rows), qrun_splits(num_sms, rows, longest, caps,
                                                                                    page_bits, per_sm=per_sm)))
     return "triton", qrun_splits(num_sms, rows, longest, caps, page_bits)
