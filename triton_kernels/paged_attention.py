@@ -381,7 +381,7 @@ def _fwd_kernel(
     pid = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
-    if ONE_TILE:  # no binary search: its chain of dependent loads was a third of a decode launch
+    if ONE_TILE:  # no binary search over query_start_loc: a chain of dependent loads per program
         r = pid
     else:
         r = _find_request(pid, qsl_ptr, num_reqs, BLOCK_Q)
@@ -972,7 +972,8 @@ def paged_attention_batched(
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, WRITE_LSE=write_lse, num_warps=num_warps, num_stages=num_stages, QSTAGES=qstages,
-        PLANES=planes, QSEP=qsep, PSPLITS=psplits, ONE_TILE=one_tile, **({"maxnreg": maxnreg} if maxnreg and q.is_cuda else {}),
+        PLANES=planes, QSEP=qsep, PSPLITS=psplits, ONE_TILE=one_tile,
+        **({"maxnreg": maxnreg} if maxnreg and q.is_cuda else {}),
         **common)
     merged = qsep and quant_decode.launch(
         qkind, qsplits, q, kv_cache, kvb, tags, block_table, query_start_loc, kept, pacc, pml, scale2, G=G,

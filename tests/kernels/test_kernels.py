@@ -6,6 +6,7 @@ Each GPU-only test names its CPU twin.
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 
@@ -306,9 +307,10 @@ def test_cuda_twin_compiles_for_hopper_without_spills(D, page_bits):
     assert "0 bytes spill stores" in r.stderr, r.stderr[-1500:]
 
 
+@functools.lru_cache(maxsize=None)
 def _nvrtc():
     """libnvrtc where one is installed (the test extra's nvidia-cuda-nvrtc wheel, or a CUDA
-    toolkit's), else None."""
+    toolkit's), else None. Loaded once (the skip condition and the tests ask)."""
     import ctypes
     import ctypes.util
     import glob
