@@ -33,11 +33,14 @@ def main():
     from probe_packed import _kernel_times, randomize_scales  # noqa: E402
     from triton.testing import do_bench
 
+    from vllm_kvcomp.ops import quant
     from vllm_kvcomp.triton_kernels import quant_decode as qd
 
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, "
           f"NVRTC compile: {hasattr(torch.cuda, '_compile_kernel')}", flush=True)
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "peak_bandwidth": qd.peak_bandwidth(torch.cuda.current_device())}
+    print(f"peak memory bandwidth (driver) {res['peak_bandwidth'] / 1e12:.2f} TB/s", flush=True)
     bench = lambda f: do_bench(f, warmup=30, rep=200, return_mode="median")  # noqa: E731
     base = Decode(args.batch, args.ctx)
     t_bf16 = bench(lambda: base.run())
@@ -51,6 +54,11 @@ def main():
         randomize_scales(c, bits)
         ref = reference_planes(c, 2, bits)
         run = lambda: c.run(page_bits=(bits,))  # noqa: E731
+        caps = {b: quant.page_capacity(b, c.bs, c.d, 2) for b in (8, 4, 2)}
+        kind, splits = qd.plan(c.q, D=c.d, BS=c.bs, G=c.g, rows=c.B * c.hkv, longest=c.max_seq, caps=caps,
+                               page_bits=(bits,), num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
+        res[f"int{bits} plan"] = [kind, splits]
+        print(f"int{bits}: plan {kind}, {splits} split(s)", flush=True)
         for kind, on in (("cuda", True), ("triton", False)):
             qd.CUDA = on
             chosen = "cuda" if qd.cuda_supported(c.q, c.d, c.bs, c.g, (bits,)) else "triton"

@@ -44,6 +44,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -402,13 +403,20 @@ def qrun_splits(num_sms: int, rows: int, max_seq_len: int, caps: dict[int, int],
 CUDA = os.environ.get("VLLM_KVCOMP_QRUN_CUDA", "1") != "0"
 # Measured on the H200 and H100 (benchmarks/quant_decode_cuda.py, docs/kernels.md): 2 pages in
 # shared memory per warp (one in flight while one is read), registers capped for 12 warps
-# per SM (3 stages: 9 programs an SM, two waves, slower). Splits aim at ~4 programs per SM,
-# not at all 12 that fit: each program pays a start (its region's scan, the query) and
-# 4 x 2 pages in flight per SM already keep the memory busy -- on the H100 at 64 x 8192
-# tokens, int4 0.2140 ms with 1 split (4 per SM), 0.2181 with 2, 0.2245 with 3 (12 per SM).
+# per SM (3 stages: 9 programs an SM, two waves, slower).
 CUDA_STAGES = 2
 CUDA_MINB = 12       # __launch_bounds__'s minimum blocks per SM (caps the registers)
-CUDA_PER_SM = 4      # programs per SM the splits aim at; 0: as many as fit (the occupancy API)
+# Splits: enough programs that, each reading at its own pace, together they could draw
+# CUDA_BW_FRACTION of the memory's peak bandwidth -- not all the programs that fit: each
+# program pays a start (its region's scan, the query) and each split a partial to merge.
+# A warp alone on its SM sub-partition reads runs at CUDA_PROGRAM_GBPS (H200 at 1980 MHz,
+# 1 split at 64 x 8192). What it chooses, and what was measured there (int4, 64 x 8192):
+# the H100 (3.35 TB/s) 1 split (0.2140 ms; 2 splits 0.2181, 3 0.2245), at 16 x 32768 4
+# splits (8: 3% slower, 12: 7%); the H200 (4.9 TB/s) 2 splits (0.163 ms; 1 split 0.196),
+# and 2 for int8 and int2 too (int8 7% and int2 20% faster than 1 split).
+CUDA_PROGRAM_GBPS = {8: 7.3, 4: 5.75, 2: 3.9}
+CUDA_BW_FRACTION = 0.8
+CUDA_PER_SM = None   # sweeps: a fixed aim of programs per SM instead (0: as many as fit)
 CUDA_CARVEOUT = -1   # the kernel's preferred shared-memory carveout in percent; -1: the driver's choice
 _CU = Path(__file__).resolve().parent.parent / "csrc" / "quant_decode.cu"
 _log = logging.getLogger(__name__)
@@ -508,16 +516,38 @@ class _Launcher:
             raise RuntimeError(f"quant_decode CUDA launch failed: CUresult {err}")
 
 
+@functools.lru_cache(maxsize=None)
+def peak_bandwidth(device: int) -> float:
+    """The GPU's peak memory bandwidth in bytes/s (2 x memory clock x bus width, from the
+    driver); 0.0 where the driver does not say."""
+    lib, v, d = ctypes.CDLL("libcuda.so.1"), ctypes.c_int(0), ctypes.c_int(0)
+    if lib.cuDeviceGet(ctypes.byref(d), device) != 0:  # (driver ordinals follow CUDA_VISIBLE_DEVICES too)
+        return 0.0
+    got = []
+    # CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE (kHz), CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH (bits)
+    for attr in (36, 37):
+        if lib.cuDeviceGetAttribute(ctypes.byref(v), attr, d) != 0:
+            return 0.0
+        got.append(v.value)
+    return 2.0 * got[0] * 1e3 * got[1] / 8
+
+
 def plan(q: torch.Tensor, *, D: int, BS: int, G: int, rows: int, longest: int, caps: dict[int, int],
          page_bits: tuple[int, ...], num_sms: int) -> tuple[str, int]:
     """(kernel, splits) of the run's own launch: the CUDA twin where it applies, else
     _qrun_kernel. The caller sizes the partials with the splits, then calls launch."""
     cuda = _cuda_if(q, D, BS, G, page_bits)
     if cuda is not None:
+        rows = max(1, rows)
+        if CUDA_PER_SM is not None:
+            want = (min(CUDA_PER_SM, cuda.per_sm) if CUDA_PER_SM else cuda.per_sm) * num_sms // rows
+        else:
+            bw = peak_bandwidth(q.device.index if q.device.index is not None else torch.cuda.current_device())
+            rate = min(CUDA_PROGRAM_GBPS[b] for b in page_bits) * 1e9
+            want = math.ceil(CUDA_BW_FRACTION * bw / rate / rows) if bw else 4 * num_sms // rows
         # at most one wave: every program resident at once, equal splits end together
-        per_sm = min(CUDA_PER_SM, cuda.per_sm) if CUDA_PER_SM else cuda.per_sm
-        return "cuda", max(1, min((per_sm * num_sms) // max(1, rows), qrun_splits(num_sms, rows, longest, caps,
-                                                                                   page_bits, per_sm=per_sm)))
+        return "cuda", max(1, min(want, cuda.per_sm * num_sms // rows,
+                                  qrun_splits(num_sms, rows, longest, caps, page_bits, per_sm=1 << 20)))
     return "triton", qrun_splits(num_sms, rows, longest, caps, page_bits)
 
 
