@@ -179,11 +179,27 @@ def _pos_base(bt_row, h, stride_kb, stride_kh, pos, valid, D: tl.constexpr, BS: 
 @triton.jit
 def _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb, stride_kh, p0, p1,
                       CAUSAL: tl.constexpr, scale2, D: tl.constexpr, BS: tl.constexpr,
-                      TILE_N: tl.constexpr, F32: tl.constexpr):
+                      TILE_N: tl.constexpr, F32: tl.constexpr, TWO_LOOPS: tl.constexpr):
     """Full-precision keys at logical positions [p0, p1), TILE_N per step (any number of
-    blocks per tile: the block is looked up per token)."""
+    blocks per tile: the block is looked up per token). TWO_LOOPS (prefill): whole tiles
+    that every row sees (below the tile's first query, causally) go without masks; only
+    the diagonal and a last partial tile pay for them (as flash attention's two loops)."""
     offs_d = tl.arange(0, D)
-    for t0 in range(p0, p1, TILE_N):
+    t_free = p0
+    if TWO_LOOPS:
+        p_free = p1
+        if CAUSAL:  # q_pos grows with the row: the first row's is the smallest
+            p_free = tl.minimum(p1, tl.min(q_pos, 0) + 1)
+        t_free = p0 + tl.maximum(p_free - p0, 0) // TILE_N * TILE_N
+    for t0 in range(p0, t_free, TILE_N):
+        pos = t0 + tl.arange(0, TILE_N)
+        base = tl.load(bt_row + pos // BS).to(tl.int64) * stride_kb + h * stride_kh + (pos % BS) * (2 * D)
+        k = tl.load(kv_ptr + base[:, None] + offs_d[None, :])
+        v = tl.load(kv_ptr + base[:, None] + D + offs_d[None, :])
+        s = _dot(q, tl.trans(k), F32) * scale2
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+        acc = acc * alpha[:, None] + _dot(_mm_in(p, v.dtype, F32), v, F32)
+    for t0 in range(t_free, p1, TILE_N):
         pos = t0 + tl.arange(0, TILE_N)
         valid = pos < p1
         base = _pos_base(bt_row, h, stride_kb, stride_kh, pos, valid, D, BS)
@@ -374,6 +390,7 @@ def _fwd_kernel(
     CAP2: tl.constexpr, QT8: tl.constexpr, QT4: tl.constexpr, QT2: tl.constexpr,
     SCAN: tl.constexpr, WRITE_LSE: tl.constexpr, F32: tl.constexpr, QSTAGES: tl.constexpr,
     PLANES: tl.constexpr, QSEP: tl.constexpr, PSPLITS: tl.constexpr, ONE_TILE: tl.constexpr = False,
+    TWO_LOOPS: tl.constexpr = False,
 ):
     """QSEP: a sorted region's quantized run is read by quant_decode._qrun_kernel, which
     writes partials beside ours (PSPLITS slots per row: NUM_SPLITS of ours, then its).
@@ -431,7 +448,7 @@ def _fwd_kernel(
         # full compacted pages (all of them without tags), then one run of quantized pages
         acc, m_i, l_i = _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb, stride_kh,
                                           e0 * BS, tl.minimum(tl.minimum(ce1, nf) * BS, kept), False,
-                                          scale2, D, BS, TILE_N, F32)
+                                          scale2, D, BS, TILE_N, F32, TWO_LOOPS)
         if HAS_TAGS and not QSEP:
             j0 = tl.maximum(e0, nf)
             n_q = kept - nf * BS
@@ -460,7 +477,7 @@ def _fwd_kernel(
             if tag == 0:
                 acc, m_i, l_i = _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb,
                                                   stride_kh, j * BS, j * BS + cnt, False, scale2, D, BS,
-                                                  TILE_P, F32)
+                                                  TILE_P, F32, TWO_LOOPS)
             if HAS4:
                 if tag == 4:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
@@ -481,7 +498,7 @@ def _fwd_kernel(
     le1 = tl.maximum(e1, nc) - nc + lb0
     acc, m_i, l_i = _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb, stride_kh,
                                       tl.maximum(le0 * BS, live_start), tl.minimum(le1 * BS, last_pos + 1),
-                                      True, scale2, D, BS, TILE_N, F32)
+                                      True, scale2, D, BS, TILE_N, F32, TWO_LOOPS)
 
     if PSPLITS == 1:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -808,13 +825,18 @@ def _launch_consts(D, BS, G, dtype, has_tags, page_bits, decode, config):
     # tl.dot); prefill tiles pack 64-128 rows. Key tiles of 64 tokens (32 at D=256): K+V of
     # one tile is 32 KB in bf16, so 3 pipeline stages fit in shared memory. These were the
     # best of a sweep on an H100 (docs/kernels.md): decode 4 warps x 3 stages, 85-90% of
-    # copy bandwidth; prefill 128 x 64 tiles, 4 warps x 2 stages.
+    # copy bandwidth; prefill 128 x 64 tiles, 4 warps (x 3 stages with two loops, below).
     if decode:
         BLOCK_M = max(16, _pow2(G))
     else:
         BLOCK_M = max(64 if D > 128 else 128, _pow2(G))
     TILE_N = 64 if D <= 128 else 32
-    num_warps, num_stages = (4, 3) if decode else (4, 2)
+    num_warps, num_stages = 4, 3
+    # Prefill splits the key loop in two (TWO_LOOPS): whole tiles below the query tile's
+    # diagonal without masks, then the masked rest. H200, 128 x 64 tiles: 3 stages 1.06-1.13x
+    # of SDPA flash, 2 stages 0.92-0.98x (one masked loop: 0.86-0.91x, 3 stages no better).
+    # Decode keeps one loop: two cost 0.488 -> 0.673 ms at 64 x 8192 (benchmarks/probe_loops.py).
+    two_loops = not decode
     # quantized runs pipeline 2 deep (1: 1.6x slower, 3: within 2%; docs/kernels.md)
     qstages = 2
     # Plane-wise quantized loop for decode tiles (16-32 rows); prefill tiles read unpacked
@@ -838,6 +860,7 @@ def _launch_consts(D, BS, G, dtype, has_tags, page_bits, decode, config):
         num_stages = config.get("num_stages", num_stages)
         planes = config.get("PLANES", planes)
         maxnreg = config.get("maxnreg", maxnreg)
+        two_loops = bool(config.get("TWO_LOOPS", two_loops))
     if planes is None:
         planes = BLOCK_M <= 32
     BLOCK_Q = BLOCK_M // G
@@ -846,7 +869,7 @@ def _launch_consts(D, BS, G, dtype, has_tags, page_bits, decode, config):
                   HAS4=has_tags and 4 in page_bits, HAS2=has_tags and 2 in page_bits, ELEM=es, MAG=mag,
                   MAG8=0 if mag == 128 else mag,
                   CAP8=caps[8], CAP4=caps[4], CAP2=caps[2], QT8=qts[8], QT4=qts[4], QT2=qts[2], SCAN=256, F32=f32)
-    return common, caps, (BLOCK_M, TILE_N, num_warps, num_stages, qstages, planes, maxnreg)
+    return common, caps, (BLOCK_M, TILE_N, num_warps, num_stages, qstages, planes, maxnreg, two_loops)
 
 
 def paged_attention_batched(
@@ -872,7 +895,7 @@ def paged_attention_batched(
     page_bits: tuple[int, ...] = (8, 4, 2),  # formats that may appear in compacted regions
     stats_tags: bool = True,  # False: rows with statistics have no quantized pages (caller's promise)
     config: dict | None = None,  # overrides for benchmarking: BLOCK_M, TILE_N, num_warps, num_stages, QSTAGES,
-    #                              PLANES, maxnreg
+    #                              PLANES, maxnreg, TWO_LOOPS
 ) -> torch.Tensor:
     """Causal attention of a varlen batch over each request's compacted + live keys.
 
@@ -940,7 +963,7 @@ def paged_attention_batched(
     # layer matters: attention runs between CUDA graph pieces).
     common, caps, tiling = _launch_consts(D, BS, G, kv_cache.dtype, page_tag is not None,
                                           tuple(page_bits), decode, _freeze(fwd_config))
-    BLOCK_M, TILE_N, num_warps, num_stages, qstages, planes, maxnreg = tiling
+    BLOCK_M, TILE_N, num_warps, num_stages, qstages, planes, maxnreg, two_loops = tiling
     BLOCK_Q = BLOCK_M // G
     one_tile = max_query_len <= BLOCK_Q
     n_qtiles = B if one_tile else T // BLOCK_Q + B
@@ -972,7 +995,7 @@ def paged_attention_batched(
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, WRITE_LSE=write_lse, num_warps=num_warps, num_stages=num_stages, QSTAGES=qstages,
-        PLANES=planes, QSEP=qsep, PSPLITS=psplits, ONE_TILE=one_tile,
+        PLANES=planes, QSEP=qsep, PSPLITS=psplits, ONE_TILE=one_tile, TWO_LOOPS=two_loops,
         **({"maxnreg": maxnreg} if maxnreg and q.is_cuda else {}),
         **common)
     merged = qsep and quant_decode.launch(

@@ -662,10 +662,10 @@ def test_tile_choice_guards_the_h100_workarounds():
     def tiling(bs, has_tags, decode):
         return _launch_consts(128, bs, 4, torch.bfloat16, has_tags, (4,), decode, None)[2]
 
-    bm, _, _, _, _, planes, cap = tiling(16, True, False)
-    assert bm == 128 and planes is False and cap is None
-    bm, _, _, _, _, planes, cap = tiling(16, True, True)
-    assert bm == 16 and planes is True and cap == 128
+    bm, _, _, _, _, planes, cap, two = tiling(16, True, False)
+    assert bm == 128 and planes is False and cap is None and two is True
+    bm, _, _, _, _, planes, cap, two = tiling(16, True, True)
+    assert bm == 16 and planes is True and cap == 128 and two is False
     assert tiling(32, True, True)[6] is None and tiling(16, False, True)[6] is None
 
 
