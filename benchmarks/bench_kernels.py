@@ -400,6 +400,7 @@ def bench_compact(prefill_cfg=None):
     keep_full = perm[:, :S(512) * (4 if SMOKE else 1)].sort(1).values
     keep_q = perm[:, keep_full.shape[1]:L // 4].sort(1).values
     mass = torch.rand(nb, hkv, max(quant.capacities(kv).values()), device=DEV)
+
     def report(name, fn):
         # wall: as the backend calls it (~20 small torch ops + 3 launches, so the host's
         # speed shows); gpu: the same calls' device time alone (not graph-capturable: a
