@@ -57,7 +57,7 @@ def main():
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for ax, (title, fn, target) in zip(axes, panels):
         series = [(label, fn(d)) for label, d in runs]
-        keys = sorted({k for _, s in series for k in s}, key=lambda k: [k for _, s in series for k in s].index(k))
+        keys = list(dict.fromkeys(k for _, s in series for k in s))  # first-seen order
         width = 0.8 / max(1, len(series))
         for i, (label, s) in enumerate(series):
             xs = [j + i * width for j, k in enumerate(keys) if k in s]

@@ -170,6 +170,14 @@ def _online_softmax(s, m_i, l_i):
 
 
 @triton.jit
+def _flash_step(acc, m_i, l_i, s, v, F32: tl.constexpr):
+    """Scores s [M, N] (log2 domain, masked = -inf) and values v [N, D] into the running
+    output: one online-softmax step."""
+    p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+    return acc * alpha[:, None] + _dot(_mm_in(p, v.dtype, F32), v, F32), m_i, l_i
+
+
+@triton.jit
 def _pos_base(bt_row, h, stride_kb, stride_kh, pos, valid, D: tl.constexpr, BS: tl.constexpr):
     """Element offset of K of logical position pos (block_row[pos // BS], slot pos % BS)."""
     blk = tl.load(bt_row + pos // BS, mask=valid, other=0).to(tl.int64)
@@ -196,9 +204,7 @@ def _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb, str
         base = tl.load(bt_row + pos // BS).to(tl.int64) * stride_kb + h * stride_kh + (pos % BS) * (2 * D)
         k = tl.load(kv_ptr + base[:, None] + offs_d[None, :])
         v = tl.load(kv_ptr + base[:, None] + D + offs_d[None, :])
-        s = _dot(q, tl.trans(k), F32) * scale2
-        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
-        acc = acc * alpha[:, None] + _dot(_mm_in(p, v.dtype, F32), v, F32)
+        acc, m_i, l_i = _flash_step(acc, m_i, l_i, _dot(q, tl.trans(k), F32) * scale2, v, F32)
     for t0 in range(t_free, p1, TILE_N):
         pos = t0 + tl.arange(0, TILE_N)
         valid = pos < p1
@@ -209,9 +215,7 @@ def _attend_positions(acc, m_i, l_i, q, q_pos, kv_ptr, bt_row, h, stride_kb, str
         keep = valid[None, :]
         if CAUSAL:
             keep = keep & (pos[None, :] <= q_pos[:, None])
-        s = tl.where(keep, s, float("-inf"))
-        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
-        acc = acc * alpha[:, None] + _dot(_mm_in(p, v.dtype, F32), v, F32)
+        acc, m_i, l_i = _flash_step(acc, m_i, l_i, tl.where(keep, s, float("-inf")), v, F32)
     return acc, m_i, l_i
 
 
