@@ -49,6 +49,7 @@ def main():
     print(f"bf16 pages {t_bf16:.4f} ms, from a CUDA graph {g_bf16:.4f} ms", flush=True)
     del base
     shipped = (qd.CUDA, qd.CUDA_STAGES, qd.CUDA_PER_SM, qd.CUDA_MINB, qd.CUDA_CARVEOUT)
+    shipped_pdl = qd.PDL  # "cuda-nopdl": the forward first, then the twin (the order before Hopper)
     for bits in map(int, args.bits.split(",")):
         c = Decode(args.batch, args.ctx, bits=bits)
         randomize_scales(c, bits)
@@ -59,8 +60,8 @@ def main():
                                page_bits=(bits,), num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
         res[f"int{bits} plan"] = [kind, splits]
         print(f"int{bits}: plan {kind}, {splits} split(s)", flush=True)
-        for kind, on in (("cuda", True), ("triton", False)):
-            qd.CUDA = on
+        for kind, on, pdl in (("cuda", True, True), ("cuda-nopdl", True, False), ("triton", False, True)):
+            qd.CUDA, qd.PDL = on, pdl
             chosen = "cuda" if qd.cuda_supported(c.q, c.d, c.bs, c.g, (bits,)) else "triton"
             c.out.fill_(float("nan"))
             run()
@@ -76,7 +77,7 @@ def main():
                   f"{g_bf16 / tg:.2f}x  err {err:.2e}"
                   f"{'  NaN!' if nan else ''}  " + " ".join(f"{k.split('(')[0]}={v:.4f}" for k, v in kt.items()),
                   flush=True)
-        qd.CUDA = True
+        qd.CUDA, qd.PDL = True, shipped_pdl
         for item in filter(None, args.sweep.split(";")):
             st, per, minb, carve = (list(map(int, item.split(","))) + [-1])[:4]
             qd.CUDA_STAGES, qd.CUDA_PER_SM, qd.CUDA_MINB, qd.CUDA_CARVEOUT = st, per, minb, carve

@@ -15,7 +15,14 @@
 //
 // Built at first use by NVRTC (torch.cuda._compile_kernel, no headers); the launcher
 // (quant_decode._cuda_kernel) prepends the shape: D, BS, P (page bytes), CAP8/CAP4/CAP2,
-// HAS8/HAS4/HAS2, STAGES, QBF16, MINB.
+// HAS8/HAS4/HAS2, STAGES, QBF16, MINB, PDL, NIDS (block ids of a row's first entries kept in
+// shared memory after the ring of pages: STAGES * P + 4 NIDS bytes in all).
+//
+// PDL (sm_90+): this kernel is launched first and lets the next one in the stream -- the
+// forward, launched as its programmatic dependent -- start at once, so the forward's short
+// programs (live block, full pages) run on the SM room the one wave of this kernel leaves
+// instead of before it. Each of the row's programs, ours and the forward's, counts itself
+// done; whichever is last merges (merge_last; the forward's copy of it in Triton).
 //
 // One warp per program. A page a step: cp.async copies the whole page (P bytes) into a
 // ring of STAGES slots in shared memory (STAGES - 1 pages in flight per warp), 16-byte
@@ -324,8 +331,8 @@ struct Run {
 
     // Pages [j_lo, j_hi) of the run that starts at entry jbase and holds n_tok tokens.
     __device__ __forceinline__ void go(const u16* q, i64 q_row, double scale2d, const u8* kvb, const int* bt_row,
-                                       int stride_qh, int h, int stride_kb, int stride_kh, int j_lo, int j_hi, int jbase,
-                                       int n_tok, int G, u8* smem) {
+                                       const int* ids_s, int stride_qh, int h, int stride_kb, int stride_kh, int j_lo,
+                                       int j_hi, int jbase, int n_tok, int G, u8* smem) {
         const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
         const float scale2 = (float)scale2d;
 #pragma unroll
@@ -370,15 +377,16 @@ struct Run {
         const u32 d0 = Swz<BITS>::at(16 * lane);
         // the pages' block ids, 32 at a time in a register per lane (one coalesced load; the
         // next 32 in flight meanwhile): a page's copy starts without waiting on a load of
-        // its block id
-        int ids = j_lo + lane < j_hi ? bt_row[j_lo + lane] : 0;
-        int ids_next = j_lo + 32 + lane < j_hi ? bt_row[j_lo + 32 + lane] : 0;
+        // its block id. The row's first NIDS ids are in shared memory already (the scan's).
+        auto bid = [&](int j) { return j >= j_hi ? 0 : j < NIDS ? ids_s[j] : bt_row[j]; };
+        int ids = bid(j_lo + lane);
+        int ids_next = bid(j_lo + 32 + lane);
         auto issue = [&](int j, u32 slot) {  // page j -> a slot of the ring, 16-byte chunks
             if (j < j_hi) {
                 const int i = (j - j_lo) & 31;
                 if (i == 0 && j != j_lo) {
                     ids = ids_next;
-                    ids_next = j + 32 + lane < j_hi ? bt_row[j + 32 + lane] : 0;
+                    ids_next = bid(j + 32 + lane);
                 }
                 const i64 b = __shfl_sync(0xffffffffu, ids, i);
                 const u8* src = kvb + (b * stride_kb + (i64)h * stride_kh) * 2 + 16 * lane;
@@ -448,8 +456,9 @@ struct Run {
 
 // The region's shape (paged_attention._scan_compacted): entries nc of the compacted region,
 // its leading full pages nf, the largest tag, and whether it is [full pages][one precision].
-__device__ __forceinline__ void scan(const int* bt_row, const signed char* tags, int kept, int max_blocks, int& nc,
-                                     int& nf, int& qbits, bool& ok) {
+// bid0: the row's first 256 block ids (entry 32 u + lane), loaded with the row's metadata.
+__device__ __forceinline__ void scan(const int* bt_row, const signed char* tags, int kept, int max_blocks,
+                                     const int (&bid0)[8], int& nc, int& nf, int& qbits, bool& ok) {
     const int lane = threadIdx.x;
     int upper = min((kept + BS - 1) / BS, max_blocks);
     int done = 0, first_nz = 1 << 30, last_z = -1, min_nz = 127, max_t = 0;
@@ -460,7 +469,7 @@ __device__ __forceinline__ void scan(const int* bt_row, const signed char* tags,
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
             const int j = c0 + 32 * u + lane;
-            tag[u] = j < upper ? bt_row[j] : 0;
+            tag[u] = c0 == 0 ? bid0[u] : j < upper ? bt_row[j] : 0;
         }
 #pragma unroll
         for (int u = 0; u < 8; ++u) tag[u] = c0 + 32 * u + lane < upper ? (int)tags[tag[u]] : 0;
@@ -512,20 +521,21 @@ __device__ __forceinline__ float warp_sum(float v) {
 // The last program of a (row, KV head) to finish merges the PSPLITS partials of its G query
 // heads -- the forward's and every split's -- into the output (and the LSE): what
 // paged_attention._reduce_kernel does, without its launch. cnt[r * H_kv + h] counts the
-// programs done and is reset by the last.
+// programs done -- our QSPLITS, and the forward's NFWD when it runs beside us (PDL; else it
+// ran before, NFWD = 0) -- and is reset by the last.
 // It runs after every other program of the row, with nothing left to hide its latency, so
 // its loads are issued together: lane s holds split s of every head (32 splits a round),
 // the heads unrolled, 4 splits' outputs a step. (Loading head after head and split after
 // split, each load waiting on the one before, cost ~0.03 ms per launch on the H100.)
 __device__ __forceinline__ void merge_last(int* cnt, const float* pacc, const float* pml, u16* out, float* lse,
                                            int write_lse, int q_start, int h, int G, int H_Q, int PSPLITS,
-                                           int QSPLITS, int stride_ot, int stride_oh) {
+                                           int QSPLITS, int NFWD, int stride_ot, int stride_oh) {
     const int lane = threadIdx.x;
     __threadfence();
     int last = 0;
     if (lane == 0) {
         const int k = blockIdx.x * gridDim.y + h;
-        last = atomicAdd(cnt + k, 1) == QSPLITS - 1;
+        last = atomicAdd(cnt + k, 1) == QSPLITS + NFWD - 1;
         if (last) cnt[k] = 0;
     }
     if (!__shfl_sync(0xffffffffu, last, 0)) return;
@@ -601,16 +611,30 @@ extern "C" __global__ void __launch_bounds__(32, MINB)
 qrun(const u16* q, const u8* kvb, const signed char* tags, const int* bt, const int* qsl, const int* kept_p,
      float* pacc, float* pml, int* cnt, u16* out, float* lse, double scale2, int max_blocks, int stride_qt,
      int stride_qh, int stride_kb, int stride_kh, int stride_bt, int H_Q, int G, int PSPLITS, int SPLIT0, int QSPLITS,
-     int stride_ot, int stride_oh, int write_lse) {
+     int stride_ot, int stride_oh, int write_lse, int NFWD) {
     extern __shared__ __align__(128) u8 smem[];
+#if PDL
+    // the forward may start once every program of ours has started (one wave: all resident)
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
     const int r = blockIdx.x, h = blockIdx.y, qsplit = blockIdx.z, lane = threadIdx.x;
-    const int q_start = qsl[r];
-    if (qsl[r + 1] == q_start) return;
     const int* bt_row = bt + (i64)r * stride_bt;
-    const int kept = kept_p[r];
+    // the row's metadata and its first NIDS block ids in one round trip to memory (the ids
+    // do not depend on the rest: the row's width bounds them); the ids stay in shared
+    // memory, after the page ring, for the scan and the pages' copies
+    const int q_start = qsl[r], q_end = qsl[r + 1], kept = kept_p[r];
+    int bid0[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) bid0[u] = 32 * u + lane < max_blocks ? bt_row[32 * u + lane] : 0;
+    if (q_end == q_start) return;
+    static_assert(NIDS == 8 * 32, "the scan's first step: 8 ids a lane");
+    int* ids_s = reinterpret_cast<int*>(smem + STAGES * P);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) ids_s[32 * u + lane] = bid0[u];
     int nc, nf, qbits;
     bool ok;
-    scan(bt_row, tags, kept, max_blocks, nc, nf, qbits, ok);
+    scan(bt_row, tags, kept, max_blocks, bid0, nc, nf, qbits, ok);
+    __syncwarp();  // ids_s written by every lane
     const i64 q_row = (i64)q_start * stride_qt + (i64)h * G * stride_qh;
     const i64 prow0 = ((i64)q_start * H_Q + (i64)h * G) * PSPLITS + SPLIT0 + qsplit;
     int per = (nc - nf + QSPLITS - 1) / QSPLITS;
@@ -619,7 +643,7 @@ qrun(const u16* q, const u8* kvb, const signed char* tags, const int* bt, const 
     // the run's pages, read at its format, into this program's partials
     auto read = [&](auto bits) {
         Run<decltype(bits)::value> R;
-        R.go(q, q_row, scale2, kvb, bt_row, stride_qh, h, stride_kb, stride_kh, j_lo, j_hi, nf, n_q, G, smem);
+        R.go(q, q_row, scale2, kvb, bt_row, ids_s, stride_qh, h, stride_kb, stride_kh, j_lo, j_hi, nf, n_q, G, smem);
         R.store(pacc, pml, prow0, PSPLITS, G);
     };
     bool done = false;
@@ -639,5 +663,6 @@ qrun(const u16* q, const u8* kvb, const signed char* tags, const int* bt, const 
             pml[(prow0 + (i64)lane * PSPLITS) * 2 + 1] = 0.f;
         }
     }
-    merge_last(cnt, pacc, pml, out, lse, write_lse, q_start, h, G, H_Q, PSPLITS, QSPLITS, stride_ot, stride_oh);
+    merge_last(cnt, pacc, pml, out, lse, write_lse, q_start, h, G, H_Q, PSPLITS, QSPLITS, NFWD, stride_ot,
+               stride_oh);
 }

@@ -42,6 +42,13 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.language.extra.cuda import gdc_wait
+except ImportError:  # a Triton without grid dependency control: quant_decode.pdl() is False then
+    @triton.jit
+    def gdc_wait():
+        pass
+
 LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -384,7 +391,7 @@ def _find_request(pid, qsl_ptr, num_reqs, BLOCK_Q: tl.constexpr):
 def _fwd_kernel(
     q_ptr, kv_ptr, kvb_ptr, kvh_ptr, tag_ptr,
     bt_ptr, qsl_ptr, seq_ptr, kept_ptr, live_ptr,
-    out_ptr, lse_ptr, pacc_ptr, pml_ptr,
+    out_ptr, lse_ptr, pacc_ptr, pml_ptr, cnt_ptr,
     scale2, num_reqs, max_blocks,
     stride_qt, stride_qh, stride_kb, stride_kh, stride_bt, stride_ot, stride_oh,
     H_Q: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, G: tl.constexpr,
@@ -394,11 +401,17 @@ def _fwd_kernel(
     CAP2: tl.constexpr, QT8: tl.constexpr, QT4: tl.constexpr, QT2: tl.constexpr,
     SCAN: tl.constexpr, WRITE_LSE: tl.constexpr, F32: tl.constexpr, QSTAGES: tl.constexpr,
     PLANES: tl.constexpr, QSEP: tl.constexpr, PSPLITS: tl.constexpr, ONE_TILE: tl.constexpr = False,
-    TWO_LOOPS: tl.constexpr = False,
+    TWO_LOOPS: tl.constexpr = False, ARRIVE: tl.constexpr = False,
 ):
     """QSEP: a sorted region's quantized run is read by quant_decode._qrun_kernel, which
     writes partials beside ours (PSPLITS slots per row: NUM_SPLITS of ours, then its).
-    ONE_TILE: no request has more than BLOCK_Q queries (decode), program pid is request pid."""
+    ONE_TILE: no request has more than BLOCK_Q queries (decode), program pid is request pid.
+    ARRIVE (decode, launched as the CUDA twin's programmatic dependent, quant_decode.PDL):
+    the twin runs beside us; each program counts itself done in cnt_ptr[r * H_kv + h] and
+    the row's last (of PSPLITS) merges every partial. Program (0, 0, 0) leaves only after the
+    twin has finished, so that what follows in the stream sees both kernels done. (Only one:
+    a program waiting holds its SM room, and the forward's programs take turns in what the
+    twin leaves -- all of them waiting put most of them after the twin, 8.5 us later.)"""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -410,6 +423,9 @@ def _fwd_kernel(
     q_len = tl.load(qsl_ptr + r + 1) - q_start
     q_tile = 0 if ONE_TILE else pid - (q_start // BLOCK_Q + r)
     if q_tile * BLOCK_Q >= q_len:
+        if ARRIVE:
+            if (pid == 0) & (h == 0) & (split == 0):
+                gdc_wait()
         return
     seq_len = tl.load(seq_ptr + r)
     kept = tl.load(kept_ptr + r)
@@ -517,6 +533,44 @@ def _fwd_kernel(
         tl.store(pacc_ptr + prow[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
         tl.store(pml_ptr + prow * 2, m_i, mask=row_ok)
         tl.store(pml_ptr + prow * 2 + 1, l_i, mask=row_ok)
+        if ARRIVE:
+            # every thread's partial stored (barrier), then published with the count
+            # (release); the last program of the row reads the others' (acquire, from L2)
+            tl.debug_barrier()
+            c = cnt_ptr + r.to(tl.int64) * tl.num_programs(1) + h
+            if tl.atomic_add(c, 1, sem="acq_rel", scope="gpu") == PSPLITS - 1:
+                tl.store(c, 0)
+                p0 = ((q_start + tok).to(tl.int64) * H_Q + hq) * PSPLITS
+                o_row = (q_start + tok).to(tl.int64) * stride_ot + hq * stride_oh
+                _merge_rows(pacc_ptr, pml_ptr, out_ptr, lse_ptr, p0, o_row, (q_start + tok).to(tl.int64) * H_Q + hq,
+                            row_ok, offs_d, PSPLITS, D, WRITE_LSE)
+            if (pid == 0) & (h == 0) & (split == 0):
+                gdc_wait()
+
+
+@triton.jit
+def _merge_rows(pacc_ptr, pml_ptr, out_ptr, lse_ptr, p0, o_row, lse_row, row_ok, offs_d, PSPLITS: tl.constexpr,
+                D: tl.constexpr, WRITE_LSE: tl.constexpr):
+    """_reduce_kernel's merge for a tile of query rows (partials of row i at p0[i] + split),
+    read from L2: other programs wrote them."""
+    m_max = tl.full(p0.shape, float("-inf"), tl.float32)
+    for s in tl.static_range(PSPLITS):
+        m_max = tl.maximum(m_max, tl.load(pml_ptr + (p0 + s) * 2, mask=row_ok, other=float("-inf"),
+                                          cache_modifier=".cg"))
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    l_tot = tl.zeros(p0.shape, tl.float32)
+    acc = tl.zeros([p0.shape[0], D], tl.float32)
+    for s in tl.static_range(PSPLITS):
+        w = tl.exp2(tl.load(pml_ptr + (p0 + s) * 2, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                    - m_max)
+        l_tot += w * tl.load(pml_ptr + (p0 + s) * 2 + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * tl.load(pacc_ptr + (p0 + s)[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
+                                    other=0.0, cache_modifier=".cg")
+    l_safe = tl.where(l_tot == 0.0, 1.0, l_tot)
+    tl.store(out_ptr + o_row[:, None] + offs_d[None, :], (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+    if WRITE_LSE:
+        tl.store(lse_ptr + lse_row, m_max + tl.log2(l_safe), mask=row_ok)
 
 
 @triton.jit
@@ -993,20 +1047,28 @@ def paged_attention_batched(
         pacc = pml = out
     scale2 = float(scale) * LOG2E
     common = dict(common, H_Q=H_q)
+    # the CUDA twin on a Hopper: launched first, the forward beside it (quant_decode.PDL)
+    arrive = qsep and qkind == "cuda" and quant_decode.pdl(q)
+
+    def run_quant(nfwd):
+        return quant_decode.launch(
+            qkind, qsplits, q, kv_cache, kvb, tags, block_table, query_start_loc, kept, pacc, pml, scale2, G=G,
+            psplits=psplits, split0=num_splits, caps=caps, page_bits=tuple(page_bits),
+            has={8: common["HAS8"], 4: common["HAS4"], 2: common["HAS2"]}, F32=common["F32"], out=out, lse=lse,
+            write_lse=write_lse, nfwd=nfwd)
+
+    merged = arrive and run_quant(num_splits)
     _fwd_kernel[(n_qtiles, H_kv, num_splits)](
         q, kv_cache, kvb, kvh, tags, block_table, query_start_loc, seq_lens, kept, live_start,
-        out, lse, pacc, pml, scale2, B, block_table.shape[1],
-        q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
-        out.stride(0), out.stride(1),
+        out, lse, pacc, pml, quant_decode.counter(q.device, B * H_kv) if arrive else seq_lens, scale2, B,
+        block_table.shape[1], q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1),
+        block_table.stride(0), out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, WRITE_LSE=write_lse, num_warps=num_warps, num_stages=num_stages, QSTAGES=qstages,
-        PLANES=planes, QSEP=qsep, PSPLITS=psplits, ONE_TILE=one_tile, TWO_LOOPS=two_loops,
-        **({"maxnreg": maxnreg} if maxnreg and q.is_cuda else {}),
+        PLANES=planes, QSEP=qsep, PSPLITS=psplits, ONE_TILE=one_tile, TWO_LOOPS=two_loops, ARRIVE=arrive,
+        **({"maxnreg": maxnreg} if maxnreg and q.is_cuda else {}), **({"launch_pdl": True} if arrive else {}),
         **common)
-    merged = qsep and quant_decode.launch(
-        qkind, qsplits, q, kv_cache, kvb, tags, block_table, query_start_loc, kept, pacc, pml, scale2, G=G,
-        psplits=psplits, split0=num_splits, caps=caps, page_bits=tuple(page_bits),
-        has={8: common["HAS8"], 4: common["HAS4"], 2: common["HAS2"]}, F32=common["F32"], out=out, lse=lse,
-        write_lse=write_lse)
+    if qsep and not arrive:
+        merged = run_quant(0)
     if psplits > 1 and not merged:
         _reduce_kernel[(T, H_q)](pacc, pml, out, lse, out.stride(0), out.stride(1), H_Q=H_q, D=D,
                                  NUM_SPLITS=psplits, SPLITS_P2=_pow2(psplits), WRITE_LSE=write_lse)

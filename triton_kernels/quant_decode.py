@@ -406,6 +406,8 @@ CUDA = os.environ.get("VLLM_KVCOMP_QRUN_CUDA", "1") != "0"
 # per SM (3 stages: 9 programs an SM, two waves, slower).
 CUDA_STAGES = 2
 CUDA_MINB = 12       # __launch_bounds__'s minimum blocks per SM (caps the registers)
+CUDA_NIDS = 256      # block ids of a row's first entries kept in shared memory (loaded with the row's
+#                      metadata: no round trip to memory for them before the first page's copy)
 # Splits: enough programs that, each reading at its own pace, together they could draw
 # CUDA_BW_FRACTION of the memory's peak bandwidth -- not all the programs that fit: each
 # program pays a start (its region's scan, the query) and each split a partial to merge.
@@ -417,6 +419,11 @@ CUDA_MINB = 12       # __launch_bounds__'s minimum blocks per SM (caps the regis
 CUDA_PROGRAM_GBPS = {8: 7.3, 4: 5.75, 2: 3.9}
 CUDA_BW_FRACTION = 0.8
 CUDA_PER_SM = None   # sweeps: a fixed aim of programs per SM instead (0: as many as fit)
+# Programmatic dependent launch (sm_90+): the twin goes first and the forward (live blocks,
+# full pages: ~0.012 ms of 64 x 8192 int4 decode on an H200) runs beside its one wave
+# instead of before it; the last program of a row, the twin's or the forward's, merges.
+# VLLM_KVCOMP_QRUN_PDL=0: the forward first, then the twin (A/B runs; GPUs before Hopper).
+PDL = os.environ.get("VLLM_KVCOMP_QRUN_PDL", "1") != "0"
 CUDA_CARVEOUT = -1   # the kernel's preferred shared-memory carveout in percent; -1: the driver's choice
 _CU = Path(__file__).resolve().parent.parent / "csrc" / "quant_decode.cu"
 _log = logging.getLogger(__name__)
@@ -441,17 +448,35 @@ def _cuda_if(q: torch.Tensor, D: int, BS: int, G: int, page_bits: tuple[int, ...
 def _cuda_for(q: torch.Tensor, D: int, BS: int, page_bits: tuple[int, ...]):
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
     return _cuda_kernel(D, BS, q.element_size(), tuple(sorted(page_bits)), q.dtype == torch.bfloat16, dev, CUDA_STAGES,
-                        CUDA_MINB, CUDA_CARVEOUT)
+                        CUDA_MINB, CUDA_CARVEOUT, pdl(q))
 
 
-def cuda_source(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bool, stages: int, minb: int) -> str:
+def pdl(q: torch.Tensor) -> bool:
+    """Whether the twin runs first with the forward as its programmatic dependent: PDL on,
+    a Hopper or later GPU, and a Triton that launches with the attribute."""
+    return PDL and q.is_cuda and _pdl_device(q.device.index if q.device.index is not None
+                                               else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_device(device: int) -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra.cuda import gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0) and "launch_pdl" in CUDAOptions.__dataclass_fields__
+
+
+def cuda_source(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bool, stages: int, minb: int,
+                pdl: bool = False) -> str:
     """csrc/quant_decode.cu with this shape's #defines in front (what NVRTC compiles)."""
     from vllm_kvcomp.ops.quant import page_bytes, page_capacity
 
     caps = {b: page_capacity(b, BS, D, es) for b in (8, 4, 2)}
     defs = dict(D=D, BS=BS, P=page_bytes(BS, D, es), CAP8=caps[8], CAP4=caps[4], CAP2=caps[2],
                 HAS8=int(8 in page_bits), HAS4=int(4 in page_bits), HAS2=int(2 in page_bits), STAGES=stages,
-                QBF16=int(qbf16), MINB=minb)
+                QBF16=int(qbf16), MINB=minb, PDL=int(pdl), NIDS=CUDA_NIDS)
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + _CU.read_text()
 
 
@@ -462,20 +487,20 @@ NVRTC_OPTIONS = ("-std=c++17", "-default-device")
 
 @functools.lru_cache(maxsize=None)
 def _cuda_kernel(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bool, device: int, stages: int,
-                 minb: int, carveout: int = -1):
+                 minb: int, carveout: int = -1, pdl: bool = False):
     """The launcher of this shape's kernel, or None (logged once) where it cannot be built."""
     from vllm_kvcomp.ops.quant import page_capacity
 
     if torch.cuda.get_device_capability(device) < (8, 0) or any(page_capacity(b, BS, D, es) > 128
                                                                  for b in page_bits):
         return None
-    src = cuda_source(D, BS, es, page_bits, qbf16, stages, minb)
+    src = cuda_source(D, BS, es, page_bits, qbf16, stages, minb, pdl)
     P = BS * 2 * D * es
     cc = "".join(map(str, torch.cuda.get_device_capability(device)))
     try:
         with torch.cuda.device(device):
             kernel = torch.cuda._compile_kernel(src, "qrun", compute_capability=cc, nvcc_options=list(NVRTC_OPTIONS))
-            smem = stages * P
+            smem = stages * P + 4 * CUDA_NIDS
             if smem >= 48 * 1024:
                 kernel.set_shared_memory_config(smem)
         launcher = _Launcher(kernel.func, smem, carveout)
@@ -489,10 +514,10 @@ def _cuda_kernel(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bo
 class _Launcher:
     """cuLaunchKernel with the argument block built once: torch's NVRTC wrapper rebuilds it
     through ctypes on every call (~0.2 ms of host time per launch seen on the H200, longer
-    than the kernel); here a call sets 25 values in place."""
+    than the kernel); here a call sets 27 values in place."""
 
-    # q, kvb, tags, block_table, query_start_loc, kept, pacc, pml, counters, out, lse | scale2 | 14 ints
-    TYPES = [ctypes.c_void_p] * 11 + [ctypes.c_double] + [ctypes.c_int] * 14
+    # q, kvb, tags, block_table, query_start_loc, kept, pacc, pml, counters, out, lse | scale2 | 15 ints
+    TYPES = [ctypes.c_void_p] * 11 + [ctypes.c_double] + [ctypes.c_int] * 15
 
     def __init__(self, func, smem: int, carveout: int = -1):
         self.func, self.smem = func, smem
@@ -554,7 +579,7 @@ def plan(q: torch.Tensor, *, D: int, BS: int, G: int, rows: int, longest: int, c
 _counters: dict[int, list[torch.Tensor]] = {}
 
 
-def _counter(device: torch.device, n: int) -> torch.Tensor:
+def counter(device: torch.device, n: int) -> torch.Tensor:
     """Zeroed int32 counters per (row, KV head), kept per device; the kernel leaves them zero.
     A larger batch gets a larger buffer; the smaller ones stay alive, since CUDA graphs
     captured with them keep their addresses."""
@@ -566,18 +591,20 @@ def _counter(device: torch.device, n: int) -> torch.Tensor:
 
 def launch(kind: str, qsplits: int, q, kv_cache, kvb, tags, block_table, query_start_loc, kept, pacc, pml,
            scale2: float, *, G: int, psplits: int, split0: int, caps: dict[int, int], page_bits: tuple[int, ...],
-           has: dict[int, bool], F32: bool, out: torch.Tensor, lse: torch.Tensor, write_lse: bool) -> bool:
+           has: dict[int, bool], F32: bool, out: torch.Tensor, lse: torch.Tensor, write_lse: bool,
+           nfwd: int = 0) -> bool:
     """Partials [split0, split0 + qsplits) of every decode row from the run's own launch.
-    Returns whether the output (and LSE) is already merged: the CUDA twin's last program of
-    each row reduces all partials, so paged_attention's _reduce_kernel is not needed."""
+    Returns whether the output (and LSE) is merged without paged_attention's _reduce_kernel:
+    the last program of each row reduces all partials -- the CUDA twin's, or with nfwd > 0
+    (the forward launched next as its dependent, nfwd programs a row) maybe the forward's."""
     B = query_start_loc.shape[0] - 1
     H_kv, BS, D = kv_cache.shape[1], kv_cache.shape[2], q.shape[2]
     strides = (q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0))
     if kind == "cuda":
         _cuda_for(q, D, BS, page_bits)((B, H_kv, qsplits), [
-            q, kvb, tags, block_table, query_start_loc, kept, pacc, pml, _counter(q.device, B * H_kv), out, lse,
+            q, kvb, tags, block_table, query_start_loc, kept, pacc, pml, counter(q.device, B * H_kv), out, lse,
             float(scale2), block_table.shape[1], *strides, H_kv * G, G, psplits, split0, qsplits, out.stride(0),
-            out.stride(1), int(write_lse)])
+            out.stride(1), int(write_lse), nfwd])
         return True
     p2 = triton.next_power_of_2
     _qrun_kernel[(B, H_kv, qsplits)](

@@ -269,6 +269,14 @@ def test_decode_quantized_runs_own_launch(splits, pages_per_step, monkeypatch):
     _check_batch(b, splits=splits, stats=False)
     # on a GPU the CUDA twin (csrc/quant_decode.cu) reads them; here the Triton kernel
     assert spy.kinds == ["cuda" if CUDA else "triton"]
+    if CUDA:
+        # on a Hopper the twin went first and the forward ran beside it, the last program of
+        # each row merging (whichever kernel it belongs to); the other order too
+        assert quant_decode.pdl(b.q) == (torch.cuda.get_device_capability() >= (9, 0))
+        monkeypatch.setattr(quant_decode, "PDL", not quant_decode.PDL)
+        _check_batch(b, splits=splits, stats=False)
+        monkeypatch.setattr(quant_decode, "PDL", not quant_decode.PDL)
+        spy.kinds.pop()
     _check_batch(b, splits=splits, stats=False, config={"QRUN": False})
     assert spy.launches == 1  # the fused kernel alone read the runs
     # statistics over quantized pages recompute the forward's scores: the runs stay there
@@ -335,11 +343,12 @@ def _nvrtc():
 
 
 @pytest.mark.skipif(_nvrtc() is None, reason="no libnvrtc here (pip install nvidia-cuda-nvrtc)")
-@pytest.mark.parametrize("D,page_bits", [(128, (2, 4, 8)), (64, (4,))])
-def test_cuda_twin_compiles_under_nvrtc_as_at_run_time(monkeypatch, D, page_bits):
+@pytest.mark.parametrize("D,page_bits,pdl", [(128, (2, 4, 8), False), (64, (4,), False), (128, (4,), True)])
+def test_cuda_twin_compiles_under_nvrtc_as_at_run_time(monkeypatch, D, page_bits, pdl):
     """The twin through torch's own NVRTC path with the options _cuda_kernel passes: NVRTC
     is stricter than nvcc (its JIT mode rejects an unannotated lambda as host code, which
-    once made every GPU fall back to the Triton kernel while the nvcc test passed)."""
+    once made every GPU fall back to the Triton kernel while the nvcc test passed). pdl:
+    as built for a Hopper, letting the forward launch as its dependent."""
     import torch.cuda._utils as cu_utils
     import torch.utils.cpp_extension as cpp_ext
 
@@ -348,7 +357,8 @@ def test_cuda_twin_compiles_under_nvrtc_as_at_run_time(monkeypatch, D, page_bits
     lib = _nvrtc()
     monkeypatch.setattr(cu_utils, "_get_gpu_rtc_library", lambda: lib)
     monkeypatch.setattr(cpp_ext, "include_paths", lambda *a, **k: [])  # the .cu includes no headers
-    src = qd.cuda_source(D, 16, 2, page_bits, True, qd.CUDA_STAGES, qd.CUDA_MINB)
+    src = qd.cuda_source(D, 16, 2, page_bits, True, qd.CUDA_STAGES, qd.CUDA_MINB, pdl)
+    assert ("#define PDL 1" in src) == pdl
     cubin, name = cu_utils._nvrtc_compile(src, "qrun", "90", nvcc_options=list(qd.NVRTC_OPTIONS))
     assert name == "qrun" and cubin[:4] == b"\x7fELF"
 
