@@ -36,8 +36,9 @@ Under the interpreter (F32) codes are unpacked with plain shifts and masks in fp
 
 On GPUs the run is read by this kernel's CUDA twin instead (csrc/quant_decode.cu, bottom of
 this file: launcher, NVRTC build, fallback here): same partials, ~950 instead of ~1,750
-instructions per int4 page, and its last program per row merges the partials itself.
-int4 decode 3.0x of bf16 pages on an H100 (2.2x here), 2.6-2.7x on an H200 (1.5x here; docs/kernels.md).
+instructions per int4 page, and its last program per row merges the partials itself. On a
+Hopper it is launched first and the forward beside it (PDL, below). int4 decode 3.0x of
+bf16 pages on an H100 (2.2x here), 2.76x on an H200 (1.5x here; docs/kernels.md).
 """
 from __future__ import annotations
 
