@@ -42,15 +42,17 @@ import torch
 import triton
 import triton.language as tl
 
+LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
 try:
+    if _INTERPRET:  # programs run one after another there: nothing to wait for
+        raise ImportError
     from triton.language.extra.cuda import gdc_wait
-except ImportError:  # a Triton without grid dependency control: quant_decode.pdl() is False then
+except ImportError:  # (or a Triton without grid dependency control: quant_decode.pdl() is False then)
     @triton.jit
     def gdc_wait():
         pass
-
-LOG2E = 1.4426950408889634
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -867,3 +867,35 @@ def test_fold_kernels_do_not_compile_per_row_count():
     assert constexprs(compaction._fold_swap_kernel) == {"H", "E", "DD", "CH"}
     assert constexprs(compaction._fold_evict_kernel) == {"H", "E", "NP", "DD", "CH", "BY_MASS"}
     assert constexprs(compaction._place_kernel) == {"H", "B", "DD", "DP", "HAS_POS"}
+
+
+@pytest.mark.parametrize("splits", [None, 3])
+def test_forward_arriving_last_merges_the_runs_partials(splits, monkeypatch):
+    """On a Hopper the CUDA twin runs first and the forward beside it (quant_decode.PDL):
+    every program of a row counts itself, and the last -- of either kernel -- merges all
+    partials. On the GPU the twin, which reads the long run, is nearly always last; here
+    the forward is made last: the run's partials come from the Triton kernel, with each
+    row's count already at the run's splits, so the forward's own merge (_merge_rows)
+    writes every output, which must match the reference, and leaves the counts at zero."""
+    from vllm_kvcomp.triton_kernels import quant_decode
+
+    monkeypatch.setattr(quant_decode, "ENABLED", True)
+    monkeypatch.setattr(quant_decode, "pdl", lambda q: True)
+    plan, launch = quant_decode.plan, quant_decode.launch
+    monkeypatch.setattr(quant_decode, "plan", lambda q, **kw: ("cuda", plan(q, **kw)[1]))
+    seen = []
+
+    def twin(kind, qsplits, q, kv_cache, *a, nfwd, **kw):
+        assert kind == "cuda" and nfwd >= 1
+        launch("triton", qsplits, q, kv_cache, *a, **kw)  # partials only: no merge there
+        n = (a[3].shape[0] - 1) * kv_cache.shape[1]      # rows x KV heads (a[3]: query_start_loc)
+        cnt = quant_decode.counter(q.device, n)
+        cnt[:n] = qsplits  # as if every program of the twin had counted itself
+        seen.append((cnt, n))
+        return True
+
+    monkeypatch.setattr(quant_decode, "launch", twin)
+    b = _decode_runs_batch(64, 2, 4, 16, seed=3)
+    _check_batch(b, splits=splits, stats=False)
+    (cnt, n), = seen
+    assert int(cnt[:n].abs().sum()) == 0
