@@ -42,11 +42,8 @@ def ms(fn, rep=200) -> float:
     return do_bench(fn, warmup=50, rep=rep, return_mode="median")
 
 
-def ms_graph(fn, rep=200) -> float | None:
-    """fn replayed from a CUDA graph, as vLLM runs decode: no host time between its kernels
-    (eager timings of a ~0.2 ms call include the launcher's Python). None in smoke mode."""
-    if SMOKE:
-        return None
+def capture(fn) -> torch.cuda.CUDAGraph:
+    """fn captured in a CUDA graph (warmed up first, once on a side stream, as torch asks)."""
     fn()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -56,7 +53,15 @@ def ms_graph(fn, rep=200) -> float | None:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    return do_bench(g.replay, warmup=50, rep=rep, return_mode="median")
+    return g
+
+
+def ms_graph(fn, rep=200) -> float | None:
+    """fn replayed from a CUDA graph, as vLLM runs decode: no host time between its kernels
+    (eager timings of a ~0.2 ms call include the launcher's Python). None in smoke mode."""
+    if SMOKE:
+        return None
+    return do_bench(capture(fn).replay, warmup=50, rep=rep, return_mode="median")
 
 
 def gpu_ms(fn, n=20) -> float:

@@ -22,7 +22,7 @@ def main():
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     sys.path.insert(0, "benchmarks")
-    from bench_kernels import Decode  # noqa: E402
+    from bench_kernels import Decode, capture  # noqa: E402
     from probe_packed import randomize_scales  # noqa: E402
     from torch.profiler import ProfilerActivity, profile
     from triton.testing import do_bench
@@ -34,16 +34,7 @@ def main():
     res = {}
     for pdl in (True, False):
         qd.PDL = pdl
-        run = lambda: c.run(page_bits=(args.bits,))  # noqa: E731
-        run()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            run()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            run()
+        g = capture(lambda: c.run(page_bits=(args.bits,)))
         ms = do_bench(g.replay, warmup=50, rep=200, return_mode="median")
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
