@@ -15,7 +15,7 @@
 //
 // Built at first use by NVRTC (torch.cuda._compile_kernel, no headers); the launcher
 // (quant_decode._cuda_kernel) prepends the shape: D, BS, P (page bytes), CAP8/CAP4/CAP2,
-// HAS8/HAS4/HAS2, STAGES, QBF16, MINB, PDL, NIDS (block ids of a row's first entries kept in
+// HAS8/HAS4/HAS2, STAGES, QBF16, MINB, PDL, CHAINS, NIDS (block ids of a row's first entries kept in
 // shared memory after the ring of pages: STAGES * P + 4 NIDS bytes in all).
 //
 // PDL (sm_90+): this kernel is launched first and lets the next one in the stream -- the
@@ -218,11 +218,25 @@ struct Run {
 #pragma unroll
         for (int i = 0; i < F::NR; ++i) qk[i] = hmul2(qp[i], ks[i]);
         float c[4] = {0.f, 0.f, 0.f, 0.f};
+#if CHAINS
+        // (A/B, quant_decode.CUDA_CHAINS) two chains of NR / 2 dots instead of one of NR, and
+        // the score steps below start from zero and add c at the end: the page's dots are
+        // not all queued behind c
+        float c2[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int kt = 0; kt < F::NR / 2; ++kt) {
+            mma(c, kz[2 * kt], kz[2 * kt], kz[2 * kt + 1], kz[2 * kt + 1], qs[2 * kt], qs[2 * kt + 1], c);
+            mma(c2, HM1024, HM1024, HM1024, HM1024, qk[2 * kt], qk[2 * kt + 1], c2);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c[e] += c2[e];
+#else
 #pragma unroll
         for (int kt = 0; kt < F::NR / 2; ++kt) {
             mma(c, kz[2 * kt], kz[2 * kt], kz[2 * kt + 1], kz[2 * kt + 1], qs[2 * kt], qs[2 * kt + 1], c);
             mma(c, HM1024, HM1024, HM1024, HM1024, qk[2 * kt], qk[2 * kt + 1], c);
         }
+#endif
         // scores: lane (g, t) brings tokens g and g + 8 of each 16-token step, key bytes [t RB, (t+1) RB)
         float s[F::NSTEP][4];
 #pragma unroll
@@ -233,7 +247,11 @@ struct Run {
                 lds<F::KB>(pg, ko[0][ch] + st * F::STEP, k0 + F::KB / 4 * ch);
                 lds<F::KB>(pg, ko[1][ch] + st * F::STEP, k1 + F::KB / 4 * ch);
             }
+#if CHAINS
+            float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#else
             float acc[4] = {c[0], c[1], c[2], c[3]};
+#endif
 #pragma unroll
             for (int w = 0; w < F::RB / 4; ++w) {
                 u32 x0 = __byte_perm(k0[w], 0x64646464u, 0x4140);  // bytes 0, 1 under 0x64: 1024 + byte
@@ -248,7 +266,7 @@ struct Run {
                 }
             }
 #pragma unroll
-            for (int e = 0; e < 4; ++e) s[st][e] = acc[e];
+            for (int e = 0; e < 4; ++e) s[st][e] = CHAINS ? acc[e] + c[e] : acc[e];
         }
         // online softmax over the page; a query row's tokens are spread over the lanes g
         const int lim = FULL ? F::CAP : ntok;

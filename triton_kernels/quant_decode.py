@@ -426,6 +426,12 @@ CUDA_PER_SM = None   # sweeps: a fixed aim of programs per SM instead (0: as man
 # VLLM_KVCOMP_QRUN_PDL=0: the forward first, then the twin (A/B runs; GPUs before Hopper).
 PDL = os.environ.get("VLLM_KVCOMP_QRUN_PDL", "1") != "0"
 CUDA_CARVEOUT = -1   # the kernel's preferred shared-memory carveout in percent; -1: the driver's choice
+# A/B knob, not measured on a GPU yet (quant_decode_cuda.py --sweep's 5th field): 1 = a page's
+# score dots start from zero and its common part c comes from two chains of dots, not one
+# (the twin is bound by each warp's chain of dependent instructions: docs/kernels.md,
+# "Where the twin's time goes"); 0 = as measured. One format compiled in (the backend's
+# call) keeps 168 registers without spills; all three formats spill 48 bytes with it.
+CUDA_CHAINS = 0
 _CU = Path(__file__).resolve().parent.parent / "csrc" / "quant_decode.cu"
 _log = logging.getLogger(__name__)
 
@@ -449,7 +455,7 @@ def _cuda_if(q: torch.Tensor, D: int, BS: int, G: int, page_bits: tuple[int, ...
 def _cuda_for(q: torch.Tensor, D: int, BS: int, page_bits: tuple[int, ...]):
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
     return _cuda_kernel(D, BS, q.element_size(), tuple(sorted(page_bits)), q.dtype == torch.bfloat16, dev, CUDA_STAGES,
-                        CUDA_MINB, CUDA_CARVEOUT, pdl(q))
+                        CUDA_MINB, CUDA_CARVEOUT, pdl(q), CUDA_CHAINS)
 
 
 def pdl(q: torch.Tensor) -> bool:
@@ -470,14 +476,14 @@ def _pdl_device(device: int) -> bool:
 
 
 def cuda_source(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bool, stages: int, minb: int,
-                pdl: bool = False) -> str:
+                pdl: bool = False, chains: int = 0) -> str:
     """csrc/quant_decode.cu with this shape's #defines in front (what NVRTC compiles)."""
     from vllm_kvcomp.ops.quant import page_bytes, page_capacity
 
     caps = {b: page_capacity(b, BS, D, es) for b in (8, 4, 2)}
     defs = dict(D=D, BS=BS, P=page_bytes(BS, D, es), CAP8=caps[8], CAP4=caps[4], CAP2=caps[2],
                 HAS8=int(8 in page_bits), HAS4=int(4 in page_bits), HAS2=int(2 in page_bits), STAGES=stages,
-                QBF16=int(qbf16), MINB=minb, PDL=int(pdl), NIDS=CUDA_NIDS)
+                QBF16=int(qbf16), MINB=minb, PDL=int(pdl), CHAINS=int(chains), NIDS=CUDA_NIDS)
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + _CU.read_text()
 
 
@@ -488,14 +494,14 @@ NVRTC_OPTIONS = ("-std=c++17", "-default-device")
 
 @functools.lru_cache(maxsize=None)
 def _cuda_kernel(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bool, device: int, stages: int,
-                 minb: int, carveout: int = -1, pdl: bool = False):
+                 minb: int, carveout: int = -1, pdl: bool = False, chains: int = 0):
     """The launcher of this shape's kernel, or None (logged once) where it cannot be built."""
     from vllm_kvcomp.ops.quant import page_capacity
 
     if torch.cuda.get_device_capability(device) < (8, 0) or any(page_capacity(b, BS, D, es) > 128
                                                                  for b in page_bits):
         return None
-    src = cuda_source(D, BS, es, page_bits, qbf16, stages, minb, pdl)
+    src = cuda_source(D, BS, es, page_bits, qbf16, stages, minb, pdl, chains)
     P = BS * 2 * D * es
     cc = "".join(map(str, torch.cuda.get_device_capability(device)))
     try:

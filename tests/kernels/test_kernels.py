@@ -289,20 +289,21 @@ _NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) i
 
 @pytest.mark.skipif(_NVCC is None, reason="no nvcc here: on GPU machines NVRTC builds the CUDA twin at first use, "
                                           "and the decode tests above run it")
-@pytest.mark.parametrize("D,page_bits", [(128, (4,)), (128, (2,)), (128, (8,)), (128, (2, 4, 8)), (64, (2, 4, 8))])
-def test_cuda_twin_compiles_for_hopper_without_spills(D, page_bits):
+@pytest.mark.parametrize("D,page_bits,chains", [(128, (4,), 0), (128, (2,), 0), (128, (8,), 0), (128, (2, 4, 8), 0),
+                                               (64, (2, 4, 8), 0), (128, (4,), 1), (128, (2,), 1)])
+def test_cuda_twin_compiles_for_hopper_without_spills(D, page_bits, chains):
     """csrc/quant_decode.cu, with the #defines the launcher gives it, compiles for an
     H100/H200 (sm_90) for each format and head dim it is sent, within the register cap of
     __launch_bounds__ and without spilling (a spill would cost every page). Checks the
     source where there is no GPU; its results are checked against the reference by the
-    decode tests above on a GPU."""
+    decode tests above on a GPU (chains: the CUDA_CHAINS variant, test_cuda_twin_chains_variant)."""
     import re
     import subprocess
     import tempfile
 
     from vllm_kvcomp.triton_kernels import quant_decode as qd
 
-    src = qd.cuda_source(D, 16, 2, page_bits, True, qd.CUDA_STAGES, qd.CUDA_MINB)
+    src = qd.cuda_source(D, 16, 2, page_bits, True, qd.CUDA_STAGES, qd.CUDA_MINB, chains=chains)
     with tempfile.TemporaryDirectory() as tmp:
         cu = os.path.join(tmp, "k.cu")
         with open(cu, "w") as f:
@@ -361,6 +362,21 @@ def test_cuda_twin_compiles_under_nvrtc_as_at_run_time(monkeypatch, D, page_bits
     assert ("#define PDL 1" in src) == pdl
     cubin, name = cu_utils._nvrtc_compile(src, "qrun", "90", nvcc_options=list(qd.NVRTC_OPTIONS))
     assert name == "qrun" and cubin[:4] == b"\x7fELF"
+
+
+@pytest.mark.skipif(not CUDA, reason="the CUDA twin runs on a GPU only; on the CPU the run's semantics are "
+                                      "test_decode_quantized_runs_own_launch's, through the Triton kernel")
+def test_cuda_twin_chains_variant(monkeypatch):
+    """The twin's A/B variant CUDA_CHAINS = 1 (a page's score dots start from zero, its
+    common part from two chains of dots) reads every row as the reference does."""
+    from vllm_kvcomp.triton_kernels import quant_decode
+
+    spy = _Spy(monkeypatch, quant_decode)
+    monkeypatch.setattr(quant_decode, "ENABLED", True)
+    monkeypatch.setattr(quant_decode, "CUDA_CHAINS", 1)
+    b = _decode_runs_batch(64, 2, 4, 16, seed=5, scale_runs=3)
+    _check_batch(b, stats=False)
+    assert spy.kinds == ["cuda"]
 
 
 def test_decode_quantized_runs_with_the_backends_statistics(monkeypatch):
