@@ -64,20 +64,32 @@ def ms_graph(fn, rep=200) -> float | None:
     return do_bench(capture(fn).replay, warmup=50, rep=rep, return_mode="median")
 
 
+def kernel_ms(fn, n=20) -> dict[str, float]:
+    """Mean device time per call of each kernel (and copy, fill) of fn, in ms, from the
+    profiler: sync-free, no host time. Keys: the first 40 characters of the names."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", 0) or getattr(ev, "self_cuda_time_total", 0)
+        if t > 0:
+            out[ev.key[:40]] = out.get(ev.key[:40], 0.0) + t / n / 1000.0
+    return out
+
+
 def gpu_ms(fn, n=20) -> float:
     """Device time of fn (kernels, copies, fills summed; no host time), mean of n calls,
     from the profiler. NaN in smoke mode."""
     if SMOKE:
         return math.nan
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
     try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(n):
-                fn()
-            torch.cuda.synchronize()
-        return sum(e.self_device_time_total for e in prof.key_averages()) / n / 1e3
+        return sum(kernel_ms(fn, n).values())
     except Exception as e:  # noqa: BLE001 - no CUPTI: report the wall time alone
         print("gpu_ms failed:", type(e).__name__, str(e)[:200], flush=True)
         return math.nan

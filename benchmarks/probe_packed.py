@@ -415,28 +415,11 @@ class _Grab:
         return go
 
 
-def _kernel_times(fn, n=20):
-    """Median-free but sync-free: mean device time per call of each kernel, by torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-    out = {}
-    for ev in prof.key_averages():
-        t = getattr(ev, "self_device_time_total", 0) or getattr(ev, "self_cuda_time_total", 0)
-        if t > 0:
-            out[ev.key[:40]] = t / n / 1000.0  # ms per call
-    return out
-
-
 def production(res, Decode, do_bench, tilings, qsplits):
     """The shipped launch (quant_decode beside the fused forward) at 64 x 8192 tokens, per
     tiling (PB, warps, stages, MIN_M), against bf16 pages and against the fused
     forward alone (QRUN off); per-kernel device times of each through torch.profiler."""
+    from bench_kernels import kernel_ms  # noqa: E402
     from int4_variants import reference_planes  # noqa: E402
 
     from vllm_kvcomp.triton_kernels import quant_decode as qd
@@ -467,7 +450,7 @@ def production(res, Decode, do_bench, tilings, qsplits):
                 torch.cuda.synchronize()
                 err = ((c.out[:2].float() - ref).norm() / ref.norm()).item()
                 t = do_bench(lambda: c.run(page_bits=(bits,)), warmup=30, rep=150, return_mode="median")
-                kt = _kernel_times(lambda: c.run(page_bits=(bits,)))
+                kt = kernel_ms(lambda: c.run(page_bits=(bits,)))
             except Exception as ex:  # noqa: BLE001
                 print(name, "FAILED", type(ex).__name__, str(ex)[-800:], flush=True)
                 continue

@@ -28,10 +28,9 @@ def main():
     ap.add_argument("--ctx", type=int, default=8192)
     args = ap.parse_args()
     sys.path.insert(0, "benchmarks")
-    from bench_kernels import Decode  # noqa: E402
+    from bench_kernels import Decode, kernel_ms, ms_graph  # noqa: E402
     from int4_variants import reference_planes  # noqa: E402
-    from bench_kernels import ms_graph  # noqa: E402
-    from probe_packed import _kernel_times, randomize_scales  # noqa: E402
+    from probe_packed import randomize_scales  # noqa: E402
     from triton.testing import do_bench
 
     from vllm_kvcomp.ops import quant
@@ -71,7 +70,7 @@ def main():
             nan = bool(c.out.isnan().any())
             t = bench(run)
             tg = ms_graph(run)
-            kt = _kernel_times(run)
+            kt = kernel_ms(run)
             res[f"int{bits} {kind}"] = dict(ms=t, vs_bf16=t_bf16 / t, graph_ms=tg, graph_vs_bf16=g_bf16 / tg, err=err,
                                             nan=nan, ran=chosen, kernels=kt)
             print(f"int{bits} {kind:6s} (ran {chosen}) {t:.4f} ms  {t_bf16 / t:.2f}x of bf16; graph {tg:.4f} ms "
@@ -92,7 +91,7 @@ def main():
                 err = ((c.out[:2].float() - ref).norm() / ref.norm()).item()
                 t = bench(run)
                 tg = ms_graph(run)
-                kt = _kernel_times(run)
+                kt = kernel_ms(run)
             except Exception as ex:  # noqa: BLE001
                 print(f"{name} FAILED {type(ex).__name__}: {str(ex)[:400]}")
                 continue
