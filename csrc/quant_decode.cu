@@ -15,8 +15,9 @@
 //
 // Built at first use by NVRTC (torch.cuda._compile_kernel, no headers); the launcher
 // (quant_decode._cuda_kernel) prepends the shape: D, BS, P (page bytes), CAP8/CAP4/CAP2,
-// HAS8/HAS4/HAS2, STAGES, QBF16, MINB, PDL, CHAINS, NIDS (block ids of a row's first entries kept in
-// shared memory after the ring of pages: STAGES * P + 4 NIDS bytes in all).
+// HAS8/HAS4/HAS2, STAGES, QBF16, MINB, PDL, CHAINS and PIPE (A/B variants), NIDS (block ids of a
+// row's first entries kept in shared memory after the ring of pages: STAGES * P + 4 NIDS bytes
+// in all), TIMELINE (probe builds only).
 //
 // PDL (sm_90+): this kernel is launched first and lets the next one in the stream -- the
 // forward, launched as its programmatic dependent -- start at once, so the forward's short
@@ -39,6 +40,13 @@
 //          per token), added at the end with each plane's 2^-(bits p). The offset comes
 //          off per page: kept in the accumulator across pages it costs accuracy (the
 //          Triton kernel measured twice the error).
+
+#ifndef PIPE
+#define PIPE 0
+#endif
+#ifndef TIMELINE
+#define TIMELINE 0
+#endif
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -109,6 +117,28 @@ __device__ __forceinline__ void cp16(u32 dst, const void* src) {
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+#if TIMELINE
+// (probe only: benchmarks/probe_timeline.py builds it with TIMELINE = the programs it holds)
+// per program: %globaltimer (ns) at its start [0], after the scan [1], when its first page
+// has landed [2], after its last page [3], after its partial [4], at its end [5]; its SM
+// [6]; its pages [7]; clock64 at [2] and [3] ([8], [9]).
+__device__ unsigned long long kvc_tl[TIMELINE][10];
+__device__ __forceinline__ void tl_set(int k, unsigned long long v) {
+    const int pid = (blockIdx.x * gridDim.y + blockIdx.y) * gridDim.z + blockIdx.z;
+    if (threadIdx.x == 0 && pid < TIMELINE) kvc_tl[pid][k] = v;
+}
+__device__ __forceinline__ void tl_mark(int k) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+    tl_set(k, t);
+}
+#define TL(k) tl_mark(k)
+#define TL_SET(k, v) tl_set(k, v)
+#else
+#define TL(k)
+#define TL_SET(k, v)
+#endif
 
 __device__ __forceinline__ int cap_of(int tag) {
     return tag == 8 ? CAP8 : tag == 4 ? CAP4 : tag == 2 ? CAP2 : BS;
@@ -192,9 +222,8 @@ struct Run {
     u32 ko[2][F::KC];        // shared offsets of this lane's key bytes of tokens g, g + 8 in step 0
     u32 vo[4];               // ... of its value bytes of tokens 2t, 2t+1, 2t+8, 2t+9
 
-    // One page in shared memory, ntok tokens (FULL: all CAP).
-    template <bool FULL>
-    __device__ __forceinline__ void page(const u8* pg, int ntok, int g, int t) {
+    // A page's scores, before the mask: s[st][e] is token 16 st + g + 8 (e >> 1), query row 2t + (e & 1).
+    __device__ __forceinline__ void keys(const u8* pg, int t, float (&s)[F::NSTEP][4]) {
         // keys' per-channel scales into q (q'), and the score's part common to every token:
         // c = q . KZ - 1024 sum(q'), by mma so that it cancels the codes' offset exactly as rounded
         u32 ks[F::NR], kz[F::NR], qk[F::NR];
@@ -238,7 +267,6 @@ struct Run {
         }
 #endif
         // scores: lane (g, t) brings tokens g and g + 8 of each 16-token step, key bytes [t RB, (t+1) RB)
-        float s[F::NSTEP][4];
 #pragma unroll
         for (int st = 0; st < F::NSTEP; ++st) {
             u32 k0[F::RB / 4], k1[F::RB / 4];
@@ -268,6 +296,11 @@ struct Run {
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[st][e] = CHAINS ? acc[e] + c[e] : acc[e];
         }
+    }
+
+    // The page's softmax and value dots, given its scores; ntok tokens (FULL: all CAP).
+    template <bool FULL>
+    __device__ __forceinline__ void values(const u8* pg, float (&s)[F::NSTEP][4], int ntok, int g) {
         // online softmax over the page; a query row's tokens are spread over the lanes g
         const int lim = FULL ? F::CAP : ntok;
         float mx[2] = {NEG_INF, NEG_INF};
@@ -426,19 +459,67 @@ struct Run {
 #pragma unroll
         for (int s = 0; s < STAGES - 1; ++s) issue(j_lo + s, s);
         u32 cur = 0;  // the ring slot of page j
+#if PIPE
+        // (A/B, quant_decode.CUDA_PIPE) the next page's key dots in the same step as this
+        // page's softmax and value dots: independent work for the warp to interleave (its
+        // time goes to chains of dependent instructions: docs/kernels.md). The slots hold
+        // this page, the next, and STAGES - 2 in flight.
+        static_assert(STAGES >= 3, "PIPE reads two pages while a third is in flight");
+        float s[F::NSTEP][4];
+        cp_wait<STAGES - 2>();
+        __syncwarp();
+        TL(2);
+        TL_SET(8, clock64());
+        keys(smem, t, s);
+        for (int j = j_lo; j < j_hi; ++j) {
+            issue(j + STAGES - 1, cur == 0 ? STAGES - 1 : cur - 1);  // into the slot page j - 1 left
+            cp_wait<STAGES - 2>();  // page j + 1 has landed (this lane's chunks) ...
+            __syncwarp();           // ... and every lane's
+            const u8* pg = smem + cur * P;
+            const u8* next = smem + (cur == STAGES - 1 ? 0 : cur + 1) * P;
+            const int ntok = min(F::CAP, n_tok - (j - jbase) * F::CAP);
+            // past the run, the next slot holds an old page: its scores are never used
+            float sn[F::NSTEP][4];
+            if (ntok >= F::CAP) {
+                keys(next, t, sn);
+                values<true>(pg, s, ntok, g);
+            } else {
+                keys(next, t, sn);
+                values<false>(pg, s, ntok, g);
+            }
+#pragma unroll
+            for (int st = 0; st < F::NSTEP; ++st)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[st][e] = sn[st][e];
+            __syncwarp();           // every lane is done with the slot before it is refilled
+            cur = cur == STAGES - 1 ? 0 : cur + 1;
+        }
+#else
         for (int j = j_lo; j < j_hi; ++j) {
             issue(j + STAGES - 1, cur == 0 ? STAGES - 1 : cur - 1);  // into the slot page j - 1 left
             cp_wait<STAGES - 1>();  // page j has landed (this lane's chunks) ...
             __syncwarp();           // ... and every lane's
             const u8* pg = smem + cur * P;
             const int ntok = min(F::CAP, n_tok - (j - jbase) * F::CAP);
-            if (ntok >= F::CAP)
-                page<true>(pg, ntok, g, t);
-            else
-                page<false>(pg, ntok, g, t);
+            if (TIMELINE && j == j_lo) {
+                TL(2);
+                TL_SET(8, clock64());
+            }
+            float s[F::NSTEP][4];
+            if (ntok >= F::CAP) {
+                keys(pg, t, s);
+                values<true>(pg, s, ntok, g);
+            } else {
+                keys(pg, t, s);
+                values<false>(pg, s, ntok, g);
+            }
             __syncwarp();           // every lane is done with the slot before it is refilled
             cur = cur == STAGES - 1 ? 0 : cur + 1;
         }
+#endif
+        TL(3);
+        TL_SET(9, clock64());
+        TL_SET(7, j_hi - j_lo);
         cp_wait<0>();
     }
 
@@ -635,6 +716,7 @@ qrun(const u16* q, const u8* kvb, const signed char* tags, const int* bt, const 
     // the forward may start once every program of ours has started (one wave: all resident)
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
+    TL(0);
     const int r = blockIdx.x, h = blockIdx.y, qsplit = blockIdx.z, lane = threadIdx.x;
     const int* bt_row = bt + (i64)r * stride_bt;
     // the row's metadata and its first NIDS block ids in one round trip to memory (the ids
@@ -653,6 +735,12 @@ qrun(const u16* q, const u8* kvb, const signed char* tags, const int* bt, const 
     bool ok;
     scan(bt_row, tags, kept, max_blocks, bid0, nc, nf, qbits, ok);
     __syncwarp();  // ids_s written by every lane
+    TL(1);
+#if TIMELINE
+    unsigned smid;
+    asm("mov.u32 %0, %%smid;\n" : "=r"(smid));
+    TL_SET(6, smid);
+#endif
     const i64 q_row = (i64)q_start * stride_qt + (i64)h * G * stride_qh;
     const i64 prow0 = ((i64)q_start * H_Q + (i64)h * G) * PSPLITS + SPLIT0 + qsplit;
     int per = (nc - nf + QSPLITS - 1) / QSPLITS;
@@ -681,6 +769,8 @@ qrun(const u16* q, const u8* kvb, const signed char* tags, const int* bt, const 
             pml[(prow0 + (i64)lane * PSPLITS) * 2 + 1] = 0.f;
         }
     }
+    TL(4);
     merge_last(cnt, pacc, pml, out, lse, write_lse, q_start, h, G, H_Q, PSPLITS, QSPLITS, NFWD, stride_ot,
                stride_oh);
+    TL(5);
 }

@@ -432,6 +432,11 @@ CUDA_CARVEOUT = -1   # the kernel's preferred shared-memory carveout in percent;
 # "Where the twin's time goes"); 0 = as measured. One format compiled in (the backend's
 # call) keeps 168 registers without spills; all three formats spill 48 bytes with it.
 CUDA_CHAINS = 0
+# A/B knob, not measured on a GPU yet (--sweep's 6th field): 1 = the next page's key dots are
+# computed in the same step as this page's softmax and value dots, so a warp has two pages'
+# independent work to interleave; it needs 3 shared-memory slots (8 programs an SM fit).
+CUDA_PIPE = 0
+CUDA_TIMELINE = 0    # probe only (benchmarks/probe_timeline.py): > 0 builds the twin recording when each program passes its phases
 _CU = Path(__file__).resolve().parent.parent / "csrc" / "quant_decode.cu"
 _log = logging.getLogger(__name__)
 
@@ -454,8 +459,9 @@ def _cuda_if(q: torch.Tensor, D: int, BS: int, G: int, page_bits: tuple[int, ...
 
 def _cuda_for(q: torch.Tensor, D: int, BS: int, page_bits: tuple[int, ...]):
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    return _cuda_kernel(D, BS, q.element_size(), tuple(sorted(page_bits)), q.dtype == torch.bfloat16, dev, CUDA_STAGES,
-                        CUDA_MINB, CUDA_CARVEOUT, pdl(q), CUDA_CHAINS)
+    stages = max(CUDA_STAGES, 3) if CUDA_PIPE else CUDA_STAGES
+    return _cuda_kernel(D, BS, q.element_size(), tuple(sorted(page_bits)), q.dtype == torch.bfloat16, dev, stages,
+                        CUDA_MINB, CUDA_CARVEOUT, pdl(q), CUDA_CHAINS, CUDA_PIPE, CUDA_TIMELINE)
 
 
 def pdl(q: torch.Tensor) -> bool:
@@ -476,14 +482,15 @@ def _pdl_device(device: int) -> bool:
 
 
 def cuda_source(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bool, stages: int, minb: int,
-                pdl: bool = False, chains: int = 0) -> str:
+                pdl: bool = False, chains: int = 0, pipe: int = 0, timeline: int = 0) -> str:
     """csrc/quant_decode.cu with this shape's #defines in front (what NVRTC compiles)."""
     from vllm_kvcomp.ops.quant import page_bytes, page_capacity
 
     caps = {b: page_capacity(b, BS, D, es) for b in (8, 4, 2)}
     defs = dict(D=D, BS=BS, P=page_bytes(BS, D, es), CAP8=caps[8], CAP4=caps[4], CAP2=caps[2],
                 HAS8=int(8 in page_bits), HAS4=int(4 in page_bits), HAS2=int(2 in page_bits), STAGES=stages,
-                QBF16=int(qbf16), MINB=minb, PDL=int(pdl), CHAINS=int(chains), NIDS=CUDA_NIDS)
+                QBF16=int(qbf16), MINB=minb, PDL=int(pdl), CHAINS=int(chains), PIPE=int(pipe), NIDS=CUDA_NIDS,
+                TIMELINE=int(timeline))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + _CU.read_text()
 
 
@@ -494,14 +501,14 @@ NVRTC_OPTIONS = ("-std=c++17", "-default-device")
 
 @functools.lru_cache(maxsize=None)
 def _cuda_kernel(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bool, device: int, stages: int,
-                 minb: int, carveout: int = -1, pdl: bool = False, chains: int = 0):
+                 minb: int, carveout: int = -1, pdl: bool = False, chains: int = 0, pipe: int = 0, timeline: int = 0):
     """The launcher of this shape's kernel, or None (logged once) where it cannot be built."""
     from vllm_kvcomp.ops.quant import page_capacity
 
     if torch.cuda.get_device_capability(device) < (8, 0) or any(page_capacity(b, BS, D, es) > 128
                                                                  for b in page_bits):
         return None
-    src = cuda_source(D, BS, es, page_bits, qbf16, stages, minb, pdl, chains)
+    src = cuda_source(D, BS, es, page_bits, qbf16, stages, minb, pdl, chains, pipe, timeline)
     P = BS * 2 * D * es
     cc = "".join(map(str, torch.cuda.get_device_capability(device)))
     try:
@@ -511,6 +518,7 @@ def _cuda_kernel(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bo
             if smem >= 48 * 1024:
                 kernel.set_shared_memory_config(smem)
         launcher = _Launcher(kernel.func, smem, carveout)
+        launcher.module = kernel.module  # (the timeline probe reads a global of it)
     except Exception as ex:  # noqa: BLE001 -- no NVRTC, an old torch: the Triton kernel reads the runs
         _log.warning("vllm-kvcomp: CUDA quant_decode unavailable (%s: %s); using the Triton kernel",
                      type(ex).__name__, str(ex)[:500])

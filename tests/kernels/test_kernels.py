@@ -289,21 +289,24 @@ _NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) i
 
 @pytest.mark.skipif(_NVCC is None, reason="no nvcc here: on GPU machines NVRTC builds the CUDA twin at first use, "
                                           "and the decode tests above run it")
-@pytest.mark.parametrize("D,page_bits,chains", [(128, (4,), 0), (128, (2,), 0), (128, (8,), 0), (128, (2, 4, 8), 0),
-                                               (64, (2, 4, 8), 0), (128, (4,), 1), (128, (2,), 1)])
-def test_cuda_twin_compiles_for_hopper_without_spills(D, page_bits, chains):
+@pytest.mark.parametrize("D,page_bits,chains,pipe", [(128, (4,), 0, 0), (128, (2,), 0, 0), (128, (8,), 0, 0),
+                                                    (128, (2, 4, 8), 0, 0), (64, (2, 4, 8), 0, 0), (128, (4,), 1, 0),
+                                                    (128, (2,), 1, 0), (128, (4,), 0, 1), (128, (2,), 0, 1)])
+def test_cuda_twin_compiles_for_hopper_without_spills(D, page_bits, chains, pipe):
     """csrc/quant_decode.cu, with the #defines the launcher gives it, compiles for an
     H100/H200 (sm_90) for each format and head dim it is sent, within the register cap of
     __launch_bounds__ and without spilling (a spill would cost every page). Checks the
     source where there is no GPU; its results are checked against the reference by the
-    decode tests above on a GPU (chains: the CUDA_CHAINS variant, test_cuda_twin_chains_variant)."""
+    decode tests above on a GPU (chains, pipe: the A/B variants, test_cuda_twin_variants; the
+    PIPE variant holds 3 pages, so 8 programs an SM, and is built with that register cap)."""
     import re
     import subprocess
     import tempfile
 
     from vllm_kvcomp.triton_kernels import quant_decode as qd
 
-    src = qd.cuda_source(D, 16, 2, page_bits, True, qd.CUDA_STAGES, qd.CUDA_MINB, chains=chains)
+    minb = 8 if pipe else qd.CUDA_MINB
+    src = qd.cuda_source(D, 16, 2, page_bits, True, 3 if pipe else qd.CUDA_STAGES, minb, chains=chains, pipe=pipe)
     with tempfile.TemporaryDirectory() as tmp:
         cu = os.path.join(tmp, "k.cu")
         with open(cu, "w") as f:
@@ -312,7 +315,7 @@ def test_cuda_twin_compiles_for_hopper_without_spills(D, page_bits, chains):
                             os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     regs = int(re.search(r"Used (\d+) registers", r.stderr).group(1))
-    assert regs <= 65536 // (32 * qd.CUDA_MINB), regs
+    assert regs <= 65536 // (32 * minb), regs
     assert "0 bytes spill stores" in r.stderr, r.stderr[-1500:]
 
 
@@ -344,12 +347,14 @@ def _nvrtc():
 
 
 @pytest.mark.skipif(_nvrtc() is None, reason="no libnvrtc here (pip install nvidia-cuda-nvrtc)")
-@pytest.mark.parametrize("D,page_bits,pdl", [(128, (2, 4, 8), False), (64, (4,), False), (128, (4,), True)])
-def test_cuda_twin_compiles_under_nvrtc_as_at_run_time(monkeypatch, D, page_bits, pdl):
+@pytest.mark.parametrize("D,page_bits,pdl,probe", [(128, (2, 4, 8), False, False), (64, (4,), False, False),
+                                                  (128, (4,), True, False), (128, (4,), True, True)])
+def test_cuda_twin_compiles_under_nvrtc_as_at_run_time(monkeypatch, D, page_bits, pdl, probe):
     """The twin through torch's own NVRTC path with the options _cuda_kernel passes: NVRTC
     is stricter than nvcc (its JIT mode rejects an unannotated lambda as host code, which
     once made every GPU fall back to the Triton kernel while the nvcc test passed). pdl:
-    as built for a Hopper, letting the forward launch as its dependent."""
+    as built for a Hopper, letting the forward launch as its dependent. probe: the PIPE
+    variant with the timeline probe_timeline.py builds."""
     import torch.cuda._utils as cu_utils
     import torch.utils.cpp_extension as cpp_ext
 
@@ -358,7 +363,8 @@ def test_cuda_twin_compiles_under_nvrtc_as_at_run_time(monkeypatch, D, page_bits
     lib = _nvrtc()
     monkeypatch.setattr(cu_utils, "_get_gpu_rtc_library", lambda: lib)
     monkeypatch.setattr(cpp_ext, "include_paths", lambda *a, **k: [])  # the .cu includes no headers
-    src = qd.cuda_source(D, 16, 2, page_bits, True, qd.CUDA_STAGES, qd.CUDA_MINB, pdl)
+    src = qd.cuda_source(D, 16, 2, page_bits, True, 3 if probe else qd.CUDA_STAGES, qd.CUDA_MINB, pdl, pipe=int(probe),
+                         timeline=4096 * probe)
     assert ("#define PDL 1" in src) == pdl
     cubin, name = cu_utils._nvrtc_compile(src, "qrun", "90", nvcc_options=list(qd.NVRTC_OPTIONS))
     assert name == "qrun" and cubin[:4] == b"\x7fELF"
@@ -366,15 +372,21 @@ def test_cuda_twin_compiles_under_nvrtc_as_at_run_time(monkeypatch, D, page_bits
 
 @pytest.mark.skipif(not CUDA, reason="the CUDA twin runs on a GPU only; on the CPU the run's semantics are "
                                       "test_decode_quantized_runs_own_launch's, through the Triton kernel")
-def test_cuda_twin_chains_variant(monkeypatch):
-    """The twin's A/B variant CUDA_CHAINS = 1 (a page's score dots start from zero, its
-    common part from two chains of dots) reads every row as the reference does."""
+@pytest.mark.parametrize("chains,pipe,d", [(1, 0, 64), (0, 1, 64), (0, 1, 128), (1, 1, 64)])
+def test_cuda_twin_variants(monkeypatch, chains, pipe, d):
+    """The twin's A/B variants read every row as the reference does: CUDA_CHAINS = 1 (a
+    page's score dots start from zero, its common part from two chains of dots) and
+    CUDA_PIPE = 1 (the next page's key dots beside this page's softmax and value dots;
+    the rows' last pages are partial, so both page bodies run)."""
     from vllm_kvcomp.triton_kernels import quant_decode
 
     spy = _Spy(monkeypatch, quant_decode)
     monkeypatch.setattr(quant_decode, "ENABLED", True)
-    monkeypatch.setattr(quant_decode, "CUDA_CHAINS", 1)
-    b = _decode_runs_batch(64, 2, 4, 16, seed=5, scale_runs=3)
+    monkeypatch.setattr(quant_decode, "CUDA_CHAINS", chains)
+    monkeypatch.setattr(quant_decode, "CUDA_PIPE", pipe)
+    if pipe:
+        monkeypatch.setattr(quant_decode, "CUDA_MINB", 8)
+    b = _decode_runs_batch(d, 2, 4, 16, seed=5, scale_runs=3)
     _check_batch(b, stats=False)
     assert spy.kinds == ["cuda"]
 
