@@ -1,0 +1,123 @@
+"""When each program of the CUDA twin (csrc/quant_decode.cu) passes its phases, in one
+decode call over quantized pages (64 x 8192 tokens, llama3-8b's attention shape): start,
+scan done, first page landed, last page done, partial stored, end (after the merge of
+the row's last program). The twin is built with TIMELINE (a %globaltimer per phase into a
+module global, read back after the call); the shipped build records nothing.
+
+Why: a page costs ~2.07 us per program and ~15 us of the call is "fixed" (docs/kernels.md,
+"Where the twin's time goes"); this shows whether that is the start (scan, first page),
+the tail (uneven ends, the merge) or the steady state, and the pages' bandwidth while
+every program is in its page loop.
+
+    python benchmarks/probe_timeline.py [--bits 4] [--sweep "-1,0,0;0,0,0;-1,0,1"] [--json out.json]
+
+--sweep: programs per SM (-1: the bandwidth rule, 0: all that fit), CUDA_CHAINS, CUDA_PIPE.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import sys
+
+import torch
+
+
+def timeline(launcher, n: int, call) -> list[list[int]]:
+    """The rows the twin records in one call (the module global zeroed before it)."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    ptr, size = ctypes.c_uint64(0), ctypes.c_size_t(0)
+    err = lib.cuModuleGetGlobal_v2(ctypes.byref(ptr), ctypes.byref(size), launcher.module, b"kvc_tl")
+    assert err == 0, f"cuModuleGetGlobal: CUresult {err}"
+    torch.cuda.synchronize()
+    assert lib.cuMemsetD8_v2(ptr, 0, size) == 0
+    call()
+    torch.cuda.synchronize()
+    buf = (ctypes.c_uint64 * (n * 10))()
+    assert lib.cuMemcpyDtoH_v2(buf, ptr, ctypes.c_size_t(n * 80)) == 0
+    return [list(buf[i * 10:(i + 1) * 10]) for i in range(n)]
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+
+
+def summarize(rows, page_bytes: int) -> dict:
+    rows = [r for r in rows if r[0]]
+    t0 = min(r[0] for r in rows)
+    us = lambda x: (x - t0) / 1e3  # noqa: E731
+    out = {"programs": len(rows), "sms": len({r[6] for r in rows})}
+    for k, name in enumerate(("start", "scanned", "first_page", "loop_end", "stored", "end")):
+        xs = [us(r[k]) for r in rows if r[k]]
+        out[name] = {p: round(pct(xs, p), 2) for p in (0, 10, 50, 90, 100)}
+    rows = [r for r in rows if r[7]]  # below: programs that read pages
+    loop = [(r[3] - r[2]) / 1e3 for r in rows]
+    pages = [r[7] for r in rows]
+    out["loop_us"] = {p: round(pct(loop, p), 2) for p in (0, 50, 100)}
+    out["us_per_page"] = round(sum(loop) / max(1, sum(pages)), 3)
+    cyc = [(r[9] - r[8]) / max(1, r[7]) for r in rows if r[7]]
+    out["cycles_per_page"] = {p: round(pct(cyc, p)) for p in (0, 50, 100)}
+    # the window in which every program is in its page loop; bytes read in it, each
+    # program's pages spread evenly over its loop
+    a, b = max(r[2] for r in rows), min(r[3] for r in rows)
+    if b > a:
+        got = sum(r[7] * page_bytes * (b - a) / (r[3] - r[2]) for r in rows if r[3] > r[2])
+        out["all_in_loop_us"] = round((b - a) / 1e3, 2)
+        out["all_in_loop_TBps"] = round(got / (b - a) / 1e3, 3)
+    # programs per SM, and the SMs' ends
+    per_sm = {}
+    for r in rows:
+        per_sm.setdefault(r[6], []).append(r)
+    counts = sorted(len(v) for v in per_sm.values())
+    out["programs_per_sm"] = {"min": counts[0], "max": counts[-1]}
+    ends = [us(max(r[5] for r in v)) for v in per_sm.values()]
+    out["sm_end"] = {p: round(pct(ends, p), 2) for p in (0, 50, 100)}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bits", default="4")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--ctx", type=int, default=8192)
+    ap.add_argument("--sweep", default="-1,0,0")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    sys.path.insert(0, "benchmarks")
+    from bench_kernels import Decode  # noqa: E402
+    from probe_packed import randomize_scales  # noqa: E402
+
+    from vllm_kvcomp.ops import quant
+    from vllm_kvcomp.triton_kernels import quant_decode as qd
+
+    res = {"device": torch.cuda.get_device_name()}
+    print(f"torch {torch.__version__}, {res['device']}", flush=True)
+    n = 1 << 16
+    for bits in map(int, args.bits.split(",")):
+        c = Decode(args.batch, args.ctx, bits=bits)
+        randomize_scales(c, bits)
+        P = quant.page_bytes(c.bs, c.d, 2)
+        for item in filter(None, args.sweep.split(";")):
+            per, chains, pipe = map(int, item.split(","))
+            qd.CUDA_PER_SM, qd.CUDA_CHAINS, qd.CUDA_PIPE, qd.CUDA_TIMELINE = (None if per < 0 else per), chains, pipe, n
+            if pipe:
+                qd.CUDA_MINB = 8
+            launcher = qd._cuda_for(c.q, c.d, c.bs, (bits,))
+            for _ in range(5):  # warm
+                c.run(page_bits=(bits,))
+            rows = timeline(launcher, n, lambda: c.run(page_bits=(bits,)))
+            s = summarize(rows, P)
+            name = f"int{bits} per_sm {per} chains {chains} pipe {pipe}"
+            res[name] = s
+            print(name, json.dumps(s), flush=True)
+            qd.CUDA_MINB = 12
+        qd.CUDA_PER_SM, qd.CUDA_CHAINS, qd.CUDA_PIPE, qd.CUDA_TIMELINE = None, 0, 0, 0
+        del c
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
