@@ -471,29 +471,27 @@ struct Run {
         TL(2);
         TL_SET(8, clock64());
         keys(smem, t, s);
-        for (int j = j_lo; j < j_hi; ++j) {
+        // pages before the run's last are full: only page j_hi - 1 may be partial
+        for (int j = j_lo; j < j_hi - 1; ++j) {
             issue(j + STAGES - 1, cur == 0 ? STAGES - 1 : cur - 1);  // into the slot page j - 1 left
             cp_wait<STAGES - 2>();  // page j + 1 has landed (this lane's chunks) ...
             __syncwarp();           // ... and every lane's
-            const u8* pg = smem + cur * P;
-            const u8* next = smem + (cur == STAGES - 1 ? 0 : cur + 1) * P;
-            const int ntok = min(F::CAP, n_tok - (j - jbase) * F::CAP);
-            // past the run, the next slot holds an old page: its scores are never used
+            const u32 nxt = cur == STAGES - 1 ? 0 : cur + 1;
             float sn[F::NSTEP][4];
-            if (ntok >= F::CAP) {
-                keys(next, t, sn);
-                values<true>(pg, s, ntok, g);
-            } else {
-                keys(next, t, sn);
-                values<false>(pg, s, ntok, g);
-            }
+            keys(smem + nxt * P, t, sn);
+            values<true>(smem + cur * P, s, F::CAP, g);
 #pragma unroll
             for (int st = 0; st < F::NSTEP; ++st)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) s[st][e] = sn[st][e];
             __syncwarp();           // every lane is done with the slot before it is refilled
-            cur = cur == STAGES - 1 ? 0 : cur + 1;
+            cur = nxt;
         }
+        const int ntok = min(F::CAP, n_tok - (j_hi - 1 - jbase) * F::CAP);
+        if (ntok >= F::CAP)
+            values<true>(smem + cur * P, s, ntok, g);
+        else
+            values<false>(smem + cur * P, s, ntok, g);
 #else
         for (int j = j_lo; j < j_hi; ++j) {
             issue(j + STAGES - 1, cur == 0 ? STAGES - 1 : cur - 1);  // into the slot page j - 1 left
