@@ -11,7 +11,8 @@ every program is in its page loop.
 
     python benchmarks/probe_timeline.py [--bits 4] [--sweep "-1,0,0;0,0,0;-1,0,1"] [--json out.json]
 
---sweep: programs per SM (-1: the bandwidth rule, 0: all that fit), CUDA_CHAINS, CUDA_PIPE.
+--sweep: programs per SM (-1: the bandwidth rule, 0: all that fit), CUDA_CHAINS, CUDA_PIPE[, CUDA_STEAL].
+(A value list that starts with "-" needs "--sweep=...".)
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def main():
     ap.add_argument("--bits", default="4")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--ctx", type=int, default=8192)
-    ap.add_argument("--sweep", default="-1,0,0")
+    ap.add_argument("--sweep", default="-1,0,0,0")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     sys.path.insert(0, "benchmarks")
@@ -99,8 +100,9 @@ def main():
         randomize_scales(c, bits)
         P = quant.page_bytes(c.bs, c.d, 2)
         for item in filter(None, args.sweep.split(";")):
-            per, chains, pipe = map(int, item.split(","))
+            per, chains, pipe, steal = (list(map(int, item.split(","))) + [0])[:4]
             qd.CUDA_PER_SM, qd.CUDA_CHAINS, qd.CUDA_PIPE, qd.CUDA_TIMELINE = (None if per < 0 else per), chains, pipe, n
+            qd.CUDA_STEAL = steal
             if pipe:
                 qd.CUDA_MINB = 8
             launcher = qd._cuda_for(c.q, c.d, c.bs, (bits,))
@@ -108,11 +110,11 @@ def main():
                 c.run(page_bits=(bits,))
             rows = timeline(launcher, n, lambda: c.run(page_bits=(bits,)))
             s = summarize(rows, P)
-            name = f"int{bits} per_sm {per} chains {chains} pipe {pipe}"
+            name = f"int{bits} per_sm {per} chains {chains} pipe {pipe} steal {steal}"
             res[name] = s
             print(name, json.dumps(s), flush=True)
             qd.CUDA_MINB = 12
-        qd.CUDA_PER_SM, qd.CUDA_CHAINS, qd.CUDA_PIPE, qd.CUDA_TIMELINE = None, 0, 0, 0
+        qd.CUDA_PER_SM, qd.CUDA_CHAINS, qd.CUDA_PIPE, qd.CUDA_TIMELINE, qd.CUDA_STEAL = None, 0, 0, 0, 0
         del c
     if args.json:
         with open(args.json, "w") as f:

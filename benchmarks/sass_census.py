@@ -59,11 +59,12 @@ def compile_qrun(bits: int, pb: int, warps: int, stages: int, block_m: int, D: i
 
 
 def compile_cuda(bits: int, D: int = 128, BS: int = 16, G: int = 4, chains: int = 0, pipe: int = 0,
-                 minb: int | None = None) -> bytes:
+                 minb: int | None = None, steal: int = 0) -> bytes:
     """csrc/quant_decode.cu for one format with the launcher's #defines, as an sm_90 cubin (nvcc)."""
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     stages = max(qd.CUDA_STAGES, 3) if pipe else qd.CUDA_STAGES
-    source = qd.cuda_source(D, BS, 2, (bits,), True, stages, minb or qd.CUDA_MINB, chains=chains, pipe=pipe)
+    source = qd.cuda_source(D, BS, 2, (bits,), True, stages, minb or qd.CUDA_MINB, chains=chains, pipe=pipe,
+                            steal=steal)
     with tempfile.TemporaryDirectory() as tmp:
         src, out = os.path.join(tmp, "k.cu"), os.path.join(tmp, "k.cubin")
         with open(src, "w") as f:
@@ -117,10 +118,12 @@ def main():
     ap.add_argument("--cuda", action="store_true", help="the CUDA twin instead of the Triton kernel")
     ap.add_argument("--chains", type=int, default=qd.CUDA_CHAINS, help="the twin's CHAINS variant (A/B)")
     ap.add_argument("--pipe", type=int, default=qd.CUDA_PIPE, help="the twin's PIPE variant (A/B)")
+    ap.add_argument("--steal", type=int, default=qd.CUDA_STEAL, help="the twin's STEAL variant (A/B)")
     ap.add_argument("--minb", type=int, default=qd.CUDA_MINB, help="the twin's launch-bounds minimum blocks per SM")
     args = ap.parse_args()
     for bits in map(int, args.bits.split(",")):
-        kernel = compile_cuda(bits, chains=args.chains, pipe=args.pipe, minb=args.minb) if args.cuda else compile_qrun(bits, args.pb, args.warps,
+        kernel = compile_cuda(bits, chains=args.chains, pipe=args.pipe, minb=args.minb,
+                                                     steal=args.steal) if args.cuda else compile_qrun(bits, args.pb, args.warps,
                                                                                         args.stages, args.block_m)
         regs, stack, sass, ops = census(kernel)
         cap = quant.page_capacity(bits, 16, 128, 2)

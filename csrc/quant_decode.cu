@@ -47,6 +47,9 @@
 #ifndef TIMELINE
 #define TIMELINE 0
 #endif
+#ifndef STEAL
+#define STEAL 0
+#endif
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -380,10 +383,136 @@ struct Run {
         }
     }
 
+#if STEAL
+    // (A/B, quant_decode.CUDA_STEAL) The run's pages [jbase, j_end) in chunks of STEAL pages,
+    // handed out by a counter per (row, KV head) (wctr: chunks taken in the low 16 bits,
+    // programs done in the high): split s starts with chunks s and s + QSPLITS, and the rest
+    // go to whichever program asks first. A warp that shares its SM sub-partition with an
+    // older one issues less often (probe_timeline.py: programs of equal pages ended their
+    // loops 110-166 us apart), so with fixed splits the call waits for the slowest; here
+    // the faster ones take more. The next chunk is known (its block ids loaded) a chunk
+    // ahead, and the counter asked a chunk before that, so no page waits on either.
+    template <class Copy>
+    __device__ __forceinline__ void steal(Copy& copy, const int* ids_s, const int* bt_row, int jbase, int j_end,
+                                          int n_tok, int qsplit, int QSPLITS, int* wctr, u8* smem, int g, int t) {
+        const int lane = threadIdx.x;
+        const int NCH = (j_end - jbase + STEAL - 1) / STEAL;
+        auto ids_of = [&](int c) {  // lane i: the block id of chunk c's page i
+            const int j = jbase + c * STEAL + lane;
+            return c < NCH && lane < STEAL && j < j_end ? (j < NIDS ? ids_s[j] : bt_row[j]) : 0;
+        };
+        int c_cur = qsplit, c_nxt = qsplit + QSPLITS, i_cur = 0, raw = 0;
+        int ids_cur = ids_of(c_cur), ids_nxt = ids_of(c_nxt);
+        bool pending = false;
+        auto ask = [&]() {
+            raw = lane == 0 ? atomicAdd(wctr, 1) : 0;  // waited on a chunk later, at its first use
+            pending = true;
+        };
+        if (c_nxt < NCH) ask();
+        auto next = [&](i64& b) -> int {  // the stream's next page (-1: none) and its block id
+            if (c_cur >= NCH) return -1;
+            const int j = jbase + c_cur * STEAL + i_cur;
+            b = __shfl_sync(0xffffffffu, ids_cur, i_cur);
+            if (++i_cur == STEAL || j + 1 == j_end) {  // the chunk is issued: on to the next
+                c_cur = c_nxt;
+                ids_cur = ids_nxt;
+                i_cur = 0;
+                c_nxt = NCH;
+                if (pending) {
+                    c_nxt = (__shfl_sync(0xffffffffu, raw, 0) & 0xFFFF) + 2 * QSPLITS;
+                    pending = false;
+                    ids_nxt = ids_of(c_nxt);
+                    if (c_nxt < NCH) ask();
+                }
+            }
+            return j;
+        };
+        auto issue = [&](int j, i64 b, u32 slot) {
+            if (j >= 0) copy(b, slot);
+            cp_commit();
+        };
+        int fifo[STAGES - 1];  // the pages in the ring's slots, in the order they are read
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s) {
+            i64 b = 0;
+            fifo[s] = next(b);
+            issue(fifo[s], b, s);
+        }
+        u32 cur = 0;
+        int npages = 0;
+#if PIPE
+        float s[F::NSTEP][4];
+        cp_wait<STAGES - 2>();
+        __syncwarp();
+        TL(2);
+        TL_SET(8, clock64());
+        keys(smem, t, s);
+        while (fifo[0] >= 0) {
+            i64 b = 0;
+            const int jn = next(b);
+            issue(jn, b, cur == 0 ? STAGES - 1 : cur - 1);
+            cp_wait<STAGES - 2>();  // the next page has landed ...
+            __syncwarp();           // ... in every lane
+            const u32 nxt = cur == STAGES - 1 ? 0 : cur + 1;
+            // the partial page (the run's last) may come anywhere in a program's stream; past
+            // the stream, the next slot holds an old page whose scores are never used
+            const int ntok = min(F::CAP, n_tok - (fifo[0] - jbase) * F::CAP);
+            float sn[F::NSTEP][4];
+            if (ntok >= F::CAP) {
+                keys(smem + nxt * P, t, sn);
+                values<true>(smem + cur * P, s, ntok, g);
+            } else {
+                keys(smem + nxt * P, t, sn);
+                values<false>(smem + cur * P, s, ntok, g);
+            }
+#pragma unroll
+            for (int st = 0; st < F::NSTEP; ++st)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[st][e] = sn[st][e];
+#else
+        while (fifo[0] >= 0) {
+            i64 b = 0;
+            const int jn = next(b);
+            issue(jn, b, cur == 0 ? STAGES - 1 : cur - 1);
+            cp_wait<STAGES - 1>();  // this page has landed ...
+            __syncwarp();           // ... in every lane
+            if (TIMELINE && npages == 0) {
+                TL(2);
+                TL_SET(8, clock64());
+            }
+            const u32 nxt = cur == STAGES - 1 ? 0 : cur + 1;
+            const int ntok = min(F::CAP, n_tok - (fifo[0] - jbase) * F::CAP);
+            float s[F::NSTEP][4];
+            if (ntok >= F::CAP) {
+                keys(smem + cur * P, t, s);
+                values<true>(smem + cur * P, s, ntok, g);
+            } else {
+                keys(smem + cur * P, t, s);
+                values<false>(smem + cur * P, s, ntok, g);
+            }
+#endif
+#pragma unroll
+            for (int k = 0; k + 1 < STAGES - 1; ++k) fifo[k] = fifo[k + 1];
+            fifo[STAGES - 2] = jn;
+            ++npages;
+            __syncwarp();           // every lane is done with the slot before it is refilled
+            cur = nxt;
+        }
+        TL(3);
+        TL_SET(9, clock64());
+        TL_SET(7, npages);
+        cp_wait<0>();
+        // this program's last ask has been answered (an empty chunk): the last program of the
+        // (row, KV head) to get here leaves the counter zero for the next launch
+        if (lane == 0 && (atomicAdd(wctr, 0x10000) >> 16) == QSPLITS - 1) *wctr = 0;
+    }
+#endif
+
     // Pages [j_lo, j_hi) of the run that starts at entry jbase and holds n_tok tokens.
     __device__ __forceinline__ void go(const u16* q, i64 q_row, double scale2d, const u8* kvb, const int* bt_row,
                                        const int* ids_s, int stride_qh, int h, int stride_kb, int stride_kh, int j_lo,
-                                       int j_hi, int jbase, int n_tok, int G, u8* smem) {
+                                       int j_hi, int jbase, int n_tok, int G, u8* smem, int j_end, int qsplit,
+                                       int QSPLITS, int* wctr) {
         const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
         const float scale2 = (float)scale2d;
 #pragma unroll
@@ -432,27 +561,33 @@ struct Run {
         auto bid = [&](int j) { return j >= j_hi ? 0 : j < NIDS ? ids_s[j] : bt_row[j]; };
         int ids = bid(j_lo + lane);
         int ids_next = bid(j_lo + 32 + lane);
-        auto issue = [&](int j, u32 slot) {  // page j -> a slot of the ring, 16-byte chunks
+        auto copy = [&](i64 b, u32 slot) {  // block b's page -> a slot of the ring, 16-byte chunks
+            const u8* src = kvb + (b * stride_kb + (i64)h * stride_kh) * 2 + 16 * lane;
+            const u32 dst = sbase + slot * P;
+#pragma unroll
+            for (int k = 0; k < P / 512; ++k) {
+                u32 off;
+                if (512 * (k + 1) <= F::KS)  // codes: swizzled
+                    off = (d0 ^ (BITS == 8 ? 64 * (k & 1) : 0)) + 512 * k;
+                else if (512 * k >= F::KS)   // scales: in place
+                    off = 16 * lane + 512 * k;
+                else
+                    off = Swz<BITS>::at(16 * lane + 512 * k);
+                cp16(dst + off, src + 512 * k);
+            }
+        };
+#if STEAL
+        steal(copy, ids_s, bt_row, jbase, j_end, n_tok, qsplit, QSPLITS, wctr, smem, g, t);
+        return;
+#endif
+        auto issue = [&](int j, u32 slot) {  // page j -> a slot of the ring
             if (j < j_hi) {
                 const int i = (j - j_lo) & 31;
                 if (i == 0 && j != j_lo) {
                     ids = ids_next;
                     ids_next = bid(j + 32 + lane);
                 }
-                const i64 b = __shfl_sync(0xffffffffu, ids, i);
-                const u8* src = kvb + (b * stride_kb + (i64)h * stride_kh) * 2 + 16 * lane;
-                const u32 dst = sbase + slot * P;
-#pragma unroll
-                for (int k = 0; k < P / 512; ++k) {
-                    u32 off;
-                    if (512 * (k + 1) <= F::KS)  // codes: swizzled
-                        off = (d0 ^ (BITS == 8 ? 64 * (k & 1) : 0)) + 512 * k;
-                    else if (512 * k >= F::KS)   // scales: in place
-                        off = 16 * lane + 512 * k;
-                    else
-                        off = Swz<BITS>::at(16 * lane + 512 * k);
-                    cp16(dst + off, src + 512 * k);
-                }
+                copy(__shfl_sync(0xffffffffu, ids, i), slot);
             }
             cp_commit();
         };
@@ -597,11 +732,10 @@ __device__ __forceinline__ void scan(const int* bt_row, const signed char* tags,
 }
 
 
-__device__ __forceinline__ float ldcg(const float* p) {  // from L2: written by other programs
-    float r;
-    asm volatile("ld.global.cg.f32 %0, [%1];\n" : "=f"(r) : "l"(p));
-    return r;
-}
+// From L2 (written by other programs; the fence before keeps them after the count). Not
+// volatile asm, so that the compiler may issue them all before their first use.
+__device__ __forceinline__ float ldcg(const float* p) { return __ldcg(p); }
+__device__ __forceinline__ float2 ldcg2(const float* p) { return __ldcg(reinterpret_cast<const float2*>(p)); }
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -647,18 +781,48 @@ __device__ __forceinline__ void merge_last(int* cnt, const float* pacc, const fl
 #pragma unroll
         for (int c = 0; c < C; ++c) acc[i][c] = 0.f;
     }
-    for (int s0 = 0; s0 < PSPLITS; s0 += 32) {
+    if (PSPLITS <= 32) {
+        // the usual case, one round: each (m, l) loaded once, so two trips to L2 in all
+        // (the (m, l), then the outputs), not three
+        float w[8];  // split lane's (m, l) of head i, then its weight
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const float2 ml = i < G && lane < PSPLITS ? ldcg2(pml + (prow0 + i * PSPLITS + lane) * 2)
+                                                      : make_float2(NEG_INF, 0.f);
+            w[i] = ml.x;
+            ltot[i] = ml.y;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            mmax[i] = i < G ? warp_max(w[i]) : 0.f;
+            if (mmax[i] == NEG_INF) mmax[i] = 0.f;
+            w[i] = lane < PSPLITS ? ex2(w[i] - mmax[i]) : 0.f;
+            ltot[i] *= w[i];
+        }
+        // (2 splits a step: 4 held more loads in flight than registers, and spilled)
+#pragma unroll 2
+        for (int k = 0; k < PSPLITS; ++k)
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+                if (i < G) {
+                    const float wk = __shfl_sync(0xffffffffu, w[i], k);
+                    const float* pa = pacc + (prow0 + i * PSPLITS + k) * D + lane;
+#pragma unroll
+                    for (int c = 0; c < C; ++c) acc[i][c] += wk * ldcg(pa + 32 * c);
+                }
+    }
+    for (int s0 = 0; s0 < PSPLITS && PSPLITS > 32; s0 += 32) {
         const bool ok = s0 + lane < PSPLITS;
 #pragma unroll
         for (int i = 0; i < 8; ++i)
             if (i < G) mmax[i] = fmaxf(mmax[i], ok ? ldcg(pml + (prow0 + i * PSPLITS + s0 + lane) * 2) : NEG_INF);
     }
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
+    for (int i = 0; i < 8 && PSPLITS > 32; ++i) {
         mmax[i] = warp_max(mmax[i]);
         if (mmax[i] == NEG_INF) mmax[i] = 0.f;
     }
-    for (int s0 = 0; s0 < PSPLITS; s0 += 32) {
+    for (int s0 = 0; s0 < PSPLITS && PSPLITS > 32; s0 += 32) {
         const bool ok = s0 + lane < PSPLITS;
         float w[8];
 #pragma unroll
@@ -743,11 +907,14 @@ qrun(const u16* q, const u8* kvb, const signed char* tags, const int* bt, const 
     const i64 prow0 = ((i64)q_start * H_Q + (i64)h * G) * PSPLITS + SPLIT0 + qsplit;
     int per = (nc - nf + QSPLITS - 1) / QSPLITS;
     int j_lo = nf + qsplit * per, j_hi = min(nc, j_lo + per), n_q = kept - nf * BS;
-    bool run = ok && qbits != 0 && j_lo < j_hi;
+    // (STEAL: every program of the row reads the run, its pages handed out as they go)
+    bool run = ok && qbits != 0 && (STEAL ? nf < nc : j_lo < j_hi);
+    int* wctr = cnt + (i64)gridDim.x * gridDim.y + (i64)r * gridDim.y + h;  // (STEAL) the row's chunk counter
     // the run's pages, read at its format, into this program's partials
     auto read = [&](auto bits) {
         Run<decltype(bits)::value> R;
-        R.go(q, q_row, scale2, kvb, bt_row, ids_s, stride_qh, h, stride_kb, stride_kh, j_lo, j_hi, nf, n_q, G, smem);
+        R.go(q, q_row, scale2, kvb, bt_row, ids_s, stride_qh, h, stride_kb, stride_kh, j_lo, j_hi, nf, n_q, G, smem,
+             nc, qsplit, QSPLITS, wctr);
         R.store(pacc, pml, prow0, PSPLITS, G);
     };
     bool done = false;

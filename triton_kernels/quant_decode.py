@@ -436,6 +436,10 @@ CUDA_CHAINS = 0
 # computed in the same step as this page's softmax and value dots, so a warp has two pages'
 # independent work to interleave; it needs 3 shared-memory slots (8 programs an SM fit).
 CUDA_PIPE = 0
+# A/B knob, not measured on a GPU yet (--sweep's 7th field): > 0 = the run's pages go out in
+# chunks of CUDA_STEAL pages to whichever program of the row asks first, instead of in fixed
+# splits (benchmarks/probe_timeline.py: programs of equal pages ended 110-166 us apart).
+CUDA_STEAL = 0
 CUDA_TIMELINE = 0    # probe only (benchmarks/probe_timeline.py): > 0 builds the twin recording when each program passes its phases
 _CU = Path(__file__).resolve().parent.parent / "csrc" / "quant_decode.cu"
 _log = logging.getLogger(__name__)
@@ -461,7 +465,7 @@ def _cuda_for(q: torch.Tensor, D: int, BS: int, page_bits: tuple[int, ...]):
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
     stages = max(CUDA_STAGES, 3) if CUDA_PIPE else CUDA_STAGES
     return _cuda_kernel(D, BS, q.element_size(), tuple(sorted(page_bits)), q.dtype == torch.bfloat16, dev, stages,
-                        CUDA_MINB, CUDA_CARVEOUT, pdl(q), CUDA_CHAINS, CUDA_PIPE, CUDA_TIMELINE)
+                        CUDA_MINB, CUDA_CARVEOUT, pdl(q), CUDA_CHAINS, CUDA_PIPE, CUDA_TIMELINE, CUDA_STEAL)
 
 
 def pdl(q: torch.Tensor) -> bool:
@@ -482,7 +486,7 @@ def _pdl_device(device: int) -> bool:
 
 
 def cuda_source(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bool, stages: int, minb: int,
-                pdl: bool = False, chains: int = 0, pipe: int = 0, timeline: int = 0) -> str:
+                pdl: bool = False, chains: int = 0, pipe: int = 0, timeline: int = 0, steal: int = 0) -> str:
     """csrc/quant_decode.cu with this shape's #defines in front (what NVRTC compiles)."""
     from vllm_kvcomp.ops.quant import page_bytes, page_capacity
 
@@ -490,7 +494,7 @@ def cuda_source(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: boo
     defs = dict(D=D, BS=BS, P=page_bytes(BS, D, es), CAP8=caps[8], CAP4=caps[4], CAP2=caps[2],
                 HAS8=int(8 in page_bits), HAS4=int(4 in page_bits), HAS2=int(2 in page_bits), STAGES=stages,
                 QBF16=int(qbf16), MINB=minb, PDL=int(pdl), CHAINS=int(chains), PIPE=int(pipe), NIDS=CUDA_NIDS,
-                TIMELINE=int(timeline))
+                TIMELINE=int(timeline), STEAL=int(steal))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + _CU.read_text()
 
 
@@ -501,14 +505,15 @@ NVRTC_OPTIONS = ("-std=c++17", "-default-device")
 
 @functools.lru_cache(maxsize=None)
 def _cuda_kernel(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bool, device: int, stages: int,
-                 minb: int, carveout: int = -1, pdl: bool = False, chains: int = 0, pipe: int = 0, timeline: int = 0):
+                 minb: int, carveout: int = -1, pdl: bool = False, chains: int = 0, pipe: int = 0, timeline: int = 0,
+                 steal: int = 0):
     """The launcher of this shape's kernel, or None (logged once) where it cannot be built."""
     from vllm_kvcomp.ops.quant import page_capacity
 
     if torch.cuda.get_device_capability(device) < (8, 0) or any(page_capacity(b, BS, D, es) > 128
                                                                  for b in page_bits):
         return None
-    src = cuda_source(D, BS, es, page_bits, qbf16, stages, minb, pdl, chains, pipe, timeline)
+    src = cuda_source(D, BS, es, page_bits, qbf16, stages, minb, pdl, chains, pipe, timeline, steal)
     P = BS * 2 * D * es
     cc = "".join(map(str, torch.cuda.get_device_capability(device)))
     try:
@@ -595,8 +600,9 @@ _counters: dict[int, list[torch.Tensor]] = {}
 
 
 def counter(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters per (row, KV head), kept per device; the kernel leaves them zero.
-    A larger batch gets a larger buffer; the smaller ones stay alive, since CUDA graphs
+    """Zeroed int32 counters, kept per device; the kernels leave them zero. Callers ask for two
+    per (row, KV head): the programs done (the merge's count), then the CUDA twin's chunks
+    taken (CUDA_STEAL). A larger batch gets a larger buffer; the smaller ones stay alive, since CUDA graphs
     captured with them keep their addresses."""
     held = _counters.setdefault(device.index, [])
     if not held or held[-1].numel() < n:
@@ -617,7 +623,7 @@ def launch(kind: str, qsplits: int, q, kv_cache, kvb, tags, block_table, query_s
     strides = (q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0))
     if kind == "cuda":
         _cuda_for(q, D, BS, page_bits)((B, H_kv, qsplits), [
-            q, kvb, tags, block_table, query_start_loc, kept, pacc, pml, counter(q.device, B * H_kv), out, lse,
+            q, kvb, tags, block_table, query_start_loc, kept, pacc, pml, counter(q.device, 2 * B * H_kv), out, lse,
             float(scale2), block_table.shape[1], *strides, H_kv * G, G, psplits, split0, qsplits, out.stride(0),
             out.stride(1), int(write_lse), nfwd])
         return True
