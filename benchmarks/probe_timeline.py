@@ -11,7 +11,7 @@ every program is in its page loop.
 
     python benchmarks/probe_timeline.py [--bits 4] [--sweep "-1,0,0;0,0,0;-1,0,1"] [--json out.json]
 
---sweep: programs per SM (-1: the bandwidth rule, 0: all that fit), CUDA_CHAINS, CUDA_PIPE[, CUDA_STEAL].
+--sweep: programs per SM (-1: the bandwidth rule, 0: all that fit), CUDA_CHAINS, CUDA_PIPE[, CUDA_STEAL[, CUDA_EARLY]].
 (A value list that starts with "-" needs "--sweep=...".)
 """
 from __future__ import annotations
@@ -100,9 +100,9 @@ def main():
         randomize_scales(c, bits)
         P = quant.page_bytes(c.bs, c.d, 2)
         for item in filter(None, args.sweep.split(";")):
-            per, chains, pipe, steal = (list(map(int, item.split(","))) + [0])[:4]
+            per, chains, pipe, steal, early = (list(map(int, item.split(","))) + [0, 0])[:5]
             qd.CUDA_PER_SM, qd.CUDA_CHAINS, qd.CUDA_PIPE, qd.CUDA_TIMELINE = (None if per < 0 else per), chains, pipe, n
-            qd.CUDA_STEAL = steal
+            qd.CUDA_STEAL, qd.CUDA_EARLY = steal, early
             if pipe:
                 qd.CUDA_MINB = 8
             launcher = qd._cuda_for(c.q, c.d, c.bs, (bits,))
@@ -110,11 +110,11 @@ def main():
                 c.run(page_bits=(bits,))
             rows = timeline(launcher, n, lambda: c.run(page_bits=(bits,)))
             s = summarize(rows, P)
-            name = f"int{bits} per_sm {per} chains {chains} pipe {pipe} steal {steal}"
+            name = f"int{bits} per_sm {per} chains {chains} pipe {pipe} steal {steal} early {early}"
             res[name] = s
             print(name, json.dumps(s), flush=True)
             qd.CUDA_MINB = 12
-        qd.CUDA_PER_SM, qd.CUDA_CHAINS, qd.CUDA_PIPE, qd.CUDA_TIMELINE, qd.CUDA_STEAL = None, 0, 0, 0, 0
+        qd.CUDA_PER_SM, qd.CUDA_CHAINS, qd.CUDA_PIPE, qd.CUDA_TIMELINE, qd.CUDA_STEAL, qd.CUDA_EARLY = None, 0, 0, 0, 0, 0
         del c
     if args.json:
         with open(args.json, "w") as f:

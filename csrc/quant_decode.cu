@@ -24,6 +24,10 @@
 // programs (live block, full pages) run on the SM room the one wave of this kernel leaves
 // instead of before it. Each of the row's programs, ours and the forward's, counts itself
 // done; whichever is last merges (merge_last; the forward's copy of it in Triton).
+// It may itself be launched as the dependent of the kernel before it (quant_decode.CUDA_EARLY,
+// an A/B knob): then its start (the row's metadata, block ids, tags and the scan: inputs of
+// the step, not of that kernel) runs while that kernel ends, and griddepcontrol.wait holds
+// it before anything that kernel may write or read (the query, the partials, the counters).
 //
 // One warp per program. A page a step: cp.async copies the whole page (P bytes) into a
 // ring of STAGES slots in shared memory (STAGES - 1 pages in flight per warp), 16-byte
@@ -897,6 +901,10 @@ qrun(const u16* q, const u8* kvb, const signed char* tags, const int* bt, const 
     bool ok;
     scan(bt_row, tags, kept, max_blocks, bid0, nc, nf, qbits, ok);
     __syncwarp();  // ids_s written by every lane
+#if PDL
+    // (a no-op unless launched as a dependent: CUDA_EARLY)
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
     TL(1);
 #if TIMELINE
     unsigned smid;

@@ -48,10 +48,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 try:
     if _INTERPRET:  # programs run one after another there: nothing to wait for
         raise ImportError
-    from triton.language.extra.cuda import gdc_wait
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # (or a Triton without grid dependency control: quant_decode.pdl() is False then)
     @triton.jit
     def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
         pass
 
 
@@ -413,7 +417,11 @@ def _fwd_kernel(
     the row's last (of PSPLITS) merges every partial. Program (0, 0, 0) leaves only after the
     twin has finished, so that what follows in the stream sees both kernels done. (Only one:
     a program waiting holds its SM room, and the forward's programs take turns in what the
-    twin leaves -- all of them waiting put most of them after the twin, 8.5 us later.)"""
+    twin leaves -- all of them waiting put most of them after the twin, 8.5 us later.)
+    Each program lets a kernel launched as our dependent start (quant_decode.CUDA_EARLY:
+    the next layer's twin begins its scan; it waits for us before anything we touch)."""
+    if ARRIVE:
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)

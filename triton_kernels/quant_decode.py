@@ -440,6 +440,10 @@ CUDA_PIPE = 0
 # chunks of CUDA_STEAL pages to whichever program of the row asks first, instead of in fixed
 # splits (benchmarks/probe_timeline.py: programs of equal pages ended 110-166 us apart).
 CUDA_STEAL = 0
+# A/B knob, not measured on a GPU yet (PDL builds only): 1 = the twin is launched as the
+# programmatic dependent of the kernel before it, so that its start (metadata, scan) runs
+# while that kernel ends; it waits (griddepcontrol.wait) before the query and its writes.
+CUDA_EARLY = 0
 CUDA_TIMELINE = 0    # probe only (benchmarks/probe_timeline.py): > 0 builds the twin recording when each program passes its phases
 _CU = Path(__file__).resolve().parent.parent / "csrc" / "quant_decode.cu"
 _log = logging.getLogger(__name__)
@@ -465,7 +469,8 @@ def _cuda_for(q: torch.Tensor, D: int, BS: int, page_bits: tuple[int, ...]):
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
     stages = max(CUDA_STAGES, 3) if CUDA_PIPE else CUDA_STAGES
     return _cuda_kernel(D, BS, q.element_size(), tuple(sorted(page_bits)), q.dtype == torch.bfloat16, dev, stages,
-                        CUDA_MINB, CUDA_CARVEOUT, pdl(q), CUDA_CHAINS, CUDA_PIPE, CUDA_TIMELINE, CUDA_STEAL)
+                        CUDA_MINB, CUDA_CARVEOUT, pdl(q), CUDA_CHAINS, CUDA_PIPE, CUDA_TIMELINE, CUDA_STEAL,
+                        bool(CUDA_EARLY) and pdl(q))
 
 
 def pdl(q: torch.Tensor) -> bool:
@@ -506,7 +511,7 @@ NVRTC_OPTIONS = ("-std=c++17", "-default-device")
 @functools.lru_cache(maxsize=None)
 def _cuda_kernel(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bool, device: int, stages: int,
                  minb: int, carveout: int = -1, pdl: bool = False, chains: int = 0, pipe: int = 0, timeline: int = 0,
-                 steal: int = 0):
+                 steal: int = 0, early: bool = False):
     """The launcher of this shape's kernel, or None (logged once) where it cannot be built."""
     from vllm_kvcomp.ops.quant import page_capacity
 
@@ -522,13 +527,28 @@ def _cuda_kernel(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bo
             smem = stages * P + 4 * CUDA_NIDS
             if smem >= 48 * 1024:
                 kernel.set_shared_memory_config(smem)
-        launcher = _Launcher(kernel.func, smem, carveout)
+        launcher = _Launcher(kernel.func, smem, carveout, early)
         launcher.module = kernel.module  # (the timeline probe reads a global of it)
     except Exception as ex:  # noqa: BLE001 -- no NVRTC, an old torch: the Triton kernel reads the runs
         _log.warning("vllm-kvcomp: CUDA quant_decode unavailable (%s: %s); using the Triton kernel",
                      type(ex).__name__, str(ex)[:500])
         return None
     return launcher
+
+
+class _LaunchAttributeValue(ctypes.Union):  # CUlaunchAttributeValue (64 bytes)
+    _fields_ = [("pad", ctypes.c_char * 64), ("u32", ctypes.c_uint)]
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", _LaunchAttributeValue)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
 
 
 class _Launcher:
@@ -539,9 +559,15 @@ class _Launcher:
     # q, kvb, tags, block_table, query_start_loc, kept, pacc, pml, counters, out, lse | scale2 | 15 ints
     TYPES = [ctypes.c_void_p] * 11 + [ctypes.c_double] + [ctypes.c_int] * 15
 
-    def __init__(self, func, smem: int, carveout: int = -1):
+    def __init__(self, func, smem: int, carveout: int = -1, early: bool = False):
         self.func, self.smem = func, smem
         self.lib = ctypes.CDLL("libcuda.so.1")
+        self.config = None
+        if early:  # cuLaunchKernelEx with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (6) = 1
+            self.attr = _LaunchAttribute(id=6)
+            self.attr.value.u32 = 1
+            self.config = _LaunchConfig(blockDimX=32, blockDimY=1, blockDimZ=1, sharedMemBytes=smem,
+                                        attrs=ctypes.pointer(self.attr), numAttrs=1)
         if carveout >= 0:  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
             self.lib.cuFuncSetAttribute(func, 9, carveout)
         n = ctypes.c_int(0)
@@ -555,8 +581,13 @@ class _Launcher:
         for v, a in zip(self.vals, args):
             v.value = a.data_ptr() if isinstance(a, torch.Tensor) else a
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        err = self.lib.cuLaunchKernel(self.func, grid[0], grid[1], grid[2], 32, 1, 1, self.smem, stream, self.argv,
-                                      None)
+        if self.config is not None:
+            c = self.config
+            c.gridDimX, c.gridDimY, c.gridDimZ, c.hStream = grid[0], grid[1], grid[2], stream
+            err = self.lib.cuLaunchKernelEx(ctypes.byref(c), self.func, self.argv, None)
+        else:
+            err = self.lib.cuLaunchKernel(self.func, grid[0], grid[1], grid[2], 32, 1, 1, self.smem, stream,
+                                          self.argv, None)
         if err != 0:
             raise RuntimeError(f"quant_decode CUDA launch failed: CUresult {err}")
 
