@@ -114,7 +114,8 @@ def main():
             res[name] = s
             print(name, json.dumps(s), flush=True)
             qd.CUDA_MINB = 12
-        qd.CUDA_PER_SM, qd.CUDA_CHAINS, qd.CUDA_PIPE, qd.CUDA_TIMELINE, qd.CUDA_STEAL, qd.CUDA_EARLY = None, 0, 0, 0, 0, 0
+        qd.CUDA_PER_SM, qd.CUDA_CHAINS, qd.CUDA_PIPE, qd.CUDA_TIMELINE = None, 0, 0, 0
+        qd.CUDA_STEAL, qd.CUDA_EARLY = 0, 0
         del c
     if args.json:
         with open(args.json, "w") as f:

@@ -23,7 +23,8 @@ def main():
     ap.add_argument("--bits", default="4,2,8")
     ap.add_argument("--sweep", default="",
                     help="CUDA stages,programs per SM (0: all that fit, -1: the bandwidth rule),launch-bounds min "
-                         "blocks[,smem carveout % (-1: the driver's)[,CUDA_CHAINS[,CUDA_PIPE[,CUDA_STEAL[,CUDA_EARLY]]]]];...")
+                         "blocks[,smem carveout % (-1: the driver's)[,CUDA_CHAINS[,CUDA_PIPE[,CUDA_STEAL"
+                         "[,CUDA_EARLY]]]]];...")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--ctx", type=int, default=8192)
     args = ap.parse_args()

@@ -122,9 +122,10 @@ def main():
     ap.add_argument("--minb", type=int, default=qd.CUDA_MINB, help="the twin's launch-bounds minimum blocks per SM")
     args = ap.parse_args()
     for bits in map(int, args.bits.split(",")):
-        kernel = compile_cuda(bits, chains=args.chains, pipe=args.pipe, minb=args.minb,
-                                                     steal=args.steal) if args.cuda else compile_qrun(bits, args.pb, args.warps,
-                                                                                        args.stages, args.block_m)
+        if args.cuda:
+            kernel = compile_cuda(bits, chains=args.chains, pipe=args.pipe, minb=args.minb, steal=args.steal)
+        else:
+            kernel = compile_qrun(bits, args.pb, args.warps, args.stages, args.block_m)
         regs, stack, sass, ops = census(kernel)
         cap = quant.page_capacity(bits, 16, 128, 2)
         print(f"int{bits}: {regs} registers, {stack} B stack; page loop {sum(ops.values())} instructions per warp "

@@ -15,7 +15,8 @@
 //
 // Built at first use by NVRTC (torch.cuda._compile_kernel, no headers); the launcher
 // (quant_decode._cuda_kernel) prepends the shape: D, BS, P (page bytes), CAP8/CAP4/CAP2,
-// HAS8/HAS4/HAS2, STAGES, QBF16, MINB, PDL, CHAINS and PIPE (A/B variants), NIDS (block ids of a
+// HAS8/HAS4/HAS2, STAGES, QBF16, MINB, PDL, CHAINS/PIPE/STEAL (A/B variants, off: measured in
+// docs/kernels.md, "When each program runs"), NIDS (block ids of a
 // row's first entries kept in shared memory after the ring of pages: STAGES * P + 4 NIDS bytes
 // in all), TIMELINE (probe builds only).
 //

@@ -426,25 +426,27 @@ CUDA_PER_SM = None   # sweeps: a fixed aim of programs per SM instead (0: as man
 # VLLM_KVCOMP_QRUN_PDL=0: the forward first, then the twin (A/B runs; GPUs before Hopper).
 PDL = os.environ.get("VLLM_KVCOMP_QRUN_PDL", "1") != "0"
 CUDA_CARVEOUT = -1   # the kernel's preferred shared-memory carveout in percent; -1: the driver's choice
-# A/B knob, not measured on a GPU yet (quant_decode_cuda.py --sweep's 5th field): 1 = a page's
-# score dots start from zero and its common part c comes from two chains of dots, not one
-# (the twin is bound by each warp's chain of dependent instructions: docs/kernels.md,
-# "Where the twin's time goes"); 0 = as measured. One format compiled in (the backend's
-# call) keeps 168 registers without spills; all three formats spill 48 bytes with it.
+# A/B knobs of the twin, off: each measured on the H200 (docs/kernels.md, "When each program
+# runs") and checked against the reference on a GPU (test_cuda_twin_variants).
+# CHAINS (quant_decode_cuda.py --sweep's 5th field; +1.5% in one run, 0 in the next): 1 = a
+# page's score dots start from zero and its common part c comes from two chains of dots, not
+# one. One format compiled in keeps 168 registers; all three formats spill 48 bytes with it.
 CUDA_CHAINS = 0
-# A/B knob, not measured on a GPU yet (--sweep's 6th field): 1 = the next page's key dots are
-# computed in the same step as this page's softmax and value dots, so a warp has two pages'
+# PIPE (6th field; int4 +1.5%, int2 +4%, one run): 1 = the next page's key dots are computed
+# in the same step as this page's softmax and value dots, so a warp has two pages'
 # independent work to interleave; it needs 3 shared-memory slots (8 programs an SM fit).
 CUDA_PIPE = 0
-# A/B knob, not measured on a GPU yet (--sweep's 7th field): > 0 = the run's pages go out in
-# chunks of CUDA_STEAL pages to whichever program of the row asks first, instead of in fixed
-# splits (benchmarks/probe_timeline.py: programs of equal pages ended 110-166 us apart).
+# STEAL (7th field; 0 to -5%: the programs that lag share an SM, not a row): > 0 = the run's
+# pages go out in chunks of CUDA_STEAL pages to whichever program of the row asks first,
+# instead of in fixed splits (probe_timeline.py: equal programs ended 110-166 us apart).
 CUDA_STEAL = 0
-# A/B knob, not measured on a GPU yet (PDL builds only): 1 = the twin is launched as the
-# programmatic dependent of the kernel before it, so that its start (metadata, scan) runs
-# while that kernel ends; it waits (griddepcontrol.wait) before the query and its writes.
+# EARLY (8th field, PDL builds only; no gain in the benchmark): 1 = the twin is launched as
+# the programmatic dependent of the kernel before it, so that its start (metadata, scan)
+# runs while that kernel ends; it waits (griddepcontrol.wait) before the query and its writes.
 CUDA_EARLY = 0
-CUDA_TIMELINE = 0    # probe only (benchmarks/probe_timeline.py): > 0 builds the twin recording when each program passes its phases
+# probe builds only (benchmarks/probe_timeline.py): > 0 = the twin records when each of that
+# many programs passes its phases
+CUDA_TIMELINE = 0
 _CU = Path(__file__).resolve().parent.parent / "csrc" / "quant_decode.cu"
 _log = logging.getLogger(__name__)
 

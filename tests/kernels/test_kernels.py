@@ -290,7 +290,8 @@ _NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) i
 @pytest.mark.skipif(_NVCC is None, reason="no nvcc here: on GPU machines NVRTC builds the CUDA twin at first use, "
                                           "and the decode tests above run it")
 @pytest.mark.parametrize("D,page_bits,chains,pipe,steal", [
-    (128, (4,), 0, 0, 0), (128, (2,), 0, 0, 0), (128, (8,), 0, 0, 0), (128, (2, 4, 8), 0, 0, 0), (64, (2, 4, 8), 0, 0, 0),
+    (128, (4,), 0, 0, 0), (128, (2,), 0, 0, 0), (128, (8,), 0, 0, 0), (128, (2, 4, 8), 0, 0, 0),
+    (64, (2, 4, 8), 0, 0, 0),
     (128, (4,), 1, 0, 0), (128, (2,), 1, 0, 0), (128, (4,), 0, 1, 0), (128, (2,), 0, 1, 0), (128, (4,), 0, 0, 4),
     (128, (2,), 0, 1, 4)])
 def test_cuda_twin_compiles_for_hopper_without_spills(D, page_bits, chains, pipe, steal):
