@@ -95,6 +95,8 @@ def main():
     res = {"device": torch.cuda.get_device_name()}
     print(f"torch {torch.__version__}, {res['device']}", flush=True)
     n = 1 << 16
+    knobs = ("CUDA_PER_SM", "CUDA_CHAINS", "CUDA_PIPE", "CUDA_TIMELINE", "CUDA_STEAL", "CUDA_EARLY", "CUDA_MINB")
+    shipped = {k: getattr(qd, k) for k in knobs}
     for bits in map(int, args.bits.split(",")):
         c = Decode(args.batch, args.ctx, bits=bits)
         randomize_scales(c, bits)
@@ -113,9 +115,8 @@ def main():
             name = f"int{bits} per_sm {per} chains {chains} pipe {pipe} steal {steal} early {early}"
             res[name] = s
             print(name, json.dumps(s), flush=True)
-            qd.CUDA_MINB = 12
-        qd.CUDA_PER_SM, qd.CUDA_CHAINS, qd.CUDA_PIPE, qd.CUDA_TIMELINE = None, 0, 0, 0
-        qd.CUDA_STEAL, qd.CUDA_EARLY = 0, 0
+            for k, v in shipped.items():  # back to the shipped build between configurations
+                setattr(qd, k, v)
         del c
     if args.json:
         with open(args.json, "w") as f:

@@ -388,6 +388,15 @@ struct Run {
         }
     }
 
+    // One page in shared memory, ntok tokens (FULL: all CAP): its scores, then its softmax and
+    // value dots (one body per FULL, as measured: the two share no code across the branch).
+    template <bool FULL>
+    __device__ __forceinline__ void page(const u8* pg, int ntok, int g, int t) {
+        float s[F::NSTEP][4];
+        keys(pg, t, s);
+        values<FULL>(pg, s, ntok, g);
+    }
+
 #if STEAL
     // (A/B, quant_decode.CUDA_STEAL) The run's pages [jbase, j_end) in chunks of STEAL pages,
     // handed out by a counter per (row, KV head) (wctr: chunks taken in the low 16 bits,
@@ -487,14 +496,10 @@ struct Run {
             }
             const u32 nxt = cur == STAGES - 1 ? 0 : cur + 1;
             const int ntok = min(F::CAP, n_tok - (fifo[0] - jbase) * F::CAP);
-            float s[F::NSTEP][4];
-            if (ntok >= F::CAP) {
-                keys(smem + cur * P, t, s);
-                values<true>(smem + cur * P, s, ntok, g);
-            } else {
-                keys(smem + cur * P, t, s);
-                values<false>(smem + cur * P, s, ntok, g);
-            }
+            if (ntok >= F::CAP)
+                page<true>(smem + cur * P, ntok, g, t);
+            else
+                page<false>(smem + cur * P, ntok, g, t);
 #endif
 #pragma unroll
             for (int k = 0; k + 1 < STAGES - 1; ++k) fifo[k] = fifo[k + 1];
@@ -637,20 +642,15 @@ struct Run {
             issue(j + STAGES - 1, cur == 0 ? STAGES - 1 : cur - 1);  // into the slot page j - 1 left
             cp_wait<STAGES - 1>();  // page j has landed (this lane's chunks) ...
             __syncwarp();           // ... and every lane's
-            const u8* pg = smem + cur * P;
-            const int ntok = min(F::CAP, n_tok - (j - jbase) * F::CAP);
             if (TIMELINE && j == j_lo) {
                 TL(2);
                 TL_SET(8, clock64());
             }
-            float s[F::NSTEP][4];
-            if (ntok >= F::CAP) {
-                keys(pg, t, s);
-                values<true>(pg, s, ntok, g);
-            } else {
-                keys(pg, t, s);
-                values<false>(pg, s, ntok, g);
-            }
+            const int ntok = min(F::CAP, n_tok - (j - jbase) * F::CAP);
+            if (ntok >= F::CAP)
+                page<true>(smem + cur * P, ntok, g, t);
+            else
+                page<false>(smem + cur * P, ntok, g, t);
             __syncwarp();           // every lane is done with the slot before it is refilled
             cur = cur == STAGES - 1 ? 0 : cur + 1;
         }
@@ -815,41 +815,43 @@ __device__ __forceinline__ void merge_last(int* cnt, const float* pacc, const fl
 #pragma unroll
                     for (int c = 0; c < C; ++c) acc[i][c] += wk * ldcg(pa + 32 * c);
                 }
-    }
-    for (int s0 = 0; s0 < PSPLITS && PSPLITS > 32; s0 += 32) {
-        const bool ok = s0 + lane < PSPLITS;
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-            if (i < G) mmax[i] = fmaxf(mmax[i], ok ? ldcg(pml + (prow0 + i * PSPLITS + s0 + lane) * 2) : NEG_INF);
-    }
-#pragma unroll
-    for (int i = 0; i < 8 && PSPLITS > 32; ++i) {
-        mmax[i] = warp_max(mmax[i]);
-        if (mmax[i] == NEG_INF) mmax[i] = 0.f;
-    }
-    for (int s0 = 0; s0 < PSPLITS && PSPLITS > 32; s0 += 32) {
-        const bool ok = s0 + lane < PSPLITS;
-        float w[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            w[i] = 0.f;
-            if (i < G && ok) {
-                const float* ml = pml + (prow0 + i * PSPLITS + s0 + lane) * 2;
-                w[i] = ex2(ldcg(ml) - mmax[i]);
-                ltot[i] += w[i] * ldcg(ml + 1);
-            }
-        }
-        const int n = min(32, PSPLITS - s0);
-#pragma unroll 4
-        for (int k = 0; k < n; ++k)
+    } else {
+        // more splits than lanes: the maxima first, then weights and outputs, 32 splits a round
+        for (int s0 = 0; s0 < PSPLITS; s0 += 32) {
+            const bool ok = s0 + lane < PSPLITS;
 #pragma unroll
             for (int i = 0; i < 8; ++i)
-                if (i < G) {
-                    const float wk = __shfl_sync(0xffffffffu, w[i], k);
-                    const float* pa = pacc + (prow0 + i * PSPLITS + s0 + k) * D + lane;
+                if (i < G) mmax[i] = fmaxf(mmax[i], ok ? ldcg(pml + (prow0 + i * PSPLITS + s0 + lane) * 2) : NEG_INF);
+        }
 #pragma unroll
-                    for (int c = 0; c < C; ++c) acc[i][c] += wk * ldcg(pa + 32 * c);
+        for (int i = 0; i < 8; ++i) {
+            mmax[i] = warp_max(mmax[i]);
+            if (mmax[i] == NEG_INF) mmax[i] = 0.f;
+        }
+        for (int s0 = 0; s0 < PSPLITS; s0 += 32) {
+            const bool ok = s0 + lane < PSPLITS;
+            float w[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                w[i] = 0.f;
+                if (i < G && ok) {
+                    const float* ml = pml + (prow0 + i * PSPLITS + s0 + lane) * 2;
+                    w[i] = ex2(ldcg(ml) - mmax[i]);
+                    ltot[i] += w[i] * ldcg(ml + 1);
                 }
+            }
+            const int n = min(32, PSPLITS - s0);
+#pragma unroll 4
+            for (int k = 0; k < n; ++k)
+#pragma unroll
+                for (int i = 0; i < 8; ++i)
+                    if (i < G) {
+                        const float wk = __shfl_sync(0xffffffffu, w[i], k);
+                        const float* pa = pacc + (prow0 + i * PSPLITS + s0 + k) * D + lane;
+#pragma unroll
+                        for (int c = 0; c < C; ++c) acc[i][c] += wk * ldcg(pa + 32 * c);
+                    }
+        }
     }
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
