@@ -440,6 +440,10 @@ CUDA_PIPE = 0
 # pages go out in chunks of CUDA_STEAL pages to whichever program of the row asks first,
 # instead of in fixed splits (probe_timeline.py: equal programs ended 110-166 us apart).
 CUDA_STEAL = 0
+# (Two more ways to even out the ends were measured slower and are not in the tree, only in
+# docs/kernels_runs/h200_tail_pool_variants.patch: chunks of any row's last pages to any
+# program, 2.38-2.64x; a block of warps sharing an SM's pages, 2.57-2.71x. The SMs already end
+# together; balanced warps pay more cycles a page. docs/kernels.md, "Evening out the ends".)
 # EARLY (8th field, PDL builds only; no gain in the benchmark): 1 = the twin is launched as
 # the programmatic dependent of the kernel before it, so that its start (metadata, scan)
 # runs while that kernel ends; it waits (griddepcontrol.wait) before the query and its writes.
