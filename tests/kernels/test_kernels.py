@@ -292,8 +292,10 @@ _NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) i
 @pytest.mark.parametrize("D,page_bits,chains,pipe,steal", [
     (128, (4,), 0, 0, 0), (128, (2,), 0, 0, 0), (128, (8,), 0, 0, 0), (128, (2, 4, 8), 0, 0, 0),
     (64, (2, 4, 8), 0, 0, 0),
-    (128, (4,), 1, 0, 0), (128, (2,), 1, 0, 0), (128, (4,), 0, 1, 0), (128, (2,), 0, 1, 0), (128, (4,), 0, 0, 4),
-    (128, (2,), 0, 1, 4)])
+    pytest.param(128, (4,), 1, 0, 0, marks=pytest.mark.xfail(
+        strict=True, reason="CHAINS (an A/B variant, off) reloads 6 spilled values every int4 page; its "
+                            "measurements in docs/kernels.md include them")),
+    (128, (2,), 1, 0, 0), (128, (4,), 0, 1, 0), (128, (2,), 0, 1, 0), (128, (4,), 0, 0, 4), (128, (2,), 0, 1, 4)])
 def test_cuda_twin_compiles_for_hopper_without_spills(D, page_bits, chains, pipe, steal):
     """csrc/quant_decode.cu, with the #defines the launcher gives it, compiles for an
     H100/H200 (sm_90) for each format and head dim it is sent, within the register cap of
@@ -302,7 +304,9 @@ def test_cuda_twin_compiles_for_hopper_without_spills(D, page_bits, chains, pipe
     across the loop (stored before it, loaded after). Checks the source where there is no
     GPU; its results are checked against the reference by the decode tests above on a GPU
     (chains, pipe, steal: the A/B variants, test_cuda_twin_variants; the PIPE variant holds
-    3 pages, so 8 programs an SM, and is built with that register cap)."""
+    3 pages, so 8 programs an SM, and is built with that register cap). The page loop is every
+    loop around a tensor-core dot, from its top: a reload before the loop's first dot counts
+    (the check before 2026-12-03 began at the first dot and missed CHAINS's six)."""
     import re
     import subprocess
     import tempfile
@@ -327,11 +331,28 @@ def test_cuda_twin_compiles_for_hopper_without_spills(D, page_bits, chains, pipe
     assert regs <= 65536 // (32 * minb), regs
     if not (chains or pipe or steal):
         assert "0 bytes spill stores" in r.stderr, r.stderr[-1500:]
-    # the page loop: from the first tensor-core dot to the last (the merge has none)
-    ops = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)]
+    # the page loop: every loop (a branch back to a label) that holds a tensor-core dot, from
+    # its label to its branch, and everything from the first dot to the last (the merge has
+    # none). Loads at the loop's top, before its first dot, count too.
+    ins, labels = [], {}
+    for line in sass.splitlines():
+        lab = re.match(r"^(\.L_x_\d+):", line)
+        if lab:
+            labels[lab.group(1)] = len(ins)
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line)
+        if m:
+            ins.append((m.group(1), m.group(2)))
+    ops = [o for o, _ in ins]
     mma = [i for i, o in enumerate(ops) if o.startswith("HMMA")]
     assert mma, "no HMMA in the SASS"
-    assert not [o for o in ops[mma[0]:mma[-1]] if o.startswith(("LDL", "STL"))], r.stderr[-1500:]
+    spans = [(mma[0], mma[-1])]
+    for i, (o, rest) in enumerate(ins):
+        back = re.search(r"`\((\.L_x_\d+)\)", rest) if o == "BRA" else None
+        if back and labels.get(back.group(1), i + 1) <= i and any(labels[back.group(1)] <= k <= i for k in mma):
+            spans.append((labels[back.group(1)], i))
+    assert len(spans) > 1, "no loop around the tensor-core dots found"
+    for a, b in spans:
+        assert not [o for o in ops[a:b + 1] if o.startswith(("LDL", "STL"))], (a, b, r.stderr[-1500:])
     assert int(re.search(r"(\d+) bytes spill stores", r.stderr).group(1)) <= 64, r.stderr[-1500:]
 
 
