@@ -11,7 +11,8 @@ leaves out a known number of instructions (`sass_census.py`'s count of the cut b
 prmt, and the lop3 that then repeat), without changing the format first; the time it saves
 says what fewer instructions buy.
 
-    python benchmarks/probe_fewer_ops.py [--bits 4] [--json out.json]
+    python benchmarks/probe_fewer_ops.py [--bits 4] [--json out.json]   # on the GPU
+    python benchmarks/probe_fewer_ops.py --census [--bits 4]             # the counts (nvcc, any machine)
 """
 from __future__ import annotations
 
@@ -39,11 +40,33 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--census", action="store_true", help="print each build's SASS count instead (needs nvcc)")
     args = ap.parse_args()
     sys.path.insert(0, "benchmarks")
-    from bench_kernels import Decode, ms_graph  # noqa: E402
-
     from vllm_kvcomp.triton_kernels import quant_decode as qd
+
+    shipped = qd.cuda_source
+
+    def cut(cuts):  # cuda_source with these replacements
+        def source(*a, **k):
+            src = shipped(*a, **k)
+            for old, new in cuts:
+                assert src.count(old) == 1, old
+                src = src.replace(old, new)
+            return src
+        return source
+
+    builds = [("shipped", [])] + list(CUTS.items())
+    if args.census:
+        from sass_census import census, compile_cuda  # noqa: E402
+
+        for name, cuts in builds:
+            qd.cuda_source = cut(cuts)
+            regs, stack, _, ops = census(compile_cuda(args.bits))
+            print(f"{name}: {regs} registers, {stack} B stack, {sum(ops.values())} instructions a page")
+        qd.cuda_source = shipped
+        return
+    from bench_kernels import Decode, ms_graph  # noqa: E402
 
     res = {"device": torch.cuda.get_device_name()}
     base = Decode(64, 8192)
@@ -51,16 +74,8 @@ def main():
     del base
     c = Decode(64, 8192, bits=args.bits)
     run = lambda: c.run(page_bits=(args.bits,))  # noqa: E731
-    shipped = qd.cuda_source
-    for name, cuts in [("shipped", [])] + list(CUTS.items()):
-        def source(*a, _cuts=cuts, **k):
-            src = shipped(*a, **k)
-            for old, new in _cuts:
-                assert src.count(old) == 1, old
-                src = src.replace(old, new)
-            return src
-
-        qd.cuda_source = source
+    for name, cuts in builds:
+        qd.cuda_source = cut(cuts)
         qd._cuda_kernel.cache_clear()
         ms = [ms_graph(run) for _ in range(3)]
         res[name] = dict(graph_ms=ms, vs_bf16=[g_bf16 / m for m in ms])
