@@ -388,6 +388,16 @@ struct Run {
         }
     }
 
+    // (PIPE) the first page's scores, once it has landed in slot 0 (the loop then scores
+    // each next page beside this one's values)
+    __device__ __forceinline__ void keys_first(const u8* smem, int t, float (&s)[F::NSTEP][4]) {
+        cp_wait<STAGES - 2>();
+        __syncwarp();
+        TL(2);
+        TL_SET(8, clock64());
+        keys(smem, t, s);
+    }
+
     // One page in shared memory, ntok tokens (FULL: all CAP): its scores, then its softmax and
     // value dots (one body per FULL, as measured: the two share no code across the branch).
     template <bool FULL>
@@ -456,11 +466,7 @@ struct Run {
         int npages = 0;
 #if PIPE
         float s[F::NSTEP][4];
-        cp_wait<STAGES - 2>();
-        __syncwarp();
-        TL(2);
-        TL_SET(8, clock64());
-        keys(smem, t, s);
+        keys_first(smem, t, s);
         while (fifo[0] >= 0) {
             i64 b = 0;
             const int jn = next(b);
@@ -611,11 +617,7 @@ struct Run {
         // this page, the next, and STAGES - 2 in flight.
         static_assert(STAGES >= 3, "PIPE reads two pages while a third is in flight");
         float s[F::NSTEP][4];
-        cp_wait<STAGES - 2>();
-        __syncwarp();
-        TL(2);
-        TL_SET(8, clock64());
-        keys(smem, t, s);
+        keys_first(smem, t, s);
         // pages before the run's last are full: only page j_hi - 1 may be partial
         for (int j = j_lo; j < j_hi - 1; ++j) {
             issue(j + STAGES - 1, cur == 0 ? STAGES - 1 : cur - 1);  // into the slot page j - 1 left
@@ -754,6 +756,24 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// The merge's weighted sum: splits [s0, s0 + n) of each of the G heads, lane k holding split
+// s0 + k's weight w[i] of head i, into acc (lane's channels 32 c + lane); U splits a step.
+template <int U>
+__device__ __forceinline__ void add_outputs(float (&acc)[8][D / 32], const float (&w)[8], const float* pacc,
+                                            i64 prow0, int s0, int n, int PSPLITS, int G) {
+    const int lane = threadIdx.x;
+#pragma unroll U
+    for (int k = 0; k < n; ++k)
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+            if (i < G) {
+                const float wk = __shfl_sync(0xffffffffu, w[i], k);
+                const float* pa = pacc + (prow0 + i * PSPLITS + s0 + k) * D + lane;
+#pragma unroll
+                for (int c = 0; c < D / 32; ++c) acc[i][c] += wk * ldcg(pa + 32 * c);
+            }
+}
+
 // The last program of a (row, KV head) to finish merges the PSPLITS partials of its G query
 // heads -- the forward's and every split's -- into the output (and the LSE): what
 // paged_attention._reduce_kernel does, without its launch. cnt[r * H_kv + h] counts the
@@ -805,16 +825,7 @@ __device__ __forceinline__ void merge_last(int* cnt, const float* pacc, const fl
             ltot[i] *= w[i];
         }
         // (2 splits a step: 4 held more loads in flight than registers, and spilled)
-#pragma unroll 2
-        for (int k = 0; k < PSPLITS; ++k)
-#pragma unroll
-            for (int i = 0; i < 8; ++i)
-                if (i < G) {
-                    const float wk = __shfl_sync(0xffffffffu, w[i], k);
-                    const float* pa = pacc + (prow0 + i * PSPLITS + k) * D + lane;
-#pragma unroll
-                    for (int c = 0; c < C; ++c) acc[i][c] += wk * ldcg(pa + 32 * c);
-                }
+        add_outputs<2>(acc, w, pacc, prow0, 0, PSPLITS, PSPLITS, G);
     } else {
         // more splits than lanes: the maxima first, then weights and outputs, 32 splits a round
         for (int s0 = 0; s0 < PSPLITS; s0 += 32) {
@@ -840,17 +851,7 @@ __device__ __forceinline__ void merge_last(int* cnt, const float* pacc, const fl
                     ltot[i] += w[i] * ldcg(ml + 1);
                 }
             }
-            const int n = min(32, PSPLITS - s0);
-#pragma unroll 4
-            for (int k = 0; k < n; ++k)
-#pragma unroll
-                for (int i = 0; i < 8; ++i)
-                    if (i < G) {
-                        const float wk = __shfl_sync(0xffffffffu, w[i], k);
-                        const float* pa = pacc + (prow0 + i * PSPLITS + s0 + k) * D + lane;
-#pragma unroll
-                        for (int c = 0; c < C; ++c) acc[i][c] += wk * ldcg(pa + 32 * c);
-                    }
+            add_outputs<4>(acc, w, pacc, prow0, s0, min(32, PSPLITS - s0), PSPLITS, G);
         }
     }
 #pragma unroll

@@ -1070,7 +1070,7 @@ def paged_attention_batched(
     merged = arrive and run_quant(num_splits)
     _fwd_kernel[(n_qtiles, H_kv, num_splits)](
         q, kv_cache, kvb, kvh, tags, block_table, query_start_loc, seq_lens, kept, live_start,
-        out, lse, pacc, pml, quant_decode.counter(q.device, 2 * B * H_kv) if arrive else seq_lens, scale2, B,
+        out, lse, pacc, pml, quant_decode.row_counters(q.device, B * H_kv) if arrive else seq_lens, scale2, B,
         block_table.shape[1], q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1),
         block_table.stride(0), out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, WRITE_LSE=write_lse, num_warps=num_warps, num_stages=num_stages, QSTAGES=qstages,

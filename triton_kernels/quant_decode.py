@@ -639,14 +639,20 @@ _counters: dict[int, list[torch.Tensor]] = {}
 
 
 def counter(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters, kept per device; the kernels leave them zero. Callers ask for two
-    per (row, KV head): the programs done (the merge's count), then the CUDA twin's chunks
-    taken (CUDA_STEAL). A larger batch gets a larger buffer; the smaller ones stay alive, since CUDA graphs
-    captured with them keep their addresses."""
+    """Zeroed int32 counters, kept per device; the kernels leave them zero. A larger batch gets
+    a larger buffer; the smaller ones stay alive, since CUDA graphs captured with them keep
+    their addresses. The twin and the forward beside it take theirs from row_counters."""
     held = _counters.setdefault(device.index, [])
     if not held or held[-1].numel() < n:
         held.append(torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device))
     return held[-1]
+
+
+def row_counters(device: torch.device, rows: int) -> torch.Tensor:
+    """The counters of one decode call over rows (row, KV head) pairs, the same buffer for the
+    twin and the forward that counts beside it: two a pair -- the programs done (the
+    merge's count), then the twin's chunks taken (CUDA_STEAL)."""
+    return counter(device, 2 * rows)
 
 
 def launch(kind: str, qsplits: int, q, kv_cache, kvb, tags, block_table, query_start_loc, kept, pacc, pml,
@@ -662,7 +668,7 @@ def launch(kind: str, qsplits: int, q, kv_cache, kvb, tags, block_table, query_s
     strides = (q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0))
     if kind == "cuda":
         _cuda_for(q, D, BS, page_bits)((B, H_kv, qsplits), [
-            q, kvb, tags, block_table, query_start_loc, kept, pacc, pml, counter(q.device, 2 * B * H_kv), out, lse,
+            q, kvb, tags, block_table, query_start_loc, kept, pacc, pml, row_counters(q.device, B * H_kv), out, lse,
             float(scale2), block_table.shape[1], *strides, H_kv * G, G, psplits, split0, qsplits, out.stride(0),
             out.stride(1), int(write_lse), nfwd])
         return True
