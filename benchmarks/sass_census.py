@@ -92,10 +92,12 @@ def census(kernel):
         m = re.match(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
         if m:
             ins.append(m.group(1))
-    loop = (0, 0)  # the longest backward branch: the page loop
+    loop = (0, 0)  # the longest backward branch around a tensor-core dot: the page loop (the merge's
+    #                loop over many splits has none, and is longer than int8's page loop)
     for i, x in enumerate(ins):
         m = re.search(r"BRA\s.*`\(\.(L_x_\d+)\)", x)
-        if m and labels.get(m.group(1), i) < i and i - labels[m.group(1)] > loop[1] - loop[0]:
+        if (m and labels.get(m.group(1), i) < i and i - labels[m.group(1)] > loop[1] - loop[0]
+                and any(y.startswith("HMMA") for y in ins[labels[m.group(1)]:i])):
             loop = (labels[m.group(1)], i + 1)
     skip = set()
     for i in range(*loop):

@@ -157,6 +157,11 @@ struct Bits {
     static constexpr int value = B;
 };
 
+template <bool B>
+struct Full {
+    static constexpr bool value = B;
+};
+
 template <int BITS>
 struct Fmt {
     static constexpr int NP = 8 / BITS;             // planes: channel c at byte c % ROW, bits (c / ROW) BITS
@@ -640,7 +645,7 @@ struct Run {
         else
             values<false>(smem + cur * P, s, ntok, g);
 #else
-        for (int j = j_lo; j < j_hi; ++j) {
+        auto step = [&](int j, auto full) {  // page j, read from its slot once it has landed
             issue(j + STAGES - 1, cur == 0 ? STAGES - 1 : cur - 1);  // into the slot page j - 1 left
             cp_wait<STAGES - 1>();  // page j has landed (this lane's chunks) ...
             __syncwarp();           // ... and every lane's
@@ -648,14 +653,15 @@ struct Run {
                 TL(2);
                 TL_SET(8, clock64());
             }
-            const int ntok = min(F::CAP, n_tok - (j - jbase) * F::CAP);
-            if (ntok >= F::CAP)
-                page<true>(smem + cur * P, ntok, g, t);
-            else
-                page<false>(smem + cur * P, ntok, g, t);
+            page<decltype(full)::value>(smem + cur * P, min(F::CAP, n_tok - (j - jbase) * F::CAP), g, t);
             __syncwarp();           // every lane is done with the slot before it is refilled
             cur = cur == STAGES - 1 ? 0 : cur + 1;
-        }
+        };
+        // pages before the run's last are full: only page j_hi - 1 may be partial. (One loop
+        // body, the full page's: with both bodies behind a branch, nvcc's int4 loop was 941
+        // SASS instructions a page, 871 now.)
+        for (int j = j_lo; j < j_hi - 1; ++j) step(j, Full<true>{});
+        step(j_hi - 1, Full<false>{});  // (the masked body, full or not: one copy of each body in all)
 #endif
         TL(3);
         TL_SET(9, clock64());
