@@ -12,6 +12,7 @@ every program is in its page loop.
     python benchmarks/probe_timeline.py [--bits 4] [--sweep "-1,0,0;0,0,0;-1,0,1"] [--json out.json]
 
 --sweep: programs per SM (-1: the bandwidth rule, 0: all that fit), CUDA_CHAINS, CUDA_PIPE[, CUDA_STEAL[, CUDA_EARLY]].
+--raw keeps every program's row in the json.
 (A value list that starts with "-" needs "--sweep=...".)
 """
 from __future__ import annotations
@@ -34,9 +35,10 @@ def timeline(launcher, n: int, call) -> list[list[int]]:
     assert lib.cuMemsetD8_v2(ptr, 0, size) == 0
     call()
     torch.cuda.synchronize()
-    buf = (ctypes.c_uint64 * (n * 10))()
-    assert lib.cuMemcpyDtoH_v2(buf, ptr, ctypes.c_size_t(n * 80)) == 0
-    return [list(buf[i * 10:(i + 1) * 10]) for i in range(n)]
+    w = size.value // (8 * n)  # values a program
+    buf = (ctypes.c_uint64 * (n * w))()
+    assert lib.cuMemcpyDtoH_v2(buf, ptr, ctypes.c_size_t(n * w * 8)) == 0
+    return [list(buf[i * w:(i + 1) * w]) for i in range(n)]
 
 
 def pct(xs, p):
@@ -44,8 +46,9 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
-def summarize(rows, page_bytes: int) -> dict:
-    rows = [r for r in rows if r[0]]
+def summarize(rows, page_bytes: int, pairs: int) -> dict:
+    qsplits = max(1, sum(1 for r in rows if r[0]) // pairs)
+    rows = [r + [r[11]] for r in rows if r[0]]  # [-1]: the program's split
     t0 = min(r[0] for r in rows)
     us = lambda x: (x - t0) / 1e3  # noqa: E731
     out = {"programs": len(rows), "sms": len({r[6] for r in rows})}
@@ -74,6 +77,30 @@ def summarize(rows, page_bytes: int) -> dict:
     out["programs_per_sm"] = {"min": counts[0], "max": counts[-1]}
     ends = [us(max(r[5] for r in v)) for v in per_sm.values()]
     out["sm_end"] = {p: round(pct(ends, p), 2) for p in (0, 50, 100)}
+    # who ends first: loop ends by split, and by age on the SM sub-partition (warp slot % 4;
+    # rank 0 started first there) -- the scheduler issues for its older warp first
+    out["loop_end_by_split"] = {s: {p: round(pct([us(r[3]) for r in rows if r[-1] == s], p), 2) for p in (0, 50, 100)}
+                                for s in range(qsplits)}
+    out["pages_by_split"] = {s: round(sum(r[7] for r in rows if r[-1] == s) / max(1, sum(r[-1] == s for r in rows)), 1)
+                             for s in range(qsplits)}
+    ranks = {}
+    for v in per_sm.values():
+        for sub in range(4):
+            ws = sorted((r for r in v if r[10] % 4 == sub), key=lambda r: r[0])
+            for k, r in enumerate(ws):
+                ranks.setdefault(k, []).append(r)
+    out["loop_end_by_age"] = {k: {"n": len(v), "split0_share": round(sum(r[-1] == 0 for r in v) / len(v), 2),
+                                  **{p: round(pct([us(r[3]) for r in v], p), 2) for p in (0, 50, 100)}}
+                              for k, v in sorted(ranks.items())}
+    last = max(rows, key=lambda r: r[5])  # the call's last program: its loop's end, partial, merge
+    out["last_program"] = {k: round(us(last[i]), 2) for i, k in ((3, "loop_end"), (4, "stored"), (12, "counted"),
+                                                                  (13, "visible"), (14, "ml_loaded"), (15, "summed"),
+                                                                  (5, "end")) if last[i]}
+    # the merge's phases (us), over the programs that merged (a row's last)
+    mg = [r for r in rows if r[13]]
+    out["merge_phases"] = {name: {p: round(pct([(r[b] - r[a]) / 1e3 for r in mg], p), 2) for p in (50, 100)}
+                           for name, a, b in (("count", 4, 12), ("visible", 12, 13), ("ml", 13, 14),
+                                              ("outputs", 14, 15), ("write", 15, 5))} if mg else None
     return out
 
 
@@ -84,6 +111,7 @@ def main():
     ap.add_argument("--ctx", type=int, default=8192)
     ap.add_argument("--sweep", default="-1,0,0,0")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--raw", action="store_true")
     args = ap.parse_args()
     sys.path.insert(0, "benchmarks")
     from bench_kernels import Decode  # noqa: E402
@@ -111,10 +139,12 @@ def main():
             for _ in range(5):  # warm
                 c.run(page_bits=(bits,))
             rows = timeline(launcher, n, lambda: c.run(page_bits=(bits,)))
-            s = summarize(rows, P)
+            s = summarize(rows, P, c.B * c.hkv)
             name = f"int{bits} per_sm {per} chains {chains} pipe {pipe} steal {steal} early {early}"
-            res[name] = s
             print(name, json.dumps(s), flush=True)
+            if args.raw:
+                s["raw"] = [r for r in rows if r[0]]
+            res[name] = s
             for k, v in shipped.items():  # back to the shipped build between configurations
                 setattr(qd, k, v)
         del c

@@ -130,8 +130,10 @@ __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0
 // (probe only: benchmarks/probe_timeline.py builds it with TIMELINE = the programs it holds)
 // per program: %globaltimer (ns) at its start [0], after the scan [1], when its first page
 // has landed [2], after its last page [3], after its partial [4], at its end [5]; its SM
-// [6]; its pages [7]; clock64 at [2] and [3] ([8], [9]).
-__device__ unsigned long long kvc_tl[TIMELINE][10];
+// [6]; its pages [7]; clock64 at [2] and [3] ([8], [9]); its warp slot on the SM [10]; its
+// split [11]; in the merge: counted [12], (the row's last only) its partials visible [13],
+// the (m, l) loaded [14], the outputs summed [15].
+__device__ unsigned long long kvc_tl[TIMELINE][16];
 __device__ __forceinline__ void tl_set(int k, unsigned long long v) {
     const int pid = (blockIdx.x * gridDim.y + blockIdx.y) * gridDim.z + blockIdx.z;
     if (threadIdx.x == 0 && pid < TIMELINE) kvc_tl[pid][k] = v;
@@ -141,10 +143,17 @@ __device__ __forceinline__ void tl_mark(int k) {
     asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
     tl_set(k, t);
 }
+__device__ __forceinline__ void tl_mark_after(int k, float dep) {  // once dep is computed
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t) : "f"(dep));
+    tl_set(k, t);
+}
 #define TL(k) tl_mark(k)
+#define TL_AFTER(k, dep) tl_mark_after(k, dep)
 #define TL_SET(k, v) tl_set(k, v)
 #else
 #define TL(k)
+#define TL_AFTER(k, dep)
 #define TL_SET(k, v)
 #endif
 
@@ -800,8 +809,11 @@ __device__ __forceinline__ void merge_last(int* cnt, const float* pacc, const fl
         last = atomicAdd(cnt + k, 1) == QSPLITS + NFWD - 1;
         if (last) cnt[k] = 0;
     }
-    if (!__shfl_sync(0xffffffffu, last, 0)) return;
+    last = __shfl_sync(0xffffffffu, last, 0);
+    TL(12);
+    if (!last) return;
     __threadfence();
+    TL(13);
     constexpr int C = D / 32;  // output channels per lane: 32 c + lane
     const i64 prow0 = ((i64)q_start * H_Q + (i64)h * G) * PSPLITS;  // head i: prow0 + i PSPLITS
     float mmax[8], ltot[8], acc[8][C];
@@ -830,8 +842,10 @@ __device__ __forceinline__ void merge_last(int* cnt, const float* pacc, const fl
             w[i] = lane < PSPLITS ? ex2(w[i] - mmax[i]) : 0.f;
             ltot[i] *= w[i];
         }
+        TL_AFTER(14, w[0]);
         // (2 splits a step: 4 held more loads in flight than registers, and spilled)
         add_outputs<2>(acc, w, pacc, prow0, 0, PSPLITS, PSPLITS, G);
+        TL_AFTER(15, acc[0][C - 1]);
     } else {
         // more splits than lanes: the maxima first, then weights and outputs, 32 splits a round
         for (int s0 = 0; s0 < PSPLITS; s0 += 32) {
@@ -917,9 +931,12 @@ qrun(const u16* q, const u8* kvb, const signed char* tags, const int* bt, const 
 #endif
     TL(1);
 #if TIMELINE
-    unsigned smid;
+    unsigned smid, wslot;
     asm("mov.u32 %0, %%smid;\n" : "=r"(smid));
+    asm volatile("mov.u32 %0, %%warpid;\n" : "=r"(wslot));
     TL_SET(6, smid);
+    TL_SET(10, wslot);
+    TL_SET(11, qsplit);
 #endif
     const i64 q_row = (i64)q_start * stride_qt + (i64)h * G * stride_qh;
     const i64 prow0 = ((i64)q_start * H_Q + (i64)h * G) * PSPLITS + SPLIT0 + qsplit;
