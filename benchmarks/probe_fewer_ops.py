@@ -6,7 +6,7 @@ int4 pages (64 x 8192 tokens, llama3-8b's attention shape), from a CUDA graph.
 Why: on the H200 the twin's call is set by the SM's issue rate (docs/kernels.md, "Evening
 out the ends does not shorten the call"), so fewer instructions per page is the lever left.
 A page format whose words hold an fp16 pair's two codes (a Marlin-style conversion: one
-lop3 a pair, no prmt) would save ~64 of ~940 instructions per int4 page. Each cut below
+lop3 a pair, no prmt) would save ~64 of 871 instructions per int4 page. Each cut below
 leaves out a known number of instructions (`sass_census.py`'s count of the cut build: the
 prmt, and the lop3 that then repeat), without changing the format first; the time it saves
 says what fewer instructions buy.

@@ -8,7 +8,7 @@
 // memory one byte at a time (LDS.U8) and converts them elementwise; its int4 page loop
 // issues ~1,750 SASS instructions per page per warp (benchmarks/sass_census.py), which caps
 // int4 decode at ~1.5x of bf16 pages. Here each lane loads the bytes its mma.sync fragments
-// need with vector loads, and the conversion writes the fragments in place (~950
+// need with vector loads, and the conversion writes the fragments in place (~870
 // instructions per int4 page, sass_census.py --cuda). A dot product does not care in which
 // order its channels are summed, so a lane's bytes are chosen contiguous and the query's
 // fragments and the output's columns follow the same channel order.
