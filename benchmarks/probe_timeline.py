@@ -78,7 +78,7 @@ def summarize(rows, page_bytes: int, pairs: int) -> dict:
     ends = [us(max(r[5] for r in v)) for v in per_sm.values()]
     out["sm_end"] = {p: round(pct(ends, p), 2) for p in (0, 50, 100)}
     # who ends first: loop ends by split, and by age on the SM sub-partition (warp slot % 4;
-    # rank 0 started first there) -- the scheduler issues for its older warp first
+    # rank 0 started first there; on the H200 it mostly ends first, docs/kernels.md)
     out["loop_end_by_split"] = {s: {p: round(pct([us(r[3]) for r in rows if r[-1] == s], p), 2) for p in (0, 50, 100)}
                                 for s in range(qsplits)}
     out["pages_by_split"] = {s: round(sum(r[7] for r in rows if r[-1] == s) / max(1, sum(r[-1] == s for r in rows)), 1)
@@ -96,8 +96,9 @@ def summarize(rows, page_bytes: int, pairs: int) -> dict:
     out["last_program"] = {k: round(us(last[i]), 2) for i, k in ((3, "loop_end"), (4, "stored"), (12, "counted"),
                                                                   (13, "visible"), (14, "ml_loaded"), (15, "summed"),
                                                                   (5, "end")) if last[i]}
-    # the merge's phases (us), over the programs that merged (a row's last)
-    mg = [r for r in rows if r[13]]
+    # the merge's phases (us), over the programs that merged (a row's last; marks 14-15 are
+    # in the merge's usual path, up to 32 partials a row)
+    mg = [r for r in rows if r[13] and r[15]]
     out["merge_phases"] = {name: {p: round(pct([(r[b] - r[a]) / 1e3 for r in mg], p), 2) for p in (50, 100)}
                            for name, a, b in (("count", 4, 12), ("visible", 12, 13), ("ml", 13, 14),
                                               ("outputs", 14, 15), ("write", 15, 5))} if mg else None
