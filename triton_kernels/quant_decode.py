@@ -442,6 +442,10 @@ CUDA_PIPE = 0
 # pages go out in chunks of CUDA_STEAL pages to whichever program of the row asks first,
 # instead of in fixed splits (probe_timeline.py: equal programs ended 110-166 us apart).
 CUDA_STEAL = 0
+# SUM (9th field; ready, not yet run on a GPU): 1 = the merge sums the outputs a half of the
+# group's heads at a time, with no load under a per-head branch (the call's last program
+# spent 4.6 us of its ~7 us merge there; docs/kernels.md, "Who ends first").
+CUDA_SUM = 0
 # (Two more ways to even out the ends were measured slower and are not in the tree, only in
 # docs/kernels_runs/h200_tail_pool_variants.patch: chunks of any row's last pages to any
 # program, 2.38-2.64x; a block of warps sharing an SM's pages, 2.57-2.71x. The SMs already end
@@ -478,7 +482,7 @@ def _cuda_for(q: torch.Tensor, D: int, BS: int, page_bits: tuple[int, ...]):
     stages = max(CUDA_STAGES, 3) if CUDA_PIPE else CUDA_STAGES
     return _cuda_kernel(D, BS, q.element_size(), tuple(sorted(page_bits)), q.dtype == torch.bfloat16, dev, stages,
                         CUDA_MINB, CUDA_CARVEOUT, pdl(q), CUDA_CHAINS, CUDA_PIPE, CUDA_TIMELINE, CUDA_STEAL,
-                        bool(CUDA_EARLY) and pdl(q))
+                        bool(CUDA_EARLY) and pdl(q), CUDA_SUM)
 
 
 def pdl(q: torch.Tensor) -> bool:
@@ -499,7 +503,8 @@ def _pdl_device(device: int) -> bool:
 
 
 def cuda_source(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bool, stages: int, minb: int,
-                pdl: bool = False, chains: int = 0, pipe: int = 0, timeline: int = 0, steal: int = 0) -> str:
+                pdl: bool = False, chains: int = 0, pipe: int = 0, timeline: int = 0, steal: int = 0,
+                sum_: int = 0) -> str:
     """csrc/quant_decode.cu with this shape's #defines in front (what NVRTC compiles)."""
     from vllm_kvcomp.ops.quant import page_bytes, page_capacity
 
@@ -507,7 +512,7 @@ def cuda_source(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: boo
     defs = dict(D=D, BS=BS, P=page_bytes(BS, D, es), CAP8=caps[8], CAP4=caps[4], CAP2=caps[2],
                 HAS8=int(8 in page_bits), HAS4=int(4 in page_bits), HAS2=int(2 in page_bits), STAGES=stages,
                 QBF16=int(qbf16), MINB=minb, PDL=int(pdl), CHAINS=int(chains), PIPE=int(pipe), NIDS=CUDA_NIDS,
-                TIMELINE=int(timeline), STEAL=int(steal))
+                TIMELINE=int(timeline), STEAL=int(steal), SUM=int(sum_))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + _CU.read_text()
 
 
@@ -519,14 +524,14 @@ NVRTC_OPTIONS = ("-std=c++17", "-default-device")
 @functools.lru_cache(maxsize=None)
 def _cuda_kernel(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bool, device: int, stages: int,
                  minb: int, carveout: int = -1, pdl: bool = False, chains: int = 0, pipe: int = 0, timeline: int = 0,
-                 steal: int = 0, early: bool = False):
+                 steal: int = 0, early: bool = False, sum_: int = 0):
     """The launcher of this shape's kernel, or None (logged once) where it cannot be built."""
     from vllm_kvcomp.ops.quant import page_capacity
 
     if torch.cuda.get_device_capability(device) < (8, 0) or any(page_capacity(b, BS, D, es) > 128
                                                                  for b in page_bits):
         return None
-    src = cuda_source(D, BS, es, page_bits, qbf16, stages, minb, pdl, chains, pipe, timeline, steal)
+    src = cuda_source(D, BS, es, page_bits, qbf16, stages, minb, pdl, chains, pipe, timeline, steal, sum_)
     P = BS * 2 * D * es
     cc = "".join(map(str, torch.cuda.get_device_capability(device)))
     try:

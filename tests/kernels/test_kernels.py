@@ -411,17 +411,21 @@ def test_cuda_twin_compiles_under_nvrtc_as_at_run_time(monkeypatch, D, page_bits
 
 @pytest.mark.skipif(not CUDA, reason="the CUDA twin runs on a GPU only; on the CPU the run's semantics are "
                                       "test_decode_quantized_runs_own_launch's, through the Triton kernel")
-@pytest.mark.parametrize("chains,pipe,d,steal,early", [
-    (1, 0, 64, 0, 0), (0, 1, 64, 0, 0), (0, 1, 128, 0, 0), (1, 1, 64, 0, 0), (0, 0, 128, 1, 0), (0, 0, 64, 2, 0),
-    (0, 1, 128, 2, 0), (0, 1, 64, 1, 0), (0, 0, 128, 0, 1), (1, 1, 128, 2, 1)])
-def test_cuda_twin_variants(monkeypatch, chains, pipe, d, steal, early):
+@pytest.mark.parametrize("chains,pipe,d,steal,early,sum_,g", [
+    (1, 0, 64, 0, 0, 0, 4), (0, 1, 64, 0, 0, 0, 4), (0, 1, 128, 0, 0, 0, 4), (1, 1, 64, 0, 0, 0, 4),
+    (0, 0, 128, 1, 0, 0, 4), (0, 0, 64, 2, 0, 0, 4), (0, 1, 128, 2, 0, 0, 4), (0, 1, 64, 1, 0, 0, 4),
+    (0, 0, 128, 0, 1, 0, 4), (1, 1, 128, 2, 1, 0, 4), (0, 0, 128, 0, 0, 1, 4), (0, 0, 64, 0, 1, 1, 6),
+    (0, 0, 128, 0, 0, 1, 8)])
+def test_cuda_twin_variants(monkeypatch, chains, pipe, d, steal, early, sum_, g):
     """The twin's A/B variants read every row as the reference does: CUDA_CHAINS = 1 (a
     page's score dots start from zero, its common part from two chains of dots),
     CUDA_PIPE = 1 (the next page's key dots beside this page's softmax and value dots;
     the rows' last pages are partial, so both page bodies run) and CUDA_STEAL (pages in
     chunks to whichever program asks: the partial page anywhere in a program's pages) and
-    CUDA_EARLY (launched as the dependent of the kernel before it, on a Hopper). Twice:
-    the counters are left zero for the next call."""
+    CUDA_EARLY (launched as the dependent of the kernel before it, on a Hopper) and
+    CUDA_SUM (the merge's sum a half of the heads at a time; groups of 4, 6 and 8 query
+    heads, so one half, a partial second half and a full one). Twice: the counters are left
+    zero for the next call."""
     from vllm_kvcomp.triton_kernels import quant_decode
 
     spy = _Spy(monkeypatch, quant_decode)
@@ -430,9 +434,10 @@ def test_cuda_twin_variants(monkeypatch, chains, pipe, d, steal, early):
     monkeypatch.setattr(quant_decode, "CUDA_PIPE", pipe)
     monkeypatch.setattr(quant_decode, "CUDA_STEAL", steal)
     monkeypatch.setattr(quant_decode, "CUDA_EARLY", early)
+    monkeypatch.setattr(quant_decode, "CUDA_SUM", sum_)
     if pipe:
         monkeypatch.setattr(quant_decode, "CUDA_MINB", 8)
-    b = _decode_runs_batch(d, 2, 4, 16, seed=5, scale_runs=3)
+    b = _decode_runs_batch(d, 2, g, 16, seed=5, scale_runs=3)
     for _ in range(2):
         _check_batch(b, stats=False)
         assert not quant_decode.counter(b.q.device, 1).any()
