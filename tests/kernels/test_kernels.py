@@ -302,12 +302,12 @@ def test_cuda_twin_compiles_for_hopper_without_spills(D, page_bits, chains, pipe
     __launch_bounds__ and without spilling in the page loop (a spill there would cost every
     page): a shipped build of one format spills nothing; every format compiled in, and an
     A/B variant, at most a few values kept across the loop (stored before it, loaded
-    after). Checks the source where there is no
-    GPU; its results are checked against the reference by the decode tests above on a GPU
-    (chains, pipe, steal: the A/B variants, test_cuda_twin_variants; the PIPE variant holds
-    3 pages, so 8 programs an SM, and is built with that register cap). The page loop is every
-    loop around a tensor-core dot, from its top: a reload before the loop's first dot counts
-    (the check before 2026-12-03 began at the first dot and missed CHAINS's six)."""
+    after). Checks the source where there is no GPU; its results are checked against the
+    reference by the decode tests above on a GPU (chains, pipe, steal: the A/B variants,
+    test_cuda_twin_variants; the PIPE variant holds 3 pages, so 8 programs an SM, and is
+    built with that register cap). The page loop is every loop around a tensor-core dot,
+    from its top: a reload before the loop's first dot counts (the check before 2026-12-03
+    began at the first dot and missed CHAINS's six)."""
     import re
     import subprocess
     import tempfile
