@@ -442,10 +442,6 @@ CUDA_PIPE = 0
 # pages go out in chunks of CUDA_STEAL pages to whichever program of the row asks first,
 # instead of in fixed splits (probe_timeline.py: equal programs ended 110-166 us apart).
 CUDA_STEAL = 0
-# SUM (9th field; ready, not yet run on a GPU): 1 = the merge sums the outputs a half of the
-# group's heads at a time, with no load under a per-head branch (the call's last program
-# spent 4.6 us of its ~7 us merge there; docs/kernels.md, "Who ends first").
-CUDA_SUM = 0
 # (Two more ways to even out the ends were measured slower and are not in the tree, only in
 # docs/kernels_runs/h200_tail_pool_variants.patch: chunks of any row's last pages to any
 # program, 2.38-2.64x; a block of warps sharing an SM's pages, 2.57-2.71x. The SMs already end
@@ -454,6 +450,10 @@ CUDA_SUM = 0
 # the programmatic dependent of the kernel before it, so that its start (metadata, scan)
 # runs while that kernel ends; it waits (griddepcontrol.wait) before the query and its writes.
 CUDA_EARLY = 0
+# SUM (9th field; ready, not yet run on a GPU): 1 = the merge sums the outputs a half of the
+# group's heads at a time, with no load under a per-head branch (the call's last program
+# spent 4.6 us of its ~7 us merge there; docs/kernels.md, "Who ends first").
+CUDA_SUM = 0
 # probe builds only (benchmarks/probe_timeline.py): > 0 = the twin records when each of that
 # many programs passes its phases
 CUDA_TIMELINE = 0
