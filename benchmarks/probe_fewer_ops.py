@@ -33,25 +33,9 @@ VALUES = [
     ("u32 a1 = or1024(__byte_perm(va[be >> 2], vb[be >> 2], s1), mk);", "u32 a1 = a0;"),
     ("u32 a3 = or1024(__byte_perm(vc[be >> 2], vd[be >> 2], s1), mk);", "u32 a3 = a2;"),
 ]
-# (not a cut: a correct build) the merge's output sum with no load under a branch, so that a
-# split's loads of every head go out together (probe_timeline.py: the call's last program
-# spent 4.2 us there). Inlined as it is, it moves nvcc's register choices in the page loop:
-# int4's loop keeps its 871 instructions, but int2 and int8 change (sass_census.py).
-MERGE = [
-    ("""            if (i < G) {
-                const float wk = __shfl_sync(0xffffffffu, w[i], k);
-                const float* pa = pacc + (prow0 + i * PSPLITS + s0 + k) * D + lane;
-#pragma unroll
-                for (int c = 0; c < D / 32; ++c) acc[i][c] += wk * ldcg(pa + 32 * c);
-            }""", """            {
-                const float wk = __shfl_sync(0xffffffffu, w[i], k);
-                const float* pa = pacc + (prow0 + min(i, G - 1) * PSPLITS + s0 + k) * D + lane;
-#pragma unroll
-                for (int c = 0; c < D / 32; ++c) acc[i][c] += (i < G ? wk : 0.f) * ldcg(pa + 32 * c);
-            }"""),
-]
-CUTS = {"keys: no prmt": KEYS, "values: half the conversion": VALUES, "both": KEYS + VALUES,
-        "merge: no load under a branch": MERGE}
+# (Its build "merge: no load under a branch", a correct one, measured 2.90x vs 2.86x and is
+# shipped in another form: csrc/quant_decode.cu's add_outputs.)
+CUTS = {"keys: no prmt": KEYS, "values: half the conversion": VALUES, "both": KEYS + VALUES}
 
 
 def main():

@@ -11,8 +11,7 @@ every program is in its page loop.
 
     python benchmarks/probe_timeline.py [--bits 4] [--sweep "-1,0,0;0,0,0;-1,0,1"] [--json out.json]
 
---sweep: programs per SM (-1: the bandwidth rule, 0: all that fit), CUDA_CHAINS, CUDA_PIPE[, CUDA_STEAL[, CUDA_EARLY
-[, CUDA_SUM]]].
+--sweep: programs per SM (-1: the bandwidth rule, 0: all that fit), CUDA_CHAINS, CUDA_PIPE[, CUDA_STEAL[, CUDA_EARLY]].
 --raw keeps every program's row in the json.
 (A value list that starts with "-" needs "--sweep=...".)
 """
@@ -125,17 +124,16 @@ def main():
     res = {"device": torch.cuda.get_device_name()}
     print(f"torch {torch.__version__}, {res['device']}", flush=True)
     n = 1 << 16
-    knobs = ("CUDA_PER_SM", "CUDA_CHAINS", "CUDA_PIPE", "CUDA_TIMELINE", "CUDA_STEAL", "CUDA_EARLY", "CUDA_MINB",
-             "CUDA_SUM")
+    knobs = ("CUDA_PER_SM", "CUDA_CHAINS", "CUDA_PIPE", "CUDA_TIMELINE", "CUDA_STEAL", "CUDA_EARLY", "CUDA_MINB")
     shipped = {k: getattr(qd, k) for k in knobs}
     for bits in map(int, args.bits.split(",")):
         c = Decode(args.batch, args.ctx, bits=bits)
         randomize_scales(c, bits)
         P = quant.page_bytes(c.bs, c.d, 2)
         for item in filter(None, args.sweep.split(";")):
-            per, chains, pipe, steal, early, sum_ = (list(map(int, item.split(","))) + [0, 0, 0])[:6]
+            per, chains, pipe, steal, early = (list(map(int, item.split(","))) + [0, 0])[:5]
             qd.CUDA_PER_SM, qd.CUDA_CHAINS, qd.CUDA_PIPE, qd.CUDA_TIMELINE = (None if per < 0 else per), chains, pipe, n
-            qd.CUDA_STEAL, qd.CUDA_EARLY, qd.CUDA_SUM = steal, early, sum_
+            qd.CUDA_STEAL, qd.CUDA_EARLY = steal, early
             if pipe:
                 qd.CUDA_MINB = 8
             launcher = qd._cuda_for(c.q, c.d, c.bs, (bits,))
@@ -143,7 +141,7 @@ def main():
                 c.run(page_bits=(bits,))
             rows = timeline(launcher, n, lambda: c.run(page_bits=(bits,)))
             s = summarize(rows, P, c.B * c.hkv)
-            name = f"int{bits} per_sm {per} chains {chains} pipe {pipe} steal {steal} early {early}" + " sum" * sum_
+            name = f"int{bits} per_sm {per} chains {chains} pipe {pipe} steal {steal} early {early}"
             print(name, json.dumps(s), flush=True)
             if args.raw:
                 s["raw"] = [r for r in rows if r[0]]

@@ -55,9 +55,6 @@
 #ifndef STEAL
 #define STEAL 0
 #endif
-#ifndef SUM
-#define SUM 0
-#endif
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -780,14 +777,13 @@ template <int U>
 __device__ __forceinline__ void add_outputs(float (&acc)[8][D / 32], const float (&w)[8], const float* pacc,
                                             i64 prow0, int s0, int n, int PSPLITS, int G) {
     const int lane = threadIdx.x;
-#if SUM
-    // (A/B, quant_decode.CUDA_SUM; ready, not yet run on a GPU) a half of the heads at a time
-    // (a warp-uniform branch), none of their loads under a branch of its own: heads past G
-    // load the last head's slot and weigh 0, so a split's 16 loads of 4 heads go out
-    // together (nvcc: groups of 16, not 4). Below, each head's loads wait on the head before:
-    // the call's last program spent 4.6 us here (probe_timeline.py). This form leaves the
-    // page loops' SASS as it was; a branch-free sum over all 8 heads (probe_fewer_ops.py's
-    // merge build, 2.90x vs 2.86x) spilled in int2's.
+    // A half of the heads at a time (a warp-uniform branch), none of their loads under a
+    // branch of its own: heads past G load the last head's slot and weigh 0, so a split's 16
+    // loads of 4 heads go out together. With each head's loads under `if (i < G)`, each waited
+    // on the head before: the call's last program spent 4.6 us summing, now 1.3 us, and int4
+    // went 2.85x -> 2.90x (H200, probe_timeline.py, quant_decode_cuda.py; docs/kernels.md).
+    // A branch-free sum over all 8 heads at once moved nvcc's register choices and spilled in
+    // int2's page loop; this form leaves the page loops' SASS as it was.
 #pragma unroll 1
     for (int h0 = 0; h0 < G; h0 += 4)
 #pragma unroll U
@@ -800,18 +796,6 @@ __device__ __forceinline__ void add_outputs(float (&acc)[8][D / 32], const float
 #pragma unroll
                 for (int c = 0; c < D / 32; ++c) acc[i][c] += (i < G ? wk : 0.f) * ldcg(pa + 32 * c);
             }
-#else
-#pragma unroll U
-    for (int k = 0; k < n; ++k)
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-            if (i < G) {
-                const float wk = __shfl_sync(0xffffffffu, w[i], k);
-                const float* pa = pacc + (prow0 + i * PSPLITS + s0 + k) * D + lane;
-#pragma unroll
-                for (int c = 0; c < D / 32; ++c) acc[i][c] += wk * ldcg(pa + 32 * c);
-            }
-#endif
 }
 
 // The last program of a (row, KV head) to finish merges the PSPLITS partials of its G query

@@ -430,9 +430,9 @@ CUDA_CARVEOUT = -1   # the kernel's preferred shared-memory carveout in percent;
 # runs") and checked against the reference on a GPU (test_cuda_twin_variants).
 # CHAINS (quant_decode_cuda.py --sweep's 5th field; +1.5% in one run, 0 in the next): 1 = a
 # page's score dots start from zero and its common part c comes from two chains of dots, not
-# one. One format compiled in keeps 168 registers, but int4 reloads 6 spilled values in its
-# page loop (the nvcc test's xfail), so its measurement includes them; all three formats
-# compiled in spill 48 bytes with it.
+# one. Its measurements included int4 reloading 6 spilled values every page; since the
+# merge's sum changed (add_outputs, 2026-12-03) nvcc keeps them out of the loop (16 bytes
+# stored before it), unmeasured.
 CUDA_CHAINS = 0
 # PIPE (6th field; int4 +1.5%, int2 +4%, one run): 1 = the next page's key dots are computed
 # in the same step as this page's softmax and value dots, so a warp has two pages'
@@ -450,10 +450,6 @@ CUDA_STEAL = 0
 # the programmatic dependent of the kernel before it, so that its start (metadata, scan)
 # runs while that kernel ends; it waits (griddepcontrol.wait) before the query and its writes.
 CUDA_EARLY = 0
-# SUM (9th field; ready, not yet run on a GPU): 1 = the merge sums the outputs a half of the
-# group's heads at a time, with no load under a per-head branch (the call's last program
-# spent 4.6 us of its ~7 us merge there; docs/kernels.md, "Who ends first").
-CUDA_SUM = 0
 # probe builds only (benchmarks/probe_timeline.py): > 0 = the twin records when each of that
 # many programs passes its phases
 CUDA_TIMELINE = 0
@@ -482,7 +478,7 @@ def _cuda_for(q: torch.Tensor, D: int, BS: int, page_bits: tuple[int, ...]):
     stages = max(CUDA_STAGES, 3) if CUDA_PIPE else CUDA_STAGES
     return _cuda_kernel(D, BS, q.element_size(), tuple(sorted(page_bits)), q.dtype == torch.bfloat16, dev, stages,
                         CUDA_MINB, CUDA_CARVEOUT, pdl(q), CUDA_CHAINS, CUDA_PIPE, CUDA_TIMELINE, CUDA_STEAL,
-                        bool(CUDA_EARLY) and pdl(q), CUDA_SUM)
+                        bool(CUDA_EARLY) and pdl(q))
 
 
 def pdl(q: torch.Tensor) -> bool:
@@ -503,8 +499,7 @@ def _pdl_device(device: int) -> bool:
 
 
 def cuda_source(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bool, stages: int, minb: int,
-                pdl: bool = False, chains: int = 0, pipe: int = 0, timeline: int = 0, steal: int = 0,
-                sum_: int = 0) -> str:
+                pdl: bool = False, chains: int = 0, pipe: int = 0, timeline: int = 0, steal: int = 0) -> str:
     """csrc/quant_decode.cu with this shape's #defines in front (what NVRTC compiles)."""
     from vllm_kvcomp.ops.quant import page_bytes, page_capacity
 
@@ -512,7 +507,7 @@ def cuda_source(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: boo
     defs = dict(D=D, BS=BS, P=page_bytes(BS, D, es), CAP8=caps[8], CAP4=caps[4], CAP2=caps[2],
                 HAS8=int(8 in page_bits), HAS4=int(4 in page_bits), HAS2=int(2 in page_bits), STAGES=stages,
                 QBF16=int(qbf16), MINB=minb, PDL=int(pdl), CHAINS=int(chains), PIPE=int(pipe), NIDS=CUDA_NIDS,
-                TIMELINE=int(timeline), STEAL=int(steal), SUM=int(sum_))
+                TIMELINE=int(timeline), STEAL=int(steal))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + _CU.read_text()
 
 
@@ -524,14 +519,14 @@ NVRTC_OPTIONS = ("-std=c++17", "-default-device")
 @functools.lru_cache(maxsize=None)
 def _cuda_kernel(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bool, device: int, stages: int,
                  minb: int, carveout: int = -1, pdl: bool = False, chains: int = 0, pipe: int = 0, timeline: int = 0,
-                 steal: int = 0, early: bool = False, sum_: int = 0):
+                 steal: int = 0, early: bool = False):
     """The launcher of this shape's kernel, or None (logged once) where it cannot be built."""
     from vllm_kvcomp.ops.quant import page_capacity
 
     if torch.cuda.get_device_capability(device) < (8, 0) or any(page_capacity(b, BS, D, es) > 128
                                                                  for b in page_bits):
         return None
-    src = cuda_source(D, BS, es, page_bits, qbf16, stages, minb, pdl, chains, pipe, timeline, steal, sum_)
+    src = cuda_source(D, BS, es, page_bits, qbf16, stages, minb, pdl, chains, pipe, timeline, steal)
     P = BS * 2 * D * es
     cc = "".join(map(str, torch.cuda.get_device_capability(device)))
     try:

@@ -292,10 +292,7 @@ _NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) i
 @pytest.mark.parametrize("D,page_bits,chains,pipe,steal", [
     (128, (4,), 0, 0, 0), (128, (2,), 0, 0, 0), (128, (8,), 0, 0, 0), (128, (2, 4, 8), 0, 0, 0),
     (64, (2, 4, 8), 0, 0, 0),
-    pytest.param(128, (4,), 1, 0, 0, marks=pytest.mark.xfail(
-        strict=True, reason="CHAINS (an A/B variant, off) reloads 6 spilled values every int4 page; its "
-                            "measurements in docs/kernels.md include them")),
-    (128, (2,), 1, 0, 0), (128, (4,), 0, 1, 0), (128, (2,), 0, 1, 0), (128, (4,), 0, 0, 4), (128, (2,), 0, 1, 4)])
+    (128, (4,), 1, 0, 0), (128, (2,), 1, 0, 0), (128, (4,), 0, 1, 0), (128, (2,), 0, 1, 0), (128, (4,), 0, 0, 4), (128, (2,), 0, 1, 4)])
 def test_cuda_twin_compiles_for_hopper_without_spills(D, page_bits, chains, pipe, steal):
     """csrc/quant_decode.cu, with the #defines the launcher gives it, compiles for an
     H100/H200 (sm_90) for each format and head dim it is sent, within the register cap of
@@ -411,21 +408,20 @@ def test_cuda_twin_compiles_under_nvrtc_as_at_run_time(monkeypatch, D, page_bits
 
 @pytest.mark.skipif(not CUDA, reason="the CUDA twin runs on a GPU only; on the CPU the run's semantics are "
                                       "test_decode_quantized_runs_own_launch's, through the Triton kernel")
-@pytest.mark.parametrize("chains,pipe,d,steal,early,sum_,g", [
-    (1, 0, 64, 0, 0, 0, 4), (0, 1, 64, 0, 0, 0, 4), (0, 1, 128, 0, 0, 0, 4), (1, 1, 64, 0, 0, 0, 4),
-    (0, 0, 128, 1, 0, 0, 4), (0, 0, 64, 2, 0, 0, 4), (0, 1, 128, 2, 0, 0, 4), (0, 1, 64, 1, 0, 0, 4),
-    (0, 0, 128, 0, 1, 0, 4), (1, 1, 128, 2, 1, 0, 4), (0, 0, 128, 0, 0, 1, 4), (0, 0, 64, 0, 1, 1, 6),
-    (0, 0, 128, 0, 0, 1, 8)])
-def test_cuda_twin_variants(monkeypatch, chains, pipe, d, steal, early, sum_, g):
+@pytest.mark.parametrize("chains,pipe,d,steal,early,g", [
+    (1, 0, 64, 0, 0, 4), (0, 1, 64, 0, 0, 4), (0, 1, 128, 0, 0, 4), (1, 1, 64, 0, 0, 4),
+    (0, 0, 128, 1, 0, 4), (0, 0, 64, 2, 0, 4), (0, 1, 128, 2, 0, 4), (0, 1, 64, 1, 0, 4),
+    (0, 0, 128, 0, 1, 4), (1, 1, 128, 2, 1, 4), (0, 0, 64, 0, 1, 6), (0, 0, 128, 0, 0, 8)])
+def test_cuda_twin_variants(monkeypatch, chains, pipe, d, steal, early, g):
     """The twin's A/B variants read every row as the reference does: CUDA_CHAINS = 1 (a
     page's score dots start from zero, its common part from two chains of dots),
     CUDA_PIPE = 1 (the next page's key dots beside this page's softmax and value dots;
     the rows' last pages are partial, so both page bodies run) and CUDA_STEAL (pages in
     chunks to whichever program asks: the partial page anywhere in a program's pages) and
-    CUDA_EARLY (launched as the dependent of the kernel before it, on a Hopper) and
-    CUDA_SUM (the merge's sum a half of the heads at a time; groups of 4, 6 and 8 query
-    heads, so one half, a partial second half and a full one). Twice: the counters are left
-    zero for the next call."""
+    CUDA_EARLY (launched as the dependent of the kernel before it, on a Hopper); and the
+    shipped twin at groups of 6 and 8 query heads (its merge sums a half of the heads at a
+    time: a partial second half, a full one). Twice: the counters are left zero for the
+    next call."""
     from vllm_kvcomp.triton_kernels import quant_decode
 
     spy = _Spy(monkeypatch, quant_decode)
@@ -434,7 +430,6 @@ def test_cuda_twin_variants(monkeypatch, chains, pipe, d, steal, early, sum_, g)
     monkeypatch.setattr(quant_decode, "CUDA_PIPE", pipe)
     monkeypatch.setattr(quant_decode, "CUDA_STEAL", steal)
     monkeypatch.setattr(quant_decode, "CUDA_EARLY", early)
-    monkeypatch.setattr(quant_decode, "CUDA_SUM", sum_)
     if pipe:
         monkeypatch.setattr(quant_decode, "CUDA_MINB", 8)
     b = _decode_runs_batch(d, 2, g, 16, seed=5, scale_runs=3)
