@@ -544,20 +544,25 @@ struct Run {
                                        int j_hi, int jbase, int n_tok, int G, u8* smem, int j_end, int qsplit,
                                        int QSPLITS, int* wctr) {
         const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
-        const float scale2 = (float)scale2d;
+        // the query's fragments (qs, qp), once the first pages' copies are on their way: its
+        // loads' round trip then overlaps theirs (issued after them, the first page landed
+        // ~1 round trip later: probe_timeline.py's first_page)
+        auto query = [&]() {
+            const float scale2 = (float)scale2d;
 #pragma unroll
-        for (int i = 0; i < F::NR; ++i) {
-            const int w = i / (2 * F::NP), p = (i / 2) % F::NP, sp = i % 2;
-            const int ch = t * F::RB + 4 * w + 2 * sp + p * F::ROW;
-            float x0 = 0.f, x1 = 0.f;
-            if (g < G) {
-                x0 = q_at(q, q_row + (i64)g * stride_qh + ch) * scale2;
-                x1 = q_at(q, q_row + (i64)g * stride_qh + ch + 1) * scale2;
+            for (int i = 0; i < F::NR; ++i) {
+                const int w = i / (2 * F::NP), p = (i / 2) % F::NP, sp = i % 2;
+                const int ch = t * F::RB + 4 * w + 2 * sp + p * F::ROW;
+                float x0 = 0.f, x1 = 0.f;
+                if (g < G) {
+                    x0 = q_at(q, q_row + (i64)g * stride_qh + ch) * scale2;
+                    x1 = q_at(q, q_row + (i64)g * stride_qh + ch + 1) * scale2;
+                }
+                qs[i] = pack(x0, x1);
+                const float ps = 1.f / (float)(1 << (BITS * p));
+                qp[i] = hmul2(qs[i], pack(ps, ps));
             }
-            qs[i] = pack(x0, x1);
-            const float ps = 1.f / (float)(1 << (BITS * p));
-            qp[i] = hmul2(qs[i], pack(ps, ps));
-        }
+        };
         // rows 8 apart share the swizzle where 8 rows span whole periods
         constexpr bool EIGHT = (8 * F::ROW) % Swz<BITS>::PERIOD == 0;
 #pragma unroll
@@ -607,6 +612,7 @@ struct Run {
             }
         };
 #if STEAL
+        query();
         steal(copy, ids_s, bt_row, jbase, j_end, n_tok, qsplit, QSPLITS, wctr, smem, g, t);
         return;
 #endif
@@ -623,6 +629,7 @@ struct Run {
         };
 #pragma unroll
         for (int s = 0; s < STAGES - 1; ++s) issue(j_lo + s, s);
+        query();
         u32 cur = 0;  // the ring slot of page j
 #if PIPE
         // (A/B, quant_decode.CUDA_PIPE) the next page's key dots in the same step as this
@@ -710,7 +717,10 @@ struct Run {
 
 // The region's shape (paged_attention._scan_compacted): entries nc of the compacted region,
 // its leading full pages nf, the largest tag, and whether it is [full pages][one precision].
-// bid0: the row's first 256 block ids (entry 32 u + lane), loaded with the row's metadata.
+// bid0: the row's first 256 block ids (entry 8 lane + u), loaded with the row's metadata.
+// A lane holds 8 consecutive entries, so a chunk of 256 is one warp scan of the lanes' sums
+// and one reduction per statistic. (Entries 32 u + lane took 8 scans and 8 x 4 reductions,
+// ~440 SASS instructions of dependent shuffles at every program's start.)
 __device__ __forceinline__ void scan(const int* bt_row, const signed char* tags, int kept, int max_blocks,
                                      const int (&bid0)[8], int& nc, int& nf, int& qbits, bool& ok) {
     const int lane = threadIdx.x;
@@ -719,34 +729,42 @@ __device__ __forceinline__ void scan(const int* bt_row, const signed char* tags,
     nc = 0;
     // block ids, then tags, of 8 x 32 entries at once: two round trips to memory per 256 entries
     for (int c0 = 0; c0 < upper && done < kept; c0 += 256) {
-        int tag[8];
+        const int j0 = c0 + 8 * lane;
+        int tag[8], cap[8], sum = 0;
+#pragma unroll
+        for (int u = 0; u < 8; ++u) tag[u] = c0 == 0 ? bid0[u] : j0 + u < upper ? bt_row[j0 + u] : 0;
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
-            const int j = c0 + 32 * u + lane;
-            tag[u] = c0 == 0 ? bid0[u] : j < upper ? bt_row[j] : 0;
+            tag[u] = j0 + u < upper ? (int)tags[tag[u]] : 0;
+            cap[u] = j0 + u < upper ? cap_of(tag[u]) : 0;
+            sum += cap[u];
         }
+        int incl = sum;  // the lanes' sums, scanned
 #pragma unroll
-        for (int u = 0; u < 8; ++u) tag[u] = c0 + 32 * u + lane < upper ? (int)tags[tag[u]] : 0;
+        for (int d = 1; d < 32; d <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, incl, d);
+            if (lane >= d) incl += y;
+        }
+        int before = done + incl - sum, n_in = 0, fnz = 1 << 30, lz = -1, mnz = 127, mt = 0;
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
-            const int j = c0 + 32 * u + lane;
-            const bool valid = j < upper;
-            const int cap = valid ? cap_of(tag[u]) : 0;
-            int incl = cap;
-#pragma unroll
-            for (int d = 1; d < 32; d <<= 1) {
-                const int y = __shfl_up_sync(0xffffffffu, incl, d);
-                if (lane >= d) incl += y;
+            // entries in the region: those that start before kept (caps > 0 past the region's end)
+            const bool inreg = j0 + u < upper && before < kept;
+            before += cap[u];
+            n_in += inreg;
+            if (inreg && tag[u] != 0) {
+                fnz = min(fnz, j0 + u);
+                mnz = min(mnz, tag[u]);
             }
-            const bool inreg = valid && done + incl - cap < kept;
-            nc += __popc(__ballot_sync(0xffffffffu, inreg));
-            const bool nz = inreg && tag[u] != 0;
-            first_nz = min(first_nz, __reduce_min_sync(0xffffffffu, nz ? j : 1 << 30));
-            last_z = max(last_z, __reduce_max_sync(0xffffffffu, inreg && tag[u] == 0 ? j : -1));
-            min_nz = min(min_nz, __reduce_min_sync(0xffffffffu, nz ? tag[u] : 127));
-            max_t = max(max_t, __reduce_max_sync(0xffffffffu, inreg ? tag[u] : 0));
-            done += __shfl_sync(0xffffffffu, incl, 31);
+            if (inreg && tag[u] == 0) lz = j0 + u;
+            if (inreg) mt = max(mt, tag[u]);
         }
+        nc += __reduce_add_sync(0xffffffffu, n_in);
+        first_nz = min(first_nz, __reduce_min_sync(0xffffffffu, fnz));
+        last_z = max(last_z, __reduce_max_sync(0xffffffffu, lz));
+        min_nz = min(min_nz, __reduce_min_sync(0xffffffffu, mnz));
+        max_t = max(max_t, __reduce_max_sync(0xffffffffu, mt));
+        done += __shfl_sync(0xffffffffu, incl, 31);
     }
     nf = min(first_nz, nc);
     qbits = max_t;
@@ -924,12 +942,12 @@ qrun(const u16* q, const u8* kvb, const signed char* tags, const int* bt, const 
     const int q_start = qsl[r], q_end = qsl[r + 1], kept = kept_p[r];
     int bid0[8];
 #pragma unroll
-    for (int u = 0; u < 8; ++u) bid0[u] = 32 * u + lane < max_blocks ? bt_row[32 * u + lane] : 0;
+    for (int u = 0; u < 8; ++u) bid0[u] = 8 * lane + u < max_blocks ? bt_row[8 * lane + u] : 0;
     if (q_end == q_start) return;
     static_assert(NIDS == 8 * 32, "the scan's first step: 8 ids a lane");
     int* ids_s = reinterpret_cast<int*>(smem + STAGES * P);
 #pragma unroll
-    for (int u = 0; u < 8; ++u) ids_s[32 * u + lane] = bid0[u];
+    for (int u = 0; u < 8; ++u) ids_s[8 * lane + u] = bid0[u];
     int nc, nf, qbits;
     bool ok;
     scan(bt_row, tags, kept, max_blocks, bid0, nc, nf, qbits, ok);
