@@ -354,27 +354,16 @@ def _var2_kernel(q_ptr, kvb_ptr, kvh_ptr, bt_ptr, out_ptr, pacc_ptr, pml_ptr, n_
 
 
 def reference_planes(c, n_req, bits):
-    d, bs, hkv, g = c.d, c.bs, c.hkv, c.g
-    cap = quant.page_capacity(bits, bs, d, 2)
-    o = quant.page_offsets(bits, bs, d, 2)
-    row = d * bits // 8
-    per = 8 // bits
+    """fp32 attention of the first n_req requests over their pages at ``bits``, read by the
+    format's reference (quant.read_pages: planes, and int4/int2's pair order)."""
+    d, hkv, g = c.d, c.hkv, c.g
+    cap = quant.page_capacity(bits, c.bs, d, 2)
     npg = -(-c.ctx // cap)
-    raw = c.kv.view(torch.uint8).view(c.kv.shape[0], hkv, -1)
     outs = []
-    shifts = torch.arange(per, device=raw.device, dtype=torch.int32) * bits
     for r in range(n_req):
-        pages = raw[c.bt[r, :npg].long()]
-        def codes(x):
-            x = x.reshape(npg, hkv, cap, row).int()
-            return ((x[..., None, :] >> shifts[:, None]) & ((1 << bits) - 1)).flatten(-2).float()
-        kc = codes(pages[..., : cap * row])
-        vc = codes(pages[..., cap * row: 2 * cap * row])
-        hh = pages[..., o["ks"]: o["end"]].contiguous().view(torch.float16).float()
-        ks, kz = hh[..., :d], hh[..., d: 2 * d]
-        vs, vz = hh[..., 2 * d: 2 * d + cap], hh[..., 2 * d + cap: 2 * d + 2 * cap]
-        k = (kc * ks[:, :, None, :] + kz[:, :, None, :]).permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, : c.ctx]
-        v = (vc * vs[..., None] + vz[..., None]).permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, : c.ctx]
+        k, v = quant.read_pages(c.kv, c.bt[r, :npg], bits)  # [npg, hkv, cap, d]
+        k = k.permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, : c.ctx]
+        v = v.permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, : c.ctx]
         q = c.q[r].float().view(hkv, g, d)
         p = torch.softmax(q @ k.transpose(1, 2) * d ** -0.5, -1)
         outs.append((p @ v).reshape(hkv * g, d))

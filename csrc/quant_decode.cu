@@ -8,7 +8,7 @@
 // memory one byte at a time (LDS.U8) and converts them elementwise; its int4 page loop
 // issues ~1,750 SASS instructions per page per warp (benchmarks/sass_census.py), which caps
 // int4 decode at ~1.5x of bf16 pages. Here each lane loads the bytes its mma.sync fragments
-// need with vector loads, and the conversion writes the fragments in place (~870
+// need with vector loads, and the conversion writes the fragments in place (~800
 // instructions per int4 page, sass_census.py --cuda). A dot product does not care in which
 // order its channels are summed, so a lane's bytes are chosen contiguous and the query's
 // fragments and the output's columns follow the same channel order.
@@ -37,7 +37,9 @@
 // codes are the mma's A operand (16 tokens or 16 channels), the query's G <= 8 rows its 8
 // columns (Run). Per page:
 //   keys   S = (1024 + 2^(bits p) code) . q' + c      with q' = q KS 2^-(bits p) (per channel)
-//          codes -> fp16 with one prmt under 0x64 bytes and one and per plane (exact);
+//          codes -> fp16 with one lop3 per operand pair and plane, (w & mask) | 0x6400
+//          on a word w or on w >> 8 (exact): int4/int2 pages store their bytes in this
+//          pair order (quant.key_byte, value_byte); int8, one prmt under 0x64 bytes;
 //          c = KZ . q - 1024 sum(q'), by the same mma (an all-1024 operand), so the offset
 //          cancels as the tensor core rounded it.
 //   values o = o alpha - 1024 sum(P') + (1024 + 2^(bits p) code) . P',  P' = P VS (fp16),
@@ -242,7 +244,7 @@ struct Run {
     u32 qs[F::NR];           // query row g times scale2, fp16 pairs in the key channel order
     u32 qp[F::NR];           // the same times each plane's 2^-(BITS p)
     u32 ko[2][F::KC];        // shared offsets of this lane's key bytes of tokens g, g + 8 in step 0
-    u32 vo[4];               // ... of its value bytes of tokens 2t, 2t+1, 2t+8, 2t+9
+    u32 vo[4];               // ... of its value bytes of tokens 2t, 2t+1, 2t+8, 2t+9 (int4/int2: of pairs t, t + 4)
 
     // A page's scores, before the mask: s[st][e] is token 16 st + g + 8 (e >> 1), query row 2t + (e & 1).
     __device__ __forceinline__ void keys(const u8* pg, int t, float (&s)[F::NSTEP][4]) {
@@ -304,15 +306,24 @@ struct Run {
 #endif
 #pragma unroll
             for (int w = 0; w < F::RB / 4; ++w) {
-                u32 x0 = __byte_perm(k0[w], 0x64646464u, 0x4140);  // bytes 0, 1 under 0x64: 1024 + byte
-                u32 x1 = __byte_perm(k0[w], 0x64646464u, 0x4342);  // bytes 2, 3
-                u32 y0 = __byte_perm(k1[w], 0x64646464u, 0x4140);
-                u32 y1 = __byte_perm(k1[w], 0x64646464u, 0x4342);
+                if constexpr (BITS == 8) {
+                    u32 x0 = __byte_perm(k0[w], 0x64646464u, 0x4140);  // bytes 0, 1 under 0x64: 1024 + byte
+                    u32 x1 = __byte_perm(k0[w], 0x64646464u, 0x4342);  // bytes 2, 3
+                    u32 y0 = __byte_perm(k1[w], 0x64646464u, 0x4140);
+                    u32 y1 = __byte_perm(k1[w], 0x64646464u, 0x4342);
+                    mma(acc, x0, y0, x1, y1, qk[2 * w], qk[2 * w + 1], acc);
+                } else {
+                    // the word holds the row's bytes 0, 2, 1, 3 (quant.key_byte): bytes 0, 1
+                    // are its halves' low bytes, bytes 2, 3 those of the word shifted by 8;
+                    // one lop3 a plane makes each fp16 pair 1024 + code 2^(BITS p)
+                    const u32 x1 = k0[w] >> 8, y1 = k1[w] >> 8;
 #pragma unroll
-                for (int p = 0; p < F::NP; ++p) {
-                    const int kt = w * F::NP + p;
-                    u32 mk = BITS == 8 ? 0xFFFFFFFFu : F::mask(p) | H1024;
-                    mma(acc, x0 & mk, y0 & mk, x1 & mk, y1 & mk, qk[2 * kt], qk[2 * kt + 1], acc);
+                    for (int p = 0; p < F::NP; ++p) {
+                        const int kt = w * F::NP + p;
+                        const u32 mk = F::mask(p);
+                        mma(acc, or1024(k0[w], mk), or1024(k1[w], mk), or1024(x1, mk), or1024(y1, mk), qk[2 * kt],
+                            qk[2 * kt + 1], acc);
+                    }
                 }
             }
 #pragma unroll
@@ -375,6 +386,30 @@ struct Run {
             for (int e = 0; e < 4; ++e) o[mt][e] = fmaf(o[mt][e], alpha[e & 1], -f[e]);
         // values: lane (g, t) brings tokens 2t, 2t+1 (a0, a1) and 2t+8, 2t+9 (a2, a3) of a step,
         // bytes [g RBV, (g+1) RBV): channel u = p RBV + byte of the lane, m-tile u / 2
+        if constexpr (BITS != 8) {
+            // int4/int2: a token pair's rows interleaved 2 bytes at a time (quant.value_byte),
+            // so word be / 2 of the lane's 2 RBV bytes holds bytes be, be + 1 of both tokens:
+            // one lop3 a plane for each operand pair, on the word and on the word shifted by 8
+            constexpr int NW = F::RBV >= 2 ? F::RBV / 2 : 1;
+#pragma unroll
+            for (int st = 0; st < F::NSTEP; ++st) {
+                u32 wa[NW], wc[NW];
+                lds<2 * F::RBV>(pg, vo[0] + st * F::STEP, wa);
+                lds<2 * F::RBV>(pg, vo[1] + st * F::STEP, wc);
+#pragma unroll
+                for (int be = 0; be < F::RBV; be += 2) {
+                    const u32 xa = wa[be >> 1] >> 8, xc = wc[be >> 1] >> 8;
+#pragma unroll
+                    for (int p = 0; p < F::NP; ++p) {
+                        const u32 mk = F::mask(p);
+                        const int mt = (p * F::RBV + be) / 2;
+                        mma(o[mt], or1024(wa[be >> 1], mk), or1024(xa, mk), or1024(wc[be >> 1], mk), or1024(xc, mk),
+                            pb[st][0], pb[st][1], o[mt]);
+                    }
+                }
+            }
+            return;
+        }
 #pragma unroll
         for (int st = 0; st < F::NSTEP; ++st) {
             constexpr int NW = F::RBV >= 4 ? F::RBV / 4 : 1;
@@ -570,10 +605,15 @@ struct Run {
             ko[0][c] = Swz<BITS>::at(g * F::ROW + t * F::RB + 16 * c);
             ko[1][c] = EIGHT ? ko[0][c] + 8 * F::ROW : Swz<BITS>::at((g + 8) * F::ROW + t * F::RB + 16 * c);
         }
+        if constexpr (BITS == 8) {
 #pragma unroll
-        for (int k = 0; k < 2; ++k) {
-            vo[k] = Swz<BITS>::at(F::VQ + (2 * t + k) * F::ROW + g * F::RBV);
-            vo[k + 2] = EIGHT ? vo[k] + 8 * F::ROW : Swz<BITS>::at(F::VQ + (2 * t + k + 8) * F::ROW + g * F::RBV);
+            for (int k = 0; k < 2; ++k) {
+                vo[k] = Swz<BITS>::at(F::VQ + (2 * t + k) * F::ROW + g * F::RBV);
+                vo[k + 2] = EIGHT ? vo[k] + 8 * F::ROW : Swz<BITS>::at(F::VQ + (2 * t + k + 8) * F::ROW + g * F::RBV);
+            }
+        } else {  // pairs t and t + 4 (tokens 2t, 2t+1 and 2t+8, 2t+9), the lane's 2 RBV bytes of each
+            vo[0] = Swz<BITS>::at(F::VQ + t * 2 * F::ROW + g * 2 * F::RBV);
+            vo[1] = EIGHT ? vo[0] + 8 * F::ROW : Swz<BITS>::at(F::VQ + (t + 4) * 2 * F::ROW + g * 2 * F::RBV);
         }
 #pragma unroll
         for (int mt = 0; mt < F::NR / 2; ++mt)

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_attention import _pow2, _unpack
+from .paged_attention import _code_byte, _key_row, _pow2, _unpack, _value_row
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -86,8 +86,10 @@ def _dequant_token(kvb_ptr, kvh_ptr, page_byte, t, BITS: tl.constexpr, CAP: tl.c
     offs_r = tl.arange(0, ROW)
     offs_d = tl.arange(0, D)
     half = page_byte // 2
-    kb = tl.load(kvb_ptr + page_byte + t * ROW + offs_r)[None, None, :].to(tl.int32)
-    vb = tl.load(kvb_ptr + page_byte + CAP * ROW + t * ROW + offs_r)[None, None, :].to(tl.int32)
+    kb = tl.load(kvb_ptr + _key_row(page_byte, t, BITS, ROW) + _code_byte(offs_r, BITS, False))
+    vb = tl.load(kvb_ptr + _value_row(page_byte, t, BITS, CAP, ROW) + _code_byte(offs_r, BITS, True))
+    kb = kb[None, None, :].to(tl.int32)
+    vb = vb[None, None, :].to(tl.int32)
     kq = tl.reshape(_unpack(kb, BITS, 1, 1, D), (D,)).to(tl.float32)
     vq = tl.reshape(_unpack(vb, BITS, 1, 1, D), (D,)).to(tl.float32)
     ks = tl.load(kvh_ptr + half + KS // 2 + offs_d).to(tl.float32)
@@ -195,9 +197,22 @@ def _store_quant_kernel(kvb_ptr, kvh_ptr, tmp_ptr, dst_blk_ptr, tmp_mass_ptr, ma
         vmn = tl.min(v, 1)
         vmx = tl.max(v, 1)
         vc, vs, vz = _quantize(v, vmn[:, None], vmx[:, None], BITS)
-        tl.store(kvb_ptr + page_byte + t[:, None] * ROW + offs_r[None, :], _pack(kc, QT, D, BITS), mask=ok[:, None])
-        tl.store(kvb_ptr + page_byte + CAP * ROW + t[:, None] * ROW + offs_r[None, :], _pack(vc, QT, D, BITS),
-                 mask=ok[:, None])
+        kp = _pack(kc, QT, D, BITS)
+        vp = _pack(vc, QT, D, BITS)
+        if BITS == 8:
+            tl.store(kvb_ptr + page_byte + t[:, None] * ROW + offs_r[None, :], kp, mask=ok[:, None])
+            tl.store(kvb_ptr + page_byte + CAP * ROW + t[:, None] * ROW + offs_r[None, :], vp, mask=ok[:, None])
+        else:
+            # int4/int2: the bytes in the twin's operand pair order (quant.key_byte, value_byte),
+            # moved in registers so that the stores stay contiguous: key bytes 1 and 2 of every
+            # 4 swapped; value rows of token pairs interleaved 2 bytes at a time
+            kp = tl.reshape(tl.permute(tl.reshape(kp, (QT, ROW // 4, 2, 2)), (0, 1, 3, 2)), (QT, ROW))
+            tl.store(kvb_ptr + page_byte + t[:, None] * ROW + offs_r[None, :], kp, mask=ok[:, None])
+            vp = tl.reshape(tl.permute(tl.reshape(vp, (QT // 2, 2, ROW // 2, 2)), (0, 2, 1, 3)), (QT // 2, 2 * ROW))
+            i = t0 // 2 + tl.arange(0, QT // 2)
+            c = tl.arange(0, 2 * ROW)  # byte c of a pair's row is token (c >> 1) & 1's
+            tl.store(kvb_ptr + page_byte + CAP * ROW + i[:, None] * (2 * ROW) + c[None, :], vp,
+                     mask=2 * i[:, None] + ((c[None, :] >> 1) & 1) < count)
         tl.store(kvh_ptr + half + VS // 2 + t, tl.reshape(vs, (QT,)).to(tl.float16), mask=ok)
         tl.store(kvh_ptr + half + VS // 2 + CAP + t, tl.reshape(vz, (QT,)).to(tl.float16), mask=ok)
         if HAS_MASS:

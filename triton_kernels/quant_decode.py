@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_attention import _dot, _scan_compacted
+from .paged_attention import _code_byte, _dot, _scan_compacted, _value_row
 
 
 # ----------------------------------------------------------------------------- PTX
@@ -241,7 +241,9 @@ def _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_k
         j = j0 + pg
         b = tl.load(bt_row + j, mask=j < j_hi, other=0).to(tl.int64)
         hb = b * stride_kb + h * stride_kh                  # page start, in 2-byte units
-        rows = hb[:, None, None] * 2 + t[None, :, None] * W + e[None, None, :]
+        # int4/int2 bytes gathered from their pair order (paged_attention._code_byte; in
+        # registers instead, one GPU test of the forward failed: docs/kernels.md)
+        rows = hb[:, None, None] * 2 + t[None, :, None] * W + _code_byte(e, BITS, False)[None, None, :]
         valid = (t[None, :] < tl.minimum(CAP, n_tok - (j - jbase)[:, None] * CAP)) & (j < j_hi)[:, None]
         kx = tl.load(kvb_ptr + rows)                        # [PB, QT, W] key code bytes
         sc = hb[:, None] + KS // 2 + e[None, :]
@@ -268,7 +270,8 @@ def _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_k
             pv = pv.to(tl.float16)
         off = (1024.0 * tl.sum(pv.to(tl.float32), 2))[:, :, None]   # the codes' offset, as the dots see pv
         al = alpha[:, :, None]
-        vx = tl.load(kvb_ptr + rows + CAP * W)              # [PB, QT, W] value code bytes
+        vrows = _value_row(hb[:, None, None] * 2, t[None, :, None], BITS, CAP, W) + _code_byte(e, BITS, True)
+        vx = tl.load(kvb_ptr + vrows)                       # [PB, QT, W] value code bytes
         v0, v1, v2, v3 = _value_codes(vx, BITS, F32)
         a0 = _value_plane(a0, al, pv, off, v0, F32)
         if NP >= 2:
