@@ -191,6 +191,9 @@ struct Fmt {
     static constexpr int KZ = KS + 2 * D;
     static constexpr int VS = KZ + 2 * D;
     static constexpr int VZ = VS + 2 * CAP;
+    // int4/int2 pages of blocks of 16 store their bytes in pair order (quant.paired); others
+    // keep the plain order, which this kernel does not read (cuda_supported: BS == 16)
+    static_assert(BITS == 8 || BS == 16, "int4/int2 pages are in pair order at blocks of 16 only");
     // every slot of the 16-token steps lies inside the page (rows past CAP are read, then masked)
     static_assert(VQ + 16 * NSTEP * ROW <= P && VZ + 2 * 16 * NSTEP <= P, "a step would read past the page");
     // plane p's code bits in both halves of a pair

@@ -50,7 +50,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def _gather_kernel(kv_ptr, kvb_ptr, kvh_ptr, src_blk_ptr, src_slot_ptr, src_tag_ptr, tmp_ptr,
                    mass_ptr, tmp_mass_ptr, n_sel, stride_kb, stride_kh, stride_mb, stride_mh, stride_l, n_rows,
                    HKV: tl.constexpr, D: tl.constexpr, ELEM: tl.constexpr, CAP8: tl.constexpr,
-                   CAP4: tl.constexpr, CAP2: tl.constexpr, HAS_MASS: tl.constexpr):
+                   CAP4: tl.constexpr, CAP2: tl.constexpr, HAS_MASS: tl.constexpr, BS: tl.constexpr):
     # program 0 = (layer, row, KV head): one call compacts several requests in every layer
     pid = tl.program_id(0)
     h = pid % HKV
@@ -67,11 +67,11 @@ def _gather_kernel(kv_ptr, kvb_ptr, kvh_ptr, src_blk_ptr, src_slot_ptr, src_tag_
         k = tl.load(kv_ptr + page + t * (2 * D) + offs_d).to(tl.float32)
         v = tl.load(kv_ptr + page + t * (2 * D) + D + offs_d).to(tl.float32)
     elif tag == 8:
-        k, v = _dequant_token(kvb_ptr, kvh_ptr, page * ELEM, t, 8, CAP8, D)
+        k, v = _dequant_token(kvb_ptr, kvh_ptr, page * ELEM, t, 8, CAP8, D, False)
     elif tag == 4:
-        k, v = _dequant_token(kvb_ptr, kvh_ptr, page * ELEM, t, 4, CAP4, D)
+        k, v = _dequant_token(kvb_ptr, kvh_ptr, page * ELEM, t, 4, CAP4, D, BS == 16)
     else:
-        k, v = _dequant_token(kvb_ptr, kvh_ptr, page * ELEM, t, 2, CAP2, D)
+        k, v = _dequant_token(kvb_ptr, kvh_ptr, page * ELEM, t, 2, CAP2, D, BS == 16)
     tl.store(dst + offs_d, k)
     tl.store(dst + D + offs_d, v)
     if HAS_MASS:
@@ -79,15 +79,16 @@ def _gather_kernel(kv_ptr, kvb_ptr, kvh_ptr, src_blk_ptr, src_slot_ptr, src_tag_
 
 
 @triton.jit
-def _dequant_token(kvb_ptr, kvh_ptr, page_byte, t, BITS: tl.constexpr, CAP: tl.constexpr, D: tl.constexpr):
+def _dequant_token(kvb_ptr, kvh_ptr, page_byte, t, BITS: tl.constexpr, CAP: tl.constexpr, D: tl.constexpr,
+                   PAIRED: tl.constexpr):
     ROW: tl.constexpr = D * BITS // 8
     KS: tl.constexpr = 2 * CAP * ROW
     VS: tl.constexpr = KS + 4 * D
     offs_r = tl.arange(0, ROW)
     offs_d = tl.arange(0, D)
     half = page_byte // 2
-    kb = tl.load(kvb_ptr + _key_row(page_byte, t, BITS, ROW) + _code_byte(offs_r, BITS, False))
-    vb = tl.load(kvb_ptr + _value_row(page_byte, t, BITS, CAP, ROW) + _code_byte(offs_r, BITS, True))
+    kb = tl.load(kvb_ptr + _key_row(page_byte, t, ROW) + _code_byte(offs_r, PAIRED, False))
+    vb = tl.load(kvb_ptr + _value_row(page_byte, t, PAIRED, CAP, ROW) + _code_byte(offs_r, PAIRED, True))
     kb = kb[None, None, :].to(tl.int32)
     vb = vb[None, None, :].to(tl.int32)
     kq = tl.reshape(_unpack(kb, BITS, 1, 1, D), (D,)).to(tl.float32)
@@ -160,7 +161,7 @@ def _pack(c, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
 def _store_quant_kernel(kvb_ptr, kvh_ptr, tmp_ptr, dst_blk_ptr, tmp_mass_ptr, mass_ptr, n_sel, first, n_tok,
                         stride_kb, stride_kh, stride_mb, stride_mh, stride_l, n_rows, stride_row,
                         HKV: tl.constexpr, D: tl.constexpr, ELEM: tl.constexpr, BITS: tl.constexpr,
-                        CAP: tl.constexpr, QT: tl.constexpr, HAS_MASS: tl.constexpr):
+                        CAP: tl.constexpr, QT: tl.constexpr, HAS_MASS: tl.constexpr, PAIRED: tl.constexpr):
     """Page p of a run of quantized pages: scratch tokens [first + p*CAP, ... + count)."""
     pid = tl.program_id(0)  # (layer, row, KV head)
     h = pid % HKV
@@ -199,11 +200,11 @@ def _store_quant_kernel(kvb_ptr, kvh_ptr, tmp_ptr, dst_blk_ptr, tmp_mass_ptr, ma
         vc, vs, vz = _quantize(v, vmn[:, None], vmx[:, None], BITS)
         kp = _pack(kc, QT, D, BITS)
         vp = _pack(vc, QT, D, BITS)
-        if BITS == 8:
+        if not PAIRED:
             tl.store(kvb_ptr + page_byte + t[:, None] * ROW + offs_r[None, :], kp, mask=ok[:, None])
             tl.store(kvb_ptr + page_byte + CAP * ROW + t[:, None] * ROW + offs_r[None, :], vp, mask=ok[:, None])
         else:
-            # int4/int2: the bytes in the twin's operand pair order (quant.key_byte, value_byte),
+            # the bytes in the twin's operand pair order (quant.paired, key_byte, value_byte),
             # moved in registers so that the stores stay contiguous: key bytes 1 and 2 of every
             # 4 swapped; value rows of token pairs interleaved 2 bytes at a time
             kp = tl.reshape(tl.permute(tl.reshape(kp, (QT, ROW // 4, 2, 2)), (0, 1, 3, 2)), (QT, ROW))
@@ -263,7 +264,7 @@ def compact_mixed(kv_cache: torch.Tensor, mass_cache: torch.Tensor | None, page_
                   keep_full: torch.Tensor, keep_quant: torch.Tensor | None = None, bits: int = 0) -> int:
     """GPU ``quant.compact_mixed`` (see there); ``page_tag=None`` reads all sources as full
     pages and writes no tags. Returns the new ``kept``."""
-    from vllm_kvcomp.ops.quant import BITS, page_capacity
+    from vllm_kvcomp.ops.quant import BITS, page_capacity, paired
 
     _check_cache(kv_cache)
     nb, hkv, bs, d2 = kv_cache.shape
@@ -297,7 +298,7 @@ def compact_mixed(kv_cache: torch.Tensor, mass_cache: torch.Tensor | None, page_
     _gather_kernel[(hkv, n_sel)](
         kv_cache, kvb, kvh, src_blk, src_slot, src_tag, tmp, mass, tmp_mass, n_sel,
         kv_cache.stride(0), kv_cache.stride(1), *ms, 0, 1,
-        HKV=hkv, D=d, ELEM=es, CAP8=caps[8], CAP4=caps[4], CAP2=caps[2], HAS_MASS=has_mass, num_warps=1)
+        HKV=hkv, D=d, ELEM=es, CAP8=caps[8], CAP4=caps[4], CAP2=caps[2], HAS_MASS=has_mass, BS=bs, num_warps=1)
     row = block_row.to(torch.int32)
     if n_full:
         _store_full_kernel[(hkv, n_full)](
@@ -315,7 +316,8 @@ def compact_mixed(kv_cache: torch.Tensor, mass_cache: torch.Tensor | None, page_
         _store_quant_kernel[(hkv, n_pages)](
             kvb, kvh, tmp, dst, tmp_mass, mass, n_sel, n_full, n_quant,
             kv_cache.stride(0), kv_cache.stride(1), *ms, 0, 1, 0,
-            HKV=hkv, D=d, ELEM=es, BITS=bits, CAP=cap, QT=qt, HAS_MASS=has_mass, num_warps=4)
+            HKV=hkv, D=d, ELEM=es, BITS=bits, CAP=cap, QT=qt, HAS_MASS=has_mass, PAIRED=paired(bits, bs),
+            num_warps=4)
         page_tag[dst.long()] = bits
     return n_sel
 
@@ -327,7 +329,7 @@ def compact_mixed_layers(kv: torch.Tensor, page_tag: torch.Tensor, block_rows: t
     one allocation), ``block_rows [G, W]``, candidates = positions ``[0, n_cand)`` of each
     row (nothing compacted before), ``keep_full [L, G, H_kv, n_full]`` and ``keep_quant
     [L, G, H_kv, n_quant]`` index them. Tags are per block, so every layer writes the same."""
-    from vllm_kvcomp.ops.quant import BITS, page_capacity
+    from vllm_kvcomp.ops.quant import BITS, page_capacity, paired
 
     L, nb, hkv, bs, d2 = kv.shape
     d = d2 // 2
@@ -355,7 +357,7 @@ def compact_mixed_layers(kv: torch.Tensor, page_tag: torch.Tensor, block_rows: t
     grid0 = L * G * hkv
     _gather_kernel[(grid0, n_sel)](
         kv, kvb, kvh, src_blk, src_slot, src_tag, tmp, tmp, tmp, n_sel, sb, sh, 0, 0, sl, G,
-        HKV=hkv, D=d, ELEM=es, CAP8=caps[8], CAP4=caps[4], CAP2=caps[2], HAS_MASS=False, num_warps=1)
+        HKV=hkv, D=d, ELEM=es, CAP8=caps[8], CAP4=caps[4], CAP2=caps[2], HAS_MASS=False, BS=bs, num_warps=1)
     if n_full:
         _store_full_kernel[(grid0, n_full)](
             kv, tmp, rows, tmp, tmp, n_sel, 0, sb, sh, 0, 0, sl, G, rows.stride(0),
@@ -368,7 +370,8 @@ def compact_mixed_layers(kv: torch.Tensor, page_tag: torch.Tensor, block_rows: t
         qt = min(_pow2(cap), 64 if d <= 128 else 32)
         _store_quant_kernel[(grid0, n_pages)](
             kvb, kvh, tmp, dst, tmp, tmp, n_sel, n_full, n_quant, sb, sh, 0, 0, sl, G, rows.stride(0),
-            HKV=hkv, D=d, ELEM=es, BITS=bits, CAP=cap, QT=qt, HAS_MASS=False, num_warps=4)
+            HKV=hkv, D=d, ELEM=es, BITS=bits, CAP=cap, QT=qt, HAS_MASS=False, PAIRED=paired(bits, bs),
+            num_warps=4)
         page_tag[dst[:, :n_pages].reshape(-1).long()] = bits
 
 

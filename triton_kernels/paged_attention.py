@@ -246,12 +246,12 @@ def _qtile(bt_row, h, stride_kb, stride_kh, it, jbase, n_tok, ELEM: tl.constexpr
 
 
 @triton.jit
-def _code_byte(e, BITS: tl.constexpr, VALUES: tl.constexpr):
-    """Where byte e of a code row lies from the row's start (_key_row, _value_row): int4/int2
-    store their bytes in the CUDA twin's operand pair order (quant.key_byte, value_byte):
-    a key row's bytes 1 and 2 of every 4 swapped (an involution: also where stored byte e
-    comes from); a value row interleaved with its pair token's, 2 bytes at a time."""
-    if BITS == 8:
+def _code_byte(e, PAIRED: tl.constexpr, VALUES: tl.constexpr):
+    """Where byte e of a code row lies from the row's start (_key_row, _value_row). PAIRED
+    (quant.paired: int4/int2 pages of blocks of 16, the CUDA twin's) stores the bytes in the
+    twin's operand pair order (quant.key_byte, value_byte): a key row's bytes 1 and 2 of
+    every 4 swapped; a value row interleaved with its pair token's, 2 bytes at a time."""
+    if not PAIRED:
         return e
     elif VALUES:
         return (e >> 1) * 4 + (e & 1)
@@ -260,38 +260,38 @@ def _code_byte(e, BITS: tl.constexpr, VALUES: tl.constexpr):
 
 
 @triton.jit
-def _key_row(page_byte, t, BITS: tl.constexpr, ROW: tl.constexpr):
+def _key_row(page_byte, t, ROW: tl.constexpr):
     """Byte offset of token t's key code row (its byte 0; the rest: _code_byte)."""
     return page_byte + t * ROW
 
 
 @triton.jit
-def _value_row(page_byte, t, BITS: tl.constexpr, CAP: tl.constexpr, ROW: tl.constexpr):
-    """Byte offset of token t's value code row (its byte 0): int4/int2 rows come in pairs of
+def _value_row(page_byte, t, PAIRED: tl.constexpr, CAP: tl.constexpr, ROW: tl.constexpr):
+    """Byte offset of token t's value code row (its byte 0): PAIRED rows come in pairs of
     tokens, 2 bytes of each in turn (quant.value_byte)."""
-    if BITS == 8:
+    if not PAIRED:
         return page_byte + CAP * ROW + t * ROW
     else:
         return page_byte + CAP * ROW + (t >> 1) * (2 * ROW) + (t & 1) * 2
 
 
 @triton.jit
-def _rows(kvb_ptr, row_byte, valid, BITS: tl.constexpr, W: tl.constexpr, VALUES: tl.constexpr):
+def _rows(kvb_ptr, row_byte, valid, PAIRED: tl.constexpr, W: tl.constexpr, VALUES: tl.constexpr):
     """The W bytes of the key (value) code rows starting at row_byte [QT], in order: int32
-    [QT, W]. int4/int2 bytes are gathered from their pair order (_code_byte): byte loads.
+    [QT, W]. PAIRED bytes are gathered from their pair order (_code_byte): byte loads.
     (Loading the rows contiguously and ordering them in registers measured 2.6x faster for
     the forward's int4 pages at block size 32, but one GPU test failed with it; kept as
     docs/kernels_runs/h200_triton_in_registers.patch, docs/kernels.md.)"""
-    e = _code_byte(tl.arange(0, W), BITS, VALUES)
+    e = _code_byte(tl.arange(0, W), PAIRED, VALUES)
     return tl.load(kvb_ptr + row_byte[:, None] + e[None, :], mask=valid[:, None], other=0).to(tl.int32)
 
 
 @triton.jit
 def _qcodes(kvb_ptr, row_byte, valid, BITS: tl.constexpr, QT: tl.constexpr, D: tl.constexpr,
-            VALUES: tl.constexpr):
+            PAIRED: tl.constexpr, VALUES: tl.constexpr):
     """The key (value) code rows starting at row_byte [QT], unpacked: int32 [QT, D] in channel order."""
     ROW: tl.constexpr = D * BITS // 8
-    x = tl.reshape(_rows(kvb_ptr, row_byte, valid, BITS, ROW, VALUES), (1, QT, ROW))
+    x = tl.reshape(_rows(kvb_ptr, row_byte, valid, PAIRED, ROW, VALUES), (1, QT, ROW))
     return tl.reshape(_unpack(x, BITS, 1, QT, D), (QT, D))
 
 
@@ -323,7 +323,7 @@ def _join_planes(a0, a1, a2, a3, NP: tl.constexpr, M: tl.constexpr, D: tl.conste
 def _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh, j0, j1,
                  jbase, n_tok, scale2, dtype, ELEM: tl.constexpr, BITS: tl.constexpr, CAP: tl.constexpr,
                  QT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, MAG: tl.constexpr, F32: tl.constexpr,
-                 QSTAGES: tl.constexpr, PLANES: tl.constexpr):
+                 QSTAGES: tl.constexpr, PLANES: tl.constexpr, PAIRED: tl.constexpr):
     """Entries [j0, j1) of a run of quantized pages (all visible: compacted region).
 
     One flat loop over tiles (one page each), no branch in it, so Triton pipelines the
@@ -365,19 +365,19 @@ def _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, 
     for it in tl.range((j0 - jbase) * TPP, (j1 - jbase) * TPP, num_stages=QSTAGES):
         page_byte, t, valid, _ = _qtile(bt_row, h, stride_kb, stride_kh, it, jbase, n_tok, ELEM, CAP, QT)
         ks_half = page_byte // 2 + KS // 2
-        kr = _key_row(page_byte, t, BITS, ROW)
-        vr = _value_row(page_byte, t, BITS, CAP, ROW)
+        kr = _key_row(page_byte, t, ROW)
+        vr = _value_row(page_byte, t, PAIRED, CAP, ROW)
         # keys first, values after the softmax: the value codes are loaded and unpacked
         # where they are used, so they do not stay live across the key dots
         if NP == 1:
-            kc = _qcodes(kvb_ptr, kr, valid, BITS, QT, D, False)
+            kc = _qcodes(kvb_ptr, kr, valid, BITS, QT, D, PAIRED, False)
             s = _dot(q0, tl.trans(_deq_keys(kc, kvh_ptr, ks_half, 0, D, D, dtype, F32)), F32)
         if NP == 2:  # int4: both planes in one byte
-            kx = _rows(kvb_ptr, kr, valid, BITS, W, False)
+            kx = _rows(kvb_ptr, kr, valid, PAIRED, W, False)
             s = _dot(q0, tl.trans(_deq_keys(kx & 15, kvh_ptr, ks_half, 0, W, D, dtype, F32)), F32)
             s += _dot(q1, tl.trans(_deq_keys(kx >> 4, kvh_ptr, ks_half, W, W, D, dtype, F32)), F32)
         if NP == 4:  # int2: four planes in one byte
-            kx = _rows(kvb_ptr, kr, valid, BITS, W, False)
+            kx = _rows(kvb_ptr, kr, valid, PAIRED, W, False)
             s = _dot(q0, tl.trans(_deq_keys(kx & 3, kvh_ptr, ks_half, 0, W, D, dtype, F32)), F32)
             s += _dot(q1, tl.trans(_deq_keys((kx >> 2) & 3, kvh_ptr, ks_half, W, W, D, dtype, F32)), F32)
             s += _dot(q2, tl.trans(_deq_keys((kx >> 4) & 3, kvh_ptr, ks_half, 2 * W, W, D, dtype, F32)), F32)
@@ -390,14 +390,14 @@ def _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, 
         z = tl.sum(p * vz[None, :], 1)[:, None]
         grow = grow * alpha
         if NP == 1:
-            vc = _qcodes(kvb_ptr, vr, valid, BITS, QT, D, True)
+            vc = _qcodes(kvb_ptr, vr, valid, BITS, QT, D, PAIRED, True)
             a0 = a0 * alpha[:, None] + _dot(pv, _codes(vc, dtype, MAG, F32), F32) + z
         if NP == 2:
-            vx = _rows(kvb_ptr, vr, valid, BITS, W, True)
+            vx = _rows(kvb_ptr, vr, valid, PAIRED, W, True)
             a0 = a0 * alpha[:, None] + _dot(pv, _codes(vx & 15, dtype, MAG, F32), F32) + z
             a1 = a1 * alpha[:, None] + _dot(pv, _codes(vx >> 4, dtype, MAG, F32), F32) + z
         if NP == 4:
-            vx = _rows(kvb_ptr, vr, valid, BITS, W, True)
+            vx = _rows(kvb_ptr, vr, valid, PAIRED, W, True)
             a0 = a0 * alpha[:, None] + _dot(pv, _codes(vx & 3, dtype, MAG, F32), F32) + z
             a1 = a1 * alpha[:, None] + _dot(pv, _codes((vx >> 2) & 3, dtype, MAG, F32), F32) + z
             a2 = a2 * alpha[:, None] + _dot(pv, _codes((vx >> 4) & 3, dtype, MAG, F32), F32) + z
@@ -521,17 +521,17 @@ def _fwd_kernel(
                 if qbits == 4:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
                                                  stride_kb, stride_kh, j0, ce1, nf, n_q, scale2, q.dtype, ELEM, 4,
-                                                 CAP4, QT4, D, BLOCK_M, MAG, F32, QSTAGES, PLANES)
+                                                 CAP4, QT4, D, BLOCK_M, MAG, F32, QSTAGES, PLANES, BS == 16)
             if HAS2:
                 if qbits == 2:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
                                                  stride_kb, stride_kh, j0, ce1, nf, n_q, scale2, q.dtype, ELEM, 2,
-                                                 CAP2, QT2, D, BLOCK_M, MAG, F32, QSTAGES, PLANES)
+                                                 CAP2, QT2, D, BLOCK_M, MAG, F32, QSTAGES, PLANES, BS == 16)
             if HAS8:
                 if qbits == 8:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
                                                  stride_kb, stride_kh, j0, ce1, nf, n_q, scale2, q.dtype, ELEM, 8,
-                                                 CAP8, QT8, D, BLOCK_M, MAG8, F32, QSTAGES, PLANES)
+                                                 CAP8, QT8, D, BLOCK_M, MAG8, F32, QSTAGES, PLANES, False)
     else:
         # any order: one page at a time, dispatching on its tag
         off = _tokens_before(bt_row, tag_ptr, e0, BS, CAP8, CAP4, CAP2, SCAN)
@@ -547,17 +547,17 @@ def _fwd_kernel(
                 if tag == 4:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
                                                  stride_kb, stride_kh, j, j + 1, j, cnt, scale2, q.dtype, ELEM,
-                                                 4, CAP4, QT4, D, BLOCK_M, MAG, F32, QSTAGES, PLANES)
+                                                 4, CAP4, QT4, D, BLOCK_M, MAG, F32, QSTAGES, PLANES, BS == 16)
             if HAS2:
                 if tag == 2:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
                                                  stride_kb, stride_kh, j, j + 1, j, cnt, scale2, q.dtype, ELEM,
-                                                 2, CAP2, QT2, D, BLOCK_M, MAG, F32, QSTAGES, PLANES)
+                                                 2, CAP2, QT2, D, BLOCK_M, MAG, F32, QSTAGES, PLANES, BS == 16)
             if HAS8:
                 if tag == 8:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
                                                  stride_kb, stride_kh, j, j + 1, j, cnt, scale2, q.dtype, ELEM,
-                                                 8, CAP8, QT8, D, BLOCK_M, MAG8, F32, QSTAGES, PLANES)
+                                                 8, CAP8, QT8, D, BLOCK_M, MAG8, F32, QSTAGES, PLANES, False)
             off += cap
     le0 = tl.maximum(e0, nc) - nc + lb0
     le1 = tl.maximum(e1, nc) - nc + lb0
@@ -712,7 +712,8 @@ def _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, strid
                 stride_mh, j0, j1, jbase, n_tok, q_ptr, lse_ptr, q_start, q_len, seq_len, obs_len, do_mass, scale2,
                 stride_qt, stride_qh, ELEM: tl.constexpr, BITS: tl.constexpr, CAP: tl.constexpr, QT: tl.constexpr,
                 H_Q: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_Q: tl.constexpr, WANT_MASS: tl.constexpr, HAS_OBS: tl.constexpr, F32: tl.constexpr):
+                BLOCK_Q: tl.constexpr, WANT_MASS: tl.constexpr, HAS_OBS: tl.constexpr, F32: tl.constexpr,
+                PAIRED: tl.constexpr):
     """Entries [j0, j1) of a run of quantized pages (see _attend_qrun), one page per tile.
     Keys are dequantized by the forward's own _deq_keys, so the scores (and the LSE) match."""
     ROW: tl.constexpr = D * BITS // 8
@@ -720,7 +721,7 @@ def _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, strid
     TPP: tl.constexpr = (CAP + QT - 1) // QT
     for it in range((j0 - jbase) * TPP, (j1 - jbase) * TPP):
         page_byte, t, valid, j = _qtile(bt_row, h, stride_kb, stride_kh, it, jbase, n_tok, ELEM, CAP, QT)
-        kc = _qcodes(kvb_ptr, _key_row(page_byte, t, BITS, ROW), valid, BITS, QT, D, False)
+        kc = _qcodes(kvb_ptr, _key_row(page_byte, t, ROW), valid, BITS, QT, D, PAIRED, False)
         k = _deq_keys(kc, kvh_ptr, page_byte // 2 + KS // 2, 0, D, D, q_ptr.dtype.element_ty, F32)
         mass, obs = _stats_rows(k, valid, t, False, q_ptr, lse_ptr, q_start, q_len, seq_len, obs_len, do_mass, h,
                                 scale2, stride_qt, stride_qh, QT, H_Q, D, G, BLOCK_M, BLOCK_Q, HAS_OBS, F32)
@@ -795,19 +796,19 @@ def _stats_kernel(
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j0, ce1, nf, n_q, q_ptr, lse_ptr, q_start, q_len, seq_len,
                                 obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 4, CAP4, QT4, H_Q, D, G, BLOCK_M, BLOCK_Q,
-                                WANT_MASS, HAS_OBS, F32)
+                                WANT_MASS, HAS_OBS, F32, BS == 16)
             if HAS2:
                 if qbits == 2:
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j0, ce1, nf, n_q, q_ptr, lse_ptr, q_start, q_len, seq_len,
                                 obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 2, CAP2, QT2, H_Q, D, G, BLOCK_M, BLOCK_Q,
-                                WANT_MASS, HAS_OBS, F32)
+                                WANT_MASS, HAS_OBS, F32, BS == 16)
             if HAS8:
                 if qbits == 8:
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j0, ce1, nf, n_q, q_ptr, lse_ptr, q_start, q_len, seq_len,
                                 obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 8, CAP8, QT8, H_Q, D, G, BLOCK_M, BLOCK_Q,
-                                WANT_MASS, HAS_OBS, F32)
+                                WANT_MASS, HAS_OBS, F32, False)
     else:
         off = _tokens_before(bt_row, tag_ptr, e0, BS, CAP8, CAP4, CAP2, SCAN)
         for j in range(e0, ce1):
@@ -824,19 +825,19 @@ def _stats_kernel(
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j, j + 1, j, cnt, q_ptr, lse_ptr, q_start, q_len, seq_len,
                                 obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 4, CAP4, QT4, H_Q, D, G, BLOCK_M, BLOCK_Q,
-                                WANT_MASS, HAS_OBS, F32)
+                                WANT_MASS, HAS_OBS, F32, BS == 16)
             if HAS2:
                 if tag == 2:
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j, j + 1, j, cnt, q_ptr, lse_ptr, q_start, q_len, seq_len,
                                 obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 2, CAP2, QT2, H_Q, D, G, BLOCK_M, BLOCK_Q,
-                                WANT_MASS, HAS_OBS, F32)
+                                WANT_MASS, HAS_OBS, F32, BS == 16)
             if HAS8:
                 if tag == 8:
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j, j + 1, j, cnt, q_ptr, lse_ptr, q_start, q_len, seq_len,
                                 obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 8, CAP8, QT8, H_Q, D, G, BLOCK_M, BLOCK_Q,
-                                WANT_MASS, HAS_OBS, F32)
+                                WANT_MASS, HAS_OBS, F32, False)
             off += cap
     le0 = tl.maximum(e0, nc) - nc + lb0
     le1 = tl.maximum(e1, nc) - nc + lb0

@@ -211,7 +211,7 @@ def _value_plane(a, al, pv, off, v, F32: tl.constexpr):
 @triton.jit
 def _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh, j_lo, j_hi, jbase, n_tok,
           scale2, BITS: tl.constexpr, CAP: tl.constexpr, QT: tl.constexpr, PB: tl.constexpr, D: tl.constexpr,
-          BLOCK_M: tl.constexpr, STAGES: tl.constexpr, F32: tl.constexpr):
+          BLOCK_M: tl.constexpr, STAGES: tl.constexpr, F32: tl.constexpr, PAIRED: tl.constexpr):
     """Pages [j_lo, j_hi) of a run that starts at entry jbase and holds n_tok tokens (each
     page full but the last), PB pages a step. Returns the merged (acc [M, D], m [M], l [M])."""
     NP: tl.constexpr = 8 // BITS
@@ -241,9 +241,9 @@ def _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_k
         j = j0 + pg
         b = tl.load(bt_row + j, mask=j < j_hi, other=0).to(tl.int64)
         hb = b * stride_kb + h * stride_kh                  # page start, in 2-byte units
-        # int4/int2 bytes gathered from their pair order (paged_attention._code_byte; in
+        # PAIRED bytes gathered from their pair order (paged_attention._code_byte; in
         # registers instead, one GPU test of the forward failed: docs/kernels.md)
-        rows = hb[:, None, None] * 2 + t[None, :, None] * W + _code_byte(e, BITS, False)[None, None, :]
+        rows = hb[:, None, None] * 2 + t[None, :, None] * W + _code_byte(e, PAIRED, False)[None, None, :]
         valid = (t[None, :] < tl.minimum(CAP, n_tok - (j - jbase)[:, None] * CAP)) & (j < j_hi)[:, None]
         kx = tl.load(kvb_ptr + rows)                        # [PB, QT, W] key code bytes
         sc = hb[:, None] + KS // 2 + e[None, :]
@@ -270,7 +270,7 @@ def _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_k
             pv = pv.to(tl.float16)
         off = (1024.0 * tl.sum(pv.to(tl.float32), 2))[:, :, None]   # the codes' offset, as the dots see pv
         al = alpha[:, :, None]
-        vrows = _value_row(hb[:, None, None] * 2, t[None, :, None], BITS, CAP, W) + _code_byte(e, BITS, True)
+        vrows = _value_row(hb[:, None, None] * 2, t[None, :, None], PAIRED, CAP, W) + _code_byte(e, PAIRED, True)
         vx = tl.load(kvb_ptr + vrows)                       # [PB, QT, W] value code bytes
         v0, v1, v2, v3 = _value_codes(vx, BITS, F32)
         a0 = _value_plane(a0, al, pv, off, v0, F32)
@@ -336,15 +336,15 @@ def _qrun_kernel(q_ptr, kvb_ptr, kvh_ptr, tag_ptr, bt_ptr, qsl_ptr, kept_ptr, pa
         if HAS4:
             if qbits == 4:
                 acc, m, l = _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh, j_lo,
-                                  j_hi, nf, n_q, scale2, 4, CAP4, QT4, PB, D, BLOCK_M, STAGES, F32)
+                                  j_hi, nf, n_q, scale2, 4, CAP4, QT4, PB, D, BLOCK_M, STAGES, F32, BS == 16)
         if HAS2:
             if qbits == 2:
                 acc, m, l = _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh, j_lo,
-                                  j_hi, nf, n_q, scale2, 2, CAP2, QT2, PB, D, BLOCK_M, STAGES, F32)
+                                  j_hi, nf, n_q, scale2, 2, CAP2, QT2, PB, D, BLOCK_M, STAGES, F32, BS == 16)
         if HAS8:
             if qbits == 8:
                 acc, m, l = _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh, j_lo,
-                                  j_hi, nf, n_q, scale2, 8, CAP8, QT8, PB, D, BLOCK_M, STAGES, F32)
+                                  j_hi, nf, n_q, scale2, 8, CAP8, QT8, PB, D, BLOCK_M, STAGES, F32, False)
     prow = (q_start.to(tl.int64) * H_Q + hq) * PSPLITS + SPLIT0 + qs
     tl.store(pacc_ptr + prow[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
     tl.store(pml_ptr + prow * 2, m, mask=row_ok)

@@ -481,7 +481,7 @@ def test_quantized_run_launch_takes_what_it_can_read(monkeypatch):
     assert quant_decode.supported(64, 16, torch.float16, (2,))
     assert not quant_decode.supported(128, 16, torch.float32, (4,))       # fp32 cache
     assert not quant_decode.supported(32, 16, torch.bfloat16, (2,))       # int2 plane of 8 channels
-    assert not quant_decode.supported(128, 32, torch.bfloat16, (4, 2))    # int2 page of 232 tokens
+    assert not quant_decode.supported(128, 32, torch.bfloat16, (4, 2))    # int2 page of 233 tokens
     monkeypatch.setattr(quant_decode, "ENABLED", False)                   # VLLM_KVCOMP_QRUN=0
     assert not quant_decode.supported(128, 16, torch.bfloat16, (4,))
 

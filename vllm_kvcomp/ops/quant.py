@@ -14,9 +14,10 @@ same ``P`` bytes to hold ``page_capacity(bits, ...)`` tokens at ``bits`` in {8, 
 * values: per token (one group = the head dim)        v = VQ[t, c] * VS[t] + VZ[t]
 * codes are unsigned (0 .. 2^bits - 1), asymmetric min/max, round half up;
   packing in planes: channel c sits in byte c % ROW at bit (c // ROW) * bits, ROW = D*bits/8.
-* int4/int2 code rows are stored in the tensor cores' pair order (``key_byte``,
-  ``value_byte``): key bytes 1 and 2 of every 4 swapped, value rows of token pairs
-  interleaved 2 bytes at a time; such a page holds an even number of tokens.
+* int4/int2 pages of blocks of 16 (``paired``: the CUDA twin's) store their code rows in
+  the tensor cores' pair order (``key_byte``, ``value_byte``): key bytes 1 and 2 of every
+  4 swapped, value rows of token pairs interleaved 2 bytes at a time; such a page holds
+  an even number of tokens.
 
 The precision of each page is a per-block tag ``page_tag: int8[num_blocks]`` (0 = full,
 else the bits); all heads of a block share it. A request's *compacted region* is its
@@ -51,27 +52,31 @@ def page_capacity(bits: int, block_size: int, head_dim: int, elem_size: int) -> 
     row = head_dim * bits // 8
     # 4*D bytes of per-channel key scale/zero; per token 2 code rows + value scale/zero.
     cap = (page_bytes(block_size, head_dim, elem_size) - 4 * head_dim) // (2 * row + 4)
-    return cap & ~1 if bits in PAIRED else cap  # value rows go in pairs
+    return cap & ~1 if paired(bits, block_size) else cap  # value rows go in pairs
 
 
-# int4/int2 pages store their code bytes in the order the CUDA twin's tensor-core operands
-# take them: one 32-bit word then gives two fp16 operand pairs with one lop3 each, on the
-# word and on the word shifted by 8 -- no byte permute (csrc/quant_decode.cu; the prmt cost
-# ~75 of 871 SASS instructions an int4 page). The Triton kernels read the same order.
-PAIRED = (4, 2)
+def paired(bits: int, block_size: int) -> bool:
+    """Whether a page stores its code bytes in the order the CUDA twin's tensor-core operands
+    take them (int4/int2 pages of blocks of 16, the only ones the twin reads): one 32-bit word
+    then gives two fp16 operand pairs with one lop3 each, on the word and on the word shifted
+    by 8 -- no byte permute (csrc/quant_decode.cu; the prmt cost ~75 of 871 SASS instructions
+    an int4 page). The Triton kernels gather such bytes one at a time, so other block sizes,
+    which only Triton reads, keep the plain order (docs/kernels.md, "pair order")."""
+    return bits in (4, 2) and block_size == 16
 
 
-def key_byte(e, bits: int):
-    """Where byte ``e`` of a key code row lies in the stored row: int4/int2 swap bytes 1 and
-    2 of every 4, so a word holds bytes (0, 1) in its halves' low bytes and (2, 3) 8 bits up."""
-    return (e & ~3) | ((e & 1) << 1) | ((e >> 1) & 1) if bits in PAIRED else e
+def key_byte(e, pair: bool):
+    """Where byte ``e`` of a key code row lies in the stored row: in pair order bytes 1 and 2
+    of every 4 are swapped, so a word holds bytes (0, 1) in its halves' low bytes and (2, 3)
+    8 bits up."""
+    return (e & ~3) | ((e & 1) << 1) | ((e >> 1) & 1) if pair else e
 
 
-def value_byte(t, e, row: int, bits: int):
-    """Offset from VQ of byte ``e`` of token ``t``'s value code row: int4/int2 interleave the
-    rows of tokens 2i and 2i + 1 two bytes at a time, so a word holds one byte of each token
-    in each half (the value dots' operand pairs are two tokens of one channel)."""
-    if bits in PAIRED:
+def value_byte(t, e, row: int, pair: bool):
+    """Offset from VQ of byte ``e`` of token ``t``'s value code row: in pair order the rows of
+    tokens 2i and 2i + 1 are interleaved two bytes at a time, so a word holds one byte of each
+    token in each half (the value dots' operand pairs are two tokens of one channel)."""
+    if pair:
         return (t >> 1) * (2 * row) + (t & 1) * 2 + (e >> 1) * 4 + (e & 1)
     return t * row + e
 
@@ -165,7 +170,7 @@ def read_pages(kv_cache: torch.Tensor, blocks: torch.Tensor, bits: int) -> tuple
     o = page_offsets(bits, bs, d, kv_cache.element_size())
     cap, row = o["cap"], o["row"]
     pages = _pages_u8(kv_cache)[blocks]  # copy [P, H, bytes]
-    kpos, vpos = _code_bytes(cap, row, bits, pages.device)
+    kpos, vpos = _code_bytes(cap, row, paired(bits, bs), pages.device)
     kq = unpack(pages[..., o["kq"] + kpos].unflatten(-1, (cap, row)), bits).float()
     vq = unpack(pages[..., o["vq"] + vpos].unflatten(-1, (cap, row)), bits).float()
     k = kq * _meta(pages, o["ks"], d)[:, :, None, :] + _meta(pages, o["kz"], d)[:, :, None, :]
@@ -186,7 +191,7 @@ def write_pages(kv_cache: torch.Tensor, blocks: torch.Tensor, k: torch.Tensor, v
     row = o["row"]
     b = blocks.long()
     u8 = _pages_u8(kv_cache)
-    kpos, vpos = _code_bytes(n, row, bits, u8.device)
+    kpos, vpos = _code_bytes(n, row, paired(bits, bs), u8.device)
     bi, hi = b[:, None, None], torch.arange(u8.shape[1], device=u8.device)[None, :, None]
     u8[bi, hi, o["kq"] + kpos] = pack(kq, bits).flatten(2)
     u8[bi, hi, o["vq"] + vpos] = pack(vq, bits).flatten(2)
@@ -196,11 +201,11 @@ def write_pages(kv_cache: torch.Tensor, blocks: torch.Tensor, k: torch.Tensor, v
     u8[b, :, o["vz"]:o["vz"] + 2 * n] = vz.contiguous().view(torch.uint8)
 
 
-def _code_bytes(n: int, row: int, bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _code_bytes(n: int, row: int, pair: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Byte offsets (from KQ, from VQ) of tokens [0, n)'s code rows, token-major: [n * row]."""
     t = torch.arange(n, device=device)[:, None]
     e = torch.arange(row, device=device)[None, :]
-    return (t * row + key_byte(e, bits)).flatten(), value_byte(t, e, row, bits).flatten()
+    return (t * row + key_byte(e, pair)).flatten(), value_byte(t, e, row, pair).flatten()
 
 
 def read_region(kv_cache: torch.Tensor, page_tag: torch.Tensor | None, block_row: torch.Tensor,
