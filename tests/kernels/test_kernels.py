@@ -105,6 +105,42 @@ def test_page_capacity_fits():
                     assert o["cap"] >= bs * (16 // bits) * (0.7 if d == 32 else 0.8) * es / 2  # the point of the format
 
 
+@pytest.mark.parametrize("bits,bs,d", [(4, 16, 128), (2, 16, 64), (4, 32, 128), (8, 16, 128)])
+def test_pair_order_is_what_the_twin_reads(bits, bs, d):
+    """int4/int2 pages of blocks of 16 hold their codes in the CUDA twin's operand pair order
+    (docs/page_format.md): a key word's halves start with bytes 0 and 1 of the row, and 8
+    bits up with bytes 2 and 3; a value word's halves with byte e of tokens 2i and 2i + 1,
+    and 8 bits up with byte e + 1. Other pages keep the plain order. Either way the codes
+    fill exactly the page's code regions (nothing reaches the scales)."""
+    pair = quant.paired(bits, bs)
+    assert pair == (bits in (4, 2) and bs == 16)
+    o = quant.page_offsets(bits, bs, d, 2)
+    cap, row = o["cap"], o["row"]
+    assert cap % 2 == 0 or not pair
+    kv = torch.zeros(2, 1, bs, 2 * d, dtype=torch.float16)
+    # codes that name their place: key code of (token t, channel c) and value code of (t, c)
+    qmax = (1 << bits) - 1
+    k = (torch.arange(cap)[:, None] * 3 + torch.arange(d)[None, :] * 5) % (qmax + 1)
+    v = (torch.arange(cap)[:, None] * 7 + torch.arange(d)[None, :] * 11) % (qmax + 1)
+    k[0], v[:, 0] = qmax, qmax  # every channel's and token's range is [0, qmax]: scale 1, zero 0
+    k[1], v[:, 1] = 0, 0
+    quant.write_page(kv, 1, 0, k.float(), v.float(), bits)
+    page = kv[1, 0].view(torch.uint8).flatten()
+    kp, vp = quant.pack(k.to(torch.uint8), bits), quant.pack(v.to(torch.uint8), bits)  # [cap, row], plain
+    kq = page[o["kq"]:o["kq"] + cap * row].view(cap, row)
+    vq = page[o["vq"]:o["vq"] + cap * row]
+    if pair:
+        # keys: stored bytes 0, 2, 1, 3 of every 4
+        assert torch.equal(kq.view(cap, row // 4, 4)[..., [0, 2, 1, 3]], kp.view(cap, row // 4, 4))
+        # values: per token pair, 2 bytes of the first token, then 2 of the second
+        got = vq.view(cap // 2, row // 2, 2, 2).permute(0, 2, 1, 3).reshape(cap, row)
+        assert torch.equal(got, vp)
+    else:
+        assert torch.equal(kq, kp) and torch.equal(vq.view(cap, row), vp)
+    rk, rv = quant.read_pages(kv, torch.tensor([1]), bits)
+    assert torch.equal(rk[0, 0], k.float()) and torch.equal(rv[0, 0], v.float())
+
+
 # ----------------------------------------------------------------------------- attention
 DECODE = [
     # d, bs, hkv, g, dtype, splits
