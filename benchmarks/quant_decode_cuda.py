@@ -24,7 +24,7 @@ def main():
     ap.add_argument("--sweep", default="",
                     help="CUDA stages,programs per SM (0: all that fit, -1: the bandwidth rule),launch-bounds min "
                          "blocks[,smem carveout % (-1: the driver's)[,CUDA_CHAINS[,CUDA_PIPE[,CUDA_STEAL"
-                         "[,CUDA_EARLY]]]]];...")
+                         "[,CUDA_EARLY[,CUDA_ZQUAD]]]]]];...")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--ctx", type=int, default=8192)
     args = ap.parse_args()
@@ -50,7 +50,7 @@ def main():
     print(f"bf16 pages {t_bf16:.4f} ms, from a CUDA graph {g_bf16:.4f} ms", flush=True)
     del base
     shipped = (qd.CUDA, qd.CUDA_STAGES, qd.CUDA_PER_SM, qd.CUDA_MINB, qd.CUDA_CARVEOUT, qd.CUDA_CHAINS, qd.CUDA_PIPE,
-               qd.CUDA_STEAL, qd.CUDA_EARLY)
+               qd.CUDA_STEAL, qd.CUDA_EARLY, qd.CUDA_ZQUAD)
     shipped_pdl = qd.PDL  # "cuda-nopdl": the forward first, then the twin (the order before Hopper)
     for bits in map(int, args.bits.split(",")):
         c = Decode(args.batch, args.ctx, bits=bits)
@@ -82,12 +82,12 @@ def main():
         qd.CUDA, qd.PDL = True, shipped_pdl
         for item in filter(None, args.sweep.split(";")):
             fields = list(map(int, item.split(",")))
-            st, per, minb, carve, chains, pipe, steal, early = fields + [-1, *shipped[5:]][len(fields) - 3:]
+            st, per, minb, carve, chains, pipe, steal, early, zquad = fields + [-1, *shipped[5:]][len(fields) - 3:]
             qd.CUDA_STAGES, qd.CUDA_PER_SM, qd.CUDA_MINB, qd.CUDA_CARVEOUT = st, None if per < 0 else per, minb, carve
-            qd.CUDA_CHAINS, qd.CUDA_PIPE, qd.CUDA_STEAL, qd.CUDA_EARLY = chains, pipe, steal, early
+            qd.CUDA_CHAINS, qd.CUDA_PIPE, qd.CUDA_STEAL, qd.CUDA_EARLY, qd.CUDA_ZQUAD = chains, pipe, steal, early, zquad
             name = (f"int{bits} cuda stages {st} per_sm {per:2d} minb {minb:2d}" + (f" carveout {carve}" * (carve >= 0))
                     + f" chains {chains}" + f" pipe {pipe}" * bool(pipe) + f" steal {steal}" * bool(steal)
-                    + " early" * bool(early))
+                    + " early" * bool(early) + " zquad" * bool(zquad))
             try:
                 run()
                 torch.cuda.synchronize()
@@ -105,7 +105,7 @@ def main():
                   f"err {err:.2e}  occupancy {occ}  "
                   + " ".join(f"{k.split('(')[0]}={v:.4f}" for k, v in kt.items()), flush=True)
         (qd.CUDA, qd.CUDA_STAGES, qd.CUDA_PER_SM, qd.CUDA_MINB, qd.CUDA_CARVEOUT, qd.CUDA_CHAINS, qd.CUDA_PIPE,
-         qd.CUDA_STEAL, qd.CUDA_EARLY) = shipped
+         qd.CUDA_STEAL, qd.CUDA_EARLY, qd.CUDA_ZQUAD) = shipped
         del c
     if args.json:
         with open(args.json, "w") as f:

@@ -59,12 +59,12 @@ def compile_qrun(bits: int, pb: int, warps: int, stages: int, block_m: int, D: i
 
 
 def compile_cuda(bits: int, D: int = 128, BS: int = 16, G: int = 4, chains: int = 0, pipe: int = 0,
-                 minb: int | None = None, steal: int = 0) -> bytes:
+                 minb: int | None = None, steal: int = 0, zquad: int = 0) -> bytes:
     """csrc/quant_decode.cu for one format with the launcher's #defines, as an sm_90 cubin (nvcc)."""
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     stages = max(qd.CUDA_STAGES, 3) if pipe else qd.CUDA_STAGES
     source = qd.cuda_source(D, BS, 2, (bits,), True, stages, minb or qd.CUDA_MINB, chains=chains, pipe=pipe,
-                            steal=steal)
+                            steal=steal, zquad=zquad)
     with tempfile.TemporaryDirectory() as tmp:
         src, out = os.path.join(tmp, "k.cu"), os.path.join(tmp, "k.cubin")
         with open(src, "w") as f:
@@ -121,11 +121,13 @@ def main():
     ap.add_argument("--chains", type=int, default=qd.CUDA_CHAINS, help="the twin's CHAINS variant (A/B)")
     ap.add_argument("--pipe", type=int, default=qd.CUDA_PIPE, help="the twin's PIPE variant (A/B)")
     ap.add_argument("--steal", type=int, default=qd.CUDA_STEAL, help="the twin's STEAL variant (A/B)")
+    ap.add_argument("--zquad", type=int, default=qd.CUDA_ZQUAD, help="the twin's ZQUAD variant (A/B)")
     ap.add_argument("--minb", type=int, default=qd.CUDA_MINB, help="the twin's launch-bounds minimum blocks per SM")
     args = ap.parse_args()
     for bits in map(int, args.bits.split(",")):
         if args.cuda:
-            kernel = compile_cuda(bits, chains=args.chains, pipe=args.pipe, minb=args.minb, steal=args.steal)
+            kernel = compile_cuda(bits, chains=args.chains, pipe=args.pipe, minb=args.minb, steal=args.steal,
+                                  zquad=args.zquad)
         else:
             kernel = compile_qrun(bits, args.pb, args.warps, args.stages, args.block_m)
         regs, stack, sass, ops = census(kernel)

@@ -57,6 +57,9 @@
 #ifndef STEAL
 #define STEAL 0
 #endif
+#ifndef ZQUAD
+#define ZQUAD 0
+#endif
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -244,7 +247,9 @@ struct Run {
     // the query's G <= 8 rows are the n = 8 columns. Lane (g, t) holds query rows 2t, 2t+1.
     float o[F::NR / 2][4];  // O^T m-tile: (channel u = 2mt, rows 2t, 2t+1), (u = 2mt + 1, rows 2t, 2t+1)
     float m[2], l[2], z[2];  // rows 2t, 2t+1: running max (log2), this lane's sum, its sum p VZ
-    u32 qs[F::NR];           // query row g times scale2, fp16 pairs in the key channel order
+    // (ZQUAD) c's dots take the zero-points' words as loaded, two k-tiles a quad
+    static constexpr bool ZQ = ZQUAD && (F::RB / 4) % 2 == 0;
+    u32 qs[F::NR];           // query row g times scale2, fp16 pairs in the key channel order (ZQ: query()'s order)
     u32 qp[F::NR];           // the same times each plane's 2^-(BITS p)
     u32 ko[2][F::KC];        // shared offsets of this lane's key bytes of tokens g, g + 8 in step 0
     u32 vo[4];               // ... of its value bytes of tokens 2t, 2t+1, 2t+8, 2t+9 (int4/int2: of pairs t, t + 4)
@@ -274,6 +279,31 @@ struct Run {
 #pragma unroll
         for (int i = 0; i < F::NR; ++i) qk[i] = hmul2(qp[i], ks[i]);
         float c[4] = {0.f, 0.f, 0.f, 0.f};
+        if constexpr (Run::ZQ) {
+            // (A/B, quant_decode.CUDA_ZQUAD; ready, not yet run on a GPU) KZ . q from the key
+            // zero-points' words as loaded: a quad (kt0 lo, kt0 hi, kt1 lo, kt1 hi) of two
+            // k-tiles is the mma's A operand as it is, rows g taking the lo halves and rows
+            // g + 8 the hi halves; two dots, one with the lo halves of q (qs in the ZQ order:
+            // query()) whose rows g are kept, one with the hi halves whose rows g + 8 are
+            // kept. The quad (kz, kz, kz', kz') of the dot below costs ~4 register copies a
+            // k-tile (sass_census.py: ~45 of the int4 loop's 61 IMAD.MOV build c's operands).
+            float c2[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int p = 0; p < F::NP; ++p)
+#pragma unroll
+                for (int w = 0; w < F::RB / 4; w += 2) {
+                    const int k0 = w * F::NP + p, k1 = (w + 1) * F::NP + p, jb = 4 * (p * (F::RB / 8) + w / 2);
+                    mma(c, kz[2 * k0], kz[2 * k0 + 1], kz[2 * k1], kz[2 * k1 + 1], qs[jb], qs[jb + 1], c);
+                    mma(c2, kz[2 * k0], kz[2 * k0 + 1], kz[2 * k1], kz[2 * k1 + 1], qs[jb + 2], qs[jb + 3], c2);
+                }
+#pragma unroll
+            for (int kt = 0; kt < F::NR / 2; ++kt)
+                mma(c, HM1024, HM1024, HM1024, HM1024, qk[2 * kt], qk[2 * kt + 1], c);  // every row: rows g count
+            c[0] += c2[2];
+            c[1] += c2[3];
+            c[2] = c[0];
+            c[3] = c[1];
+        } else {
 #if CHAINS
         // (A/B, quant_decode.CUDA_CHAINS) two chains of NR / 2 dots instead of one of NR, and
         // the score steps below start from zero and add c at the end: the page's dots are
@@ -293,6 +323,7 @@ struct Run {
             mma(c, HM1024, HM1024, HM1024, HM1024, qk[2 * kt], qk[2 * kt + 1], c);
         }
 #endif
+        }
         // scores: lane (g, t) brings tokens g and g + 8 of each 16-token step, key bytes [t RB, (t+1) RB)
 #pragma unroll
         for (int st = 0; st < F::NSTEP; ++st) {
@@ -596,9 +627,11 @@ struct Run {
                     x0 = q_at(q, q_row + (i64)g * stride_qh + ch) * scale2;
                     x1 = q_at(q, q_row + (i64)g * stride_qh + ch + 1) * scale2;
                 }
-                qs[i] = pack(x0, x1);
+                const u32 qn = pack(x0, x1);
                 const float ps = 1.f / (float)(1 << (BITS * p));
-                qp[i] = hmul2(qs[i], pack(ps, ps));
+                qp[i] = hmul2(qn, pack(ps, ps));
+                // (ZQ) the pairs of k-tiles w and w + 1 (w even) of plane p, lo halves then hi
+                qs[ZQ ? 4 * (p * (F::RB / 8) + w / 2) + 2 * sp + (w & 1) : i] = qn;
             }
         };
         // rows 8 apart share the swizzle where 8 rows span whole periods

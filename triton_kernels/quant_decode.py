@@ -453,6 +453,12 @@ CUDA_STEAL = 0
 # the programmatic dependent of the kernel before it, so that its start (metadata, scan)
 # runs while that kernel ends; it waits (griddepcontrol.wait) before the query and its writes.
 CUDA_EARLY = 0
+# ZQUAD (9th field; ready, not yet run on a GPU): 1 = the page's common score part takes the
+# key zero-points' words as loaded (a quad of two k-tiles as the mma's A operand, two dots),
+# not a quad (kz, kz, kz', kz') built by ~4 register copies a k-tile (~45 of int4's 61
+# IMAD.MOV a page). nvcc: int4 802 -> 760 SASS instructions a page, int2 1130 -> 1105, int8
+# 565 -> 545, no spills; its operand order checked by simulating the mma (docs/kernels.md).
+CUDA_ZQUAD = 0
 # probe builds only (benchmarks/probe_timeline.py): > 0 = the twin records when each of that
 # many programs passes its phases
 CUDA_TIMELINE = 0
@@ -481,7 +487,7 @@ def _cuda_for(q: torch.Tensor, D: int, BS: int, page_bits: tuple[int, ...]):
     stages = max(CUDA_STAGES, 3) if CUDA_PIPE else CUDA_STAGES
     return _cuda_kernel(D, BS, q.element_size(), tuple(sorted(page_bits)), q.dtype == torch.bfloat16, dev, stages,
                         CUDA_MINB, CUDA_CARVEOUT, pdl(q), CUDA_CHAINS, CUDA_PIPE, CUDA_TIMELINE, CUDA_STEAL,
-                        bool(CUDA_EARLY) and pdl(q))
+                        bool(CUDA_EARLY) and pdl(q), CUDA_ZQUAD)
 
 
 def pdl(q: torch.Tensor) -> bool:
@@ -502,7 +508,8 @@ def _pdl_device(device: int) -> bool:
 
 
 def cuda_source(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bool, stages: int, minb: int,
-                pdl: bool = False, chains: int = 0, pipe: int = 0, timeline: int = 0, steal: int = 0) -> str:
+                pdl: bool = False, chains: int = 0, pipe: int = 0, timeline: int = 0, steal: int = 0,
+                zquad: int = 0) -> str:
     """csrc/quant_decode.cu with this shape's #defines in front (what NVRTC compiles)."""
     from vllm_kvcomp.ops.quant import page_bytes, page_capacity
 
@@ -510,7 +517,7 @@ def cuda_source(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: boo
     defs = dict(D=D, BS=BS, P=page_bytes(BS, D, es), CAP8=caps[8], CAP4=caps[4], CAP2=caps[2],
                 HAS8=int(8 in page_bits), HAS4=int(4 in page_bits), HAS2=int(2 in page_bits), STAGES=stages,
                 QBF16=int(qbf16), MINB=minb, PDL=int(pdl), CHAINS=int(chains), PIPE=int(pipe), NIDS=CUDA_NIDS,
-                TIMELINE=int(timeline), STEAL=int(steal))
+                TIMELINE=int(timeline), STEAL=int(steal), ZQUAD=int(zquad))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + _CU.read_text()
 
 
@@ -522,14 +529,14 @@ NVRTC_OPTIONS = ("-std=c++17", "-default-device")
 @functools.lru_cache(maxsize=None)
 def _cuda_kernel(D: int, BS: int, es: int, page_bits: tuple[int, ...], qbf16: bool, device: int, stages: int,
                  minb: int, carveout: int = -1, pdl: bool = False, chains: int = 0, pipe: int = 0, timeline: int = 0,
-                 steal: int = 0, early: bool = False):
+                 steal: int = 0, early: bool = False, zquad: int = 0):
     """The launcher of this shape's kernel, or None (logged once) where it cannot be built."""
     from vllm_kvcomp.ops.quant import page_capacity
 
     if torch.cuda.get_device_capability(device) < (8, 0) or any(page_capacity(b, BS, D, es) > 128
                                                                  for b in page_bits):
         return None
-    src = cuda_source(D, BS, es, page_bits, qbf16, stages, minb, pdl, chains, pipe, timeline, steal)
+    src = cuda_source(D, BS, es, page_bits, qbf16, stages, minb, pdl, chains, pipe, timeline, steal, zquad)
     P = BS * 2 * D * es
     cc = "".join(map(str, torch.cuda.get_device_capability(device)))
     try:

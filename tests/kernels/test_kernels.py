@@ -325,18 +325,20 @@ _NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) i
 
 @pytest.mark.skipif(_NVCC is None, reason="no nvcc here: on GPU machines NVRTC builds the CUDA twin at first use, "
                                           "and the decode tests above run it")
-@pytest.mark.parametrize("D,page_bits,chains,pipe,steal", [
-    (128, (4,), 0, 0, 0), (128, (2,), 0, 0, 0), (128, (8,), 0, 0, 0), (128, (2, 4, 8), 0, 0, 0),
-    (64, (2, 4, 8), 0, 0, 0),
-    (128, (4,), 1, 0, 0), (128, (2,), 1, 0, 0), (128, (4,), 0, 1, 0), (128, (2,), 0, 1, 0), (128, (4,), 0, 0, 4), (128, (2,), 0, 1, 4)])
-def test_cuda_twin_compiles_for_hopper_without_spills(D, page_bits, chains, pipe, steal):
+@pytest.mark.parametrize("D,page_bits,chains,pipe,steal,zquad", [
+    (128, (4,), 0, 0, 0, 0), (128, (2,), 0, 0, 0, 0), (128, (8,), 0, 0, 0, 0), (128, (2, 4, 8), 0, 0, 0, 0),
+    (64, (2, 4, 8), 0, 0, 0, 0),
+    (128, (4,), 1, 0, 0, 0), (128, (2,), 1, 0, 0, 0), (128, (4,), 0, 1, 0, 0), (128, (2,), 0, 1, 0, 0),
+    (128, (4,), 0, 0, 4, 0), (128, (2,), 0, 1, 4, 0),
+    (128, (4,), 0, 0, 0, 1), (128, (2,), 0, 0, 0, 1), (128, (2, 4, 8), 0, 0, 0, 1)])
+def test_cuda_twin_compiles_for_hopper_without_spills(D, page_bits, chains, pipe, steal, zquad):
     """csrc/quant_decode.cu, with the #defines the launcher gives it, compiles for an
     H100/H200 (sm_90) for each format and head dim it is sent, within the register cap of
     __launch_bounds__ and without spilling in the page loop (a spill there would cost every
     page): a shipped build of one format spills nothing; every format compiled in, and an
     A/B variant, at most a few values kept across the loop (stored before it, loaded
     after). Checks the source where there is no GPU; its results are checked against the
-    reference by the decode tests above on a GPU (chains, pipe, steal: the A/B variants,
+    reference by the decode tests above on a GPU (chains, pipe, steal, zquad: the A/B variants,
     test_cuda_twin_variants; the PIPE variant holds 3 pages, so 8 programs an SM, and is
     built with that register cap). The page loop is every loop around a tensor-core dot,
     from its top: a reload before the loop's first dot counts (the check before 2026-12-03
@@ -351,7 +353,7 @@ def test_cuda_twin_compiles_for_hopper_without_spills(D, page_bits, chains, pipe
 
     minb = 8 if pipe else qd.CUDA_MINB
     src = qd.cuda_source(D, 16, 2, page_bits, True, 3 if pipe else qd.CUDA_STAGES, minb, chains=chains, pipe=pipe,
-                         steal=steal)
+                         steal=steal, zquad=zquad)
     with tempfile.TemporaryDirectory() as tmp:
         cu = os.path.join(tmp, "k.cu")
         with open(cu, "w") as f:
@@ -444,11 +446,12 @@ def test_cuda_twin_compiles_under_nvrtc_as_at_run_time(monkeypatch, D, page_bits
 
 @pytest.mark.skipif(not CUDA, reason="the CUDA twin runs on a GPU only; on the CPU the run's semantics are "
                                       "test_decode_quantized_runs_own_launch's, through the Triton kernel")
-@pytest.mark.parametrize("chains,pipe,d,steal,early,g", [
-    (1, 0, 64, 0, 0, 4), (0, 1, 64, 0, 0, 4), (0, 1, 128, 0, 0, 4), (1, 1, 64, 0, 0, 4),
-    (0, 0, 128, 1, 0, 4), (0, 0, 64, 2, 0, 4), (0, 1, 128, 2, 0, 4), (0, 1, 64, 1, 0, 4),
-    (0, 0, 128, 0, 1, 4), (1, 1, 128, 2, 1, 4), (0, 0, 64, 0, 1, 6), (0, 0, 128, 0, 0, 8)])
-def test_cuda_twin_variants(monkeypatch, chains, pipe, d, steal, early, g):
+@pytest.mark.parametrize("chains,pipe,d,steal,early,g,zquad", [
+    (1, 0, 64, 0, 0, 4, 0), (0, 1, 64, 0, 0, 4, 0), (0, 1, 128, 0, 0, 4, 0), (1, 1, 64, 0, 0, 4, 0),
+    (0, 0, 128, 1, 0, 4, 0), (0, 0, 64, 2, 0, 4, 0), (0, 1, 128, 2, 0, 4, 0), (0, 1, 64, 1, 0, 4, 0),
+    (0, 0, 128, 0, 1, 4, 0), (1, 1, 128, 2, 1, 4, 0), (0, 0, 64, 0, 1, 6, 0), (0, 0, 128, 0, 0, 8, 0),
+    (0, 0, 128, 0, 0, 4, 1), (0, 0, 64, 0, 0, 8, 1), (1, 1, 128, 2, 0, 4, 1)])
+def test_cuda_twin_variants(monkeypatch, chains, pipe, d, steal, early, g, zquad):
     """The twin's A/B variants read every row as the reference does: CUDA_CHAINS = 1 (a
     page's score dots start from zero, its common part from two chains of dots),
     CUDA_PIPE = 1 (the next page's key dots beside this page's softmax and value dots;
@@ -456,7 +459,8 @@ def test_cuda_twin_variants(monkeypatch, chains, pipe, d, steal, early, g):
     chunks to whichever program asks: the partial page anywhere in a program's pages) and
     CUDA_EARLY (launched as the dependent of the kernel before it, on a Hopper); and the
     shipped twin at groups of 6 and 8 query heads (its merge sums a half of the heads at a
-    time: a partial second half, a full one). Twice: the counters are left zero for the
+    time: a partial second half, a full one); CUDA_ZQUAD (the page's common score part
+    from the key zero-points' words as loaded). Twice: the counters are left zero for the
     next call."""
     from vllm_kvcomp.triton_kernels import quant_decode
 
@@ -466,6 +470,7 @@ def test_cuda_twin_variants(monkeypatch, chains, pipe, d, steal, early, g):
     monkeypatch.setattr(quant_decode, "CUDA_PIPE", pipe)
     monkeypatch.setattr(quant_decode, "CUDA_STEAL", steal)
     monkeypatch.setattr(quant_decode, "CUDA_EARLY", early)
+    monkeypatch.setattr(quant_decode, "CUDA_ZQUAD", zquad)
     if pipe:
         monkeypatch.setattr(quant_decode, "CUDA_MINB", 8)
     b = _decode_runs_batch(d, 2, g, 16, seed=5, scale_runs=3)
