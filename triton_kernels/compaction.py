@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_attention import _code_byte, _key_row, _pow2, _unpack, _value_row
+from .paged_attention import PAIR_BS, _code_byte, _key_row, _pow2, _unpack, _value_row
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -69,9 +69,9 @@ def _gather_kernel(kv_ptr, kvb_ptr, kvh_ptr, src_blk_ptr, src_slot_ptr, src_tag_
     elif tag == 8:
         k, v = _dequant_token(kvb_ptr, kvh_ptr, page * ELEM, t, 8, CAP8, D, False)
     elif tag == 4:
-        k, v = _dequant_token(kvb_ptr, kvh_ptr, page * ELEM, t, 4, CAP4, D, BS == 16)
+        k, v = _dequant_token(kvb_ptr, kvh_ptr, page * ELEM, t, 4, CAP4, D, BS == PAIR_BS)
     else:
-        k, v = _dequant_token(kvb_ptr, kvh_ptr, page * ELEM, t, 2, CAP2, D, BS == 16)
+        k, v = _dequant_token(kvb_ptr, kvh_ptr, page * ELEM, t, 2, CAP2, D, BS == PAIR_BS)
     tl.store(dst + offs_d, k)
     tl.store(dst + D + offs_d, v)
     if HAS_MASS:

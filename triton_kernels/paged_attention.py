@@ -42,8 +42,12 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_kvcomp.ops.quant import PAIR_BLOCK_SIZE
+
 LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# int4/int2 pages of this block size are in pair order (quant.paired): BS == PAIR_BS
+PAIR_BS = tl.constexpr(PAIR_BLOCK_SIZE)
 
 try:
     if _INTERPRET:  # programs run one after another there: nothing to wait for
@@ -521,12 +525,12 @@ def _fwd_kernel(
                 if qbits == 4:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
                                                  stride_kb, stride_kh, j0, ce1, nf, n_q, scale2, q.dtype, ELEM, 4,
-                                                 CAP4, QT4, D, BLOCK_M, MAG, F32, QSTAGES, PLANES, BS == 16)
+                                                 CAP4, QT4, D, BLOCK_M, MAG, F32, QSTAGES, PLANES, BS == PAIR_BS)
             if HAS2:
                 if qbits == 2:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
                                                  stride_kb, stride_kh, j0, ce1, nf, n_q, scale2, q.dtype, ELEM, 2,
-                                                 CAP2, QT2, D, BLOCK_M, MAG, F32, QSTAGES, PLANES, BS == 16)
+                                                 CAP2, QT2, D, BLOCK_M, MAG, F32, QSTAGES, PLANES, BS == PAIR_BS)
             if HAS8:
                 if qbits == 8:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
@@ -547,12 +551,12 @@ def _fwd_kernel(
                 if tag == 4:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
                                                  stride_kb, stride_kh, j, j + 1, j, cnt, scale2, q.dtype, ELEM,
-                                                 4, CAP4, QT4, D, BLOCK_M, MAG, F32, QSTAGES, PLANES, BS == 16)
+                                                 4, CAP4, QT4, D, BLOCK_M, MAG, F32, QSTAGES, PLANES, BS == PAIR_BS)
             if HAS2:
                 if tag == 2:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
                                                  stride_kb, stride_kh, j, j + 1, j, cnt, scale2, q.dtype, ELEM,
-                                                 2, CAP2, QT2, D, BLOCK_M, MAG, F32, QSTAGES, PLANES, BS == 16)
+                                                 2, CAP2, QT2, D, BLOCK_M, MAG, F32, QSTAGES, PLANES, BS == PAIR_BS)
             if HAS8:
                 if tag == 8:
                     acc, m_i, l_i = _attend_qrun(acc, m_i, l_i, q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h,
@@ -796,13 +800,13 @@ def _stats_kernel(
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j0, ce1, nf, n_q, q_ptr, lse_ptr, q_start, q_len, seq_len,
                                 obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 4, CAP4, QT4, H_Q, D, G, BLOCK_M, BLOCK_Q,
-                                WANT_MASS, HAS_OBS, F32, BS == 16)
+                                WANT_MASS, HAS_OBS, F32, BS == PAIR_BS)
             if HAS2:
                 if qbits == 2:
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j0, ce1, nf, n_q, q_ptr, lse_ptr, q_start, q_len, seq_len,
                                 obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 2, CAP2, QT2, H_Q, D, G, BLOCK_M, BLOCK_Q,
-                                WANT_MASS, HAS_OBS, F32, BS == 16)
+                                WANT_MASS, HAS_OBS, F32, BS == PAIR_BS)
             if HAS8:
                 if qbits == 8:
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
@@ -825,13 +829,13 @@ def _stats_kernel(
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j, j + 1, j, cnt, q_ptr, lse_ptr, q_start, q_len, seq_len,
                                 obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 4, CAP4, QT4, H_Q, D, G, BLOCK_M, BLOCK_Q,
-                                WANT_MASS, HAS_OBS, F32, BS == 16)
+                                WANT_MASS, HAS_OBS, F32, BS == PAIR_BS)
             if HAS2:
                 if tag == 2:
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,
                                 stride_mb, stride_mh, j, j + 1, j, cnt, q_ptr, lse_ptr, q_start, q_len, seq_len,
                                 obs_len, do_mass, scale2, stride_qt, stride_qh, ELEM, 2, CAP2, QT2, H_Q, D, G, BLOCK_M, BLOCK_Q,
-                                WANT_MASS, HAS_OBS, F32, BS == 16)
+                                WANT_MASS, HAS_OBS, F32, BS == PAIR_BS)
             if HAS8:
                 if tag == 8:
                     _stats_qrun(mass_ptr, obsout_ptr, kvb_ptr, kvh_ptr, bt_row, st_row, h, stride_kb, stride_kh,

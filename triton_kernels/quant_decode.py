@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_attention import _code_byte, _dot, _scan_compacted, _value_row
+from .paged_attention import PAIR_BS, _code_byte, _dot, _scan_compacted, _value_row
 
 
 # ----------------------------------------------------------------------------- PTX
@@ -336,11 +336,11 @@ def _qrun_kernel(q_ptr, kvb_ptr, kvh_ptr, tag_ptr, bt_ptr, qsl_ptr, kept_ptr, pa
         if HAS4:
             if qbits == 4:
                 acc, m, l = _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh, j_lo,
-                                  j_hi, nf, n_q, scale2, 4, CAP4, QT4, PB, D, BLOCK_M, STAGES, F32, BS == 16)
+                                  j_hi, nf, n_q, scale2, 4, CAP4, QT4, PB, D, BLOCK_M, STAGES, F32, BS == PAIR_BS)
         if HAS2:
             if qbits == 2:
                 acc, m, l = _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh, j_lo,
-                                  j_hi, nf, n_q, scale2, 2, CAP2, QT2, PB, D, BLOCK_M, STAGES, F32, BS == 16)
+                                  j_hi, nf, n_q, scale2, 2, CAP2, QT2, PB, D, BLOCK_M, STAGES, F32, BS == PAIR_BS)
         if HAS8:
             if qbits == 8:
                 acc, m, l = _qrun(q_ptr, q_off, row_ok, kvb_ptr, kvh_ptr, bt_row, h, stride_kb, stride_kh, j_lo,

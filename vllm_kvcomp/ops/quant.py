@@ -55,6 +55,9 @@ def page_capacity(bits: int, block_size: int, head_dim: int, elem_size: int) -> 
     return cap & ~1 if paired(bits, block_size) else cap  # value rows go in pairs
 
 
+PAIR_BLOCK_SIZE = 16  # the block size of pages in pair order: the CUDA twin's only one
+
+
 def paired(bits: int, block_size: int) -> bool:
     """Whether a page stores its code bytes in the order the CUDA twin's tensor-core operands
     take them (int4/int2 pages of blocks of 16, the only ones the twin reads): one 32-bit word
@@ -62,7 +65,7 @@ def paired(bits: int, block_size: int) -> bool:
     by 8 -- no byte permute (csrc/quant_decode.cu; the prmt cost ~75 of 871 SASS instructions
     an int4 page). The Triton kernels gather such bytes one at a time, so other block sizes,
     which only Triton reads, keep the plain order (docs/kernels.md, "pair order")."""
-    return bits in (4, 2) and block_size == 16
+    return bits in (4, 2) and block_size == PAIR_BLOCK_SIZE
 
 
 def key_byte(e, pair: bool):
